@@ -1,0 +1,313 @@
+"""The hot ops of tritongpt, each with a `torch` backend and (where written) a `triton` backend.
+
+Callers use only the functions of this module (``kernels.rms_norm(...)`` and friends). Each call
+validates its inputs once, here, so both backends raise the same errors, then routes to the
+backend chosen for that op:
+
+- ``torch``: the readable PyTorch reference in ``kernels/reference.py``; runs on any device.
+- ``triton``: our Triton kernels in ``kernels/triton_<op>.py``; runs on CUDA tensors, or on CPU
+  tensors when ``TRITON_INTERPRET=1`` was set before triton was imported (that is for tests).
+- ``auto`` (the default): triton for CUDA tensors when the op has a Triton version, else torch.
+
+Choose backends with ``kernels.use(...)`` (a setter that also works as a context manager), with
+the ``TRITONGPT_KERNELS`` environment variable, or with ``--kernels`` on every training entry
+point. All three take the same spec: ``"auto"``, ``"triton"``, ``"torch"`` or a comma-separated
+list such as ``"torch,rms_norm=triton"`` (an entry without ``=`` sets every op).
+
+The Triton modules are imported lazily, on the first call that needs them, so ``import kernels``
+stays cheap and never imports triton itself.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Callable
+
+import torch
+
+from kernels import reference
+
+OPS: tuple[str, ...] = ("rms_norm", "swiglu", "causal_attention", "cross_entropy", "linear_cross_entropy")
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+ENV_VAR = "TRITONGPT_KERNELS"
+
+# The Triton version of op X lives in kernels/triton_X.py and defines a function named X with the
+# same signature as the reference. (Not kernels/X.py: a submodule named like the public function
+# would replace kernels.X with the module the moment anything imported it.)
+_triton_impls: dict[str, Callable | None] = {}
+_choice: dict[str, str] = {op: "auto" for op in OPS}
+
+# Range-check target ids in the losses. The check costs a host sync per call; turn it off for
+# speed (kernels.check_targets = False, or TRITONGPT_CHECK_TARGETS=0) once the data is trusted.
+check_targets: bool = os.environ.get("TRITONGPT_CHECK_TARGETS", "1") != "0"
+
+
+# ----------------------------------------------------------------------------- backend switch
+
+def parse_spec(spec: str) -> dict[str, str]:
+    """Turn a spec like ``"torch,rms_norm=triton"`` into {op: backend} for every op it names."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty kernel spec {spec!r}; use one of {BACKENDS} or 'op=backend,...' with ops {OPS}")
+    choice: dict[str, str] = {}
+    for entry in spec.split(","):
+        entry = entry.strip()
+        if "=" in entry:
+            op, backend = (s.strip() for s in entry.split("=", 1))
+            _check_op(op)
+            _check_backend(backend, op)
+            choice[op] = backend
+        elif entry in BACKENDS:
+            choice.update({op: entry for op in OPS})
+        else:
+            raise ValueError(f"unknown kernel spec entry {entry!r}: expected a backend ({', '.join(BACKENDS)}) "
+                             f"or op=backend with op in ({', '.join(OPS)}), e.g. 'torch,rms_norm=triton'")
+    return choice
+
+
+def _check_op(op: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"unknown kernel op {op!r}; valid ops are {', '.join(OPS)}")
+
+
+def _check_backend(backend: str, op: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown backend {backend!r} for {op}; valid backends are {', '.join(BACKENDS)} "
+            f"(spec example: 'auto' or 'torch,rms_norm=triton')")
+
+
+def triton_available(op: str) -> bool:
+    """True when op has a Triton version and triton can be imported."""
+    return _load_triton(op) is not None
+
+
+def _load_triton(op: str) -> Callable | None:
+    if op not in _triton_impls:
+        module_name = f"kernels.triton_{op}"
+        if importlib.util.find_spec("triton") is None or importlib.util.find_spec(module_name) is None:
+            _triton_impls[op] = None
+        else:
+            _triton_impls[op] = getattr(importlib.import_module(module_name), op)
+    return _triton_impls[op]
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class _Restore:
+    """Returned by use(): ignore it to keep the setting, or use it in `with` to restore on exit."""
+
+    def __init__(self, previous: dict[str, str]):
+        self._previous = previous
+
+    def __enter__(self) -> "_Restore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _choice.update(self._previous)
+
+
+def use(spec: str | None = None, **per_op: str) -> _Restore:
+    """Set the backend of every op (``spec``) and/or of single ops (keywords).
+
+    ``kernels.use("triton")``, ``kernels.use(rms_norm="torch")``, or as a context manager:
+    ``with kernels.use("torch"): ...`` restores the previous choice on exit. Forcing ``triton``
+    for an op that has no Triton version, or where triton is not installed, raises ValueError.
+    """
+    choice = parse_spec(spec) if spec is not None else {}
+    for op, backend in per_op.items():
+        _check_op(op)
+        _check_backend(backend, op)
+        choice[op] = backend
+    for op, backend in choice.items():
+        if backend == "triton" and not triton_available(op):
+            raise ValueError(
+                f"cannot force triton for {op}: " + ("triton is not installed (pip install triton, Linux only)"
+                if importlib.util.find_spec("triton") is None else f"it has no Triton version yet")
+                + f"; use {op}=torch or {op}=auto")
+    previous = dict(_choice)
+    _choice.update(choice)
+    return _Restore(previous)
+
+
+def _resolve(op: str, device: torch.device) -> str:
+    backend = _choice[op]
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available(op) else "torch"
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and _interpreter_on()):
+        raise ValueError(
+            f"{op}: the triton backend needs CUDA tensors (got {device.type}); move the inputs to a GPU, "
+            f"use {op}=torch or auto, or for tests set TRITON_INTERPRET=1 before triton is imported")
+    return backend
+
+
+def active(device: str | torch.device | None = None) -> dict[str, str]:
+    """{op: backend a call on `device` uses now} (device defaults to cuda when present, else cpu)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return {op: _resolve(op, device) for op in OPS}
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The raw function of one backend ("torch" or "triton"), bypassing checks; for benchmarks."""
+    _check_op(op)
+    if backend == "torch":
+        return getattr(reference, op)
+    if backend == "triton" and triton_available(op):
+        return _load_triton(op)
+    raise ValueError(f"no {backend!r} implementation of {op}; available: torch" + (", triton" if triton_available(op) else ""))
+
+
+def _dispatch(op: str, device: torch.device) -> Callable:
+    return _load_triton(op) if _resolve(op, device) == "triton" else getattr(reference, op)
+
+
+if os.environ.get(ENV_VAR):
+    use(os.environ[ENV_VAR])
+
+
+# ----------------------------------------------------------------------------- input checks
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected one of float32, float16, bfloat16")
+
+
+def _check_same(what: str, **tensors: torch.Tensor) -> None:
+    """All tensors share device (and dtype when what == 'dtype')."""
+    values = {name: getattr(t, what) for name, t in tensors.items()}
+    if len(set(values.values())) > 1:
+        listing = ", ".join(f"{name} {v}" for name, v in values.items())
+        raise ValueError(f"mismatched {what}s: {listing}; convert them to one {what}")
+
+
+def _check_targets(targets: torch.Tensor, n_rows: int, vocab: int, ignore_index: int, name: str) -> None:
+    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64:
+        raise ValueError(f"targets must be an int64 tensor, got {getattr(targets, 'dtype', type(targets))}")
+    if targets.shape != (n_rows,):
+        raise ValueError(f"targets has shape {tuple(targets.shape)}; expected ({n_rows},) to match {name}")
+    if check_targets and n_rows:
+        bad = targets[(targets != ignore_index) & ((targets < 0) | (targets >= vocab))]
+        if bad.numel():
+            raise ValueError(f"target id {int(bad[0])} is outside [0, {vocab}) and is not ignore_index "
+                             f"({ignore_index}); fix the data or the vocabulary size")
+
+
+def _check_loss_args(reduction: str, label_smoothing: float, z_loss: float) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if z_loss < 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+
+
+# ----------------------------------------------------------------------------- public ops
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+             residual: torch.Tensor | None = None):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim. x (..., D), weight (D,).
+
+    With ``residual=r``: h = x + r, returns (rms_norm(h), h), fusing the residual add.
+    """
+    _check_float("x", x)
+    _check_float("weight", weight)
+    if x.dim() == 0 or weight.shape != (x.shape[-1],):
+        raise ValueError(f"weight has shape {tuple(weight.shape)}; expected ({x.shape[-1] if x.dim() else '?'},) "
+                         f"to match the last dim of x {tuple(x.shape)}")
+    tensors = {"x": x, "weight": weight}
+    if residual is not None:
+        _check_float("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)}; expected x's shape {tuple(x.shape)}")
+        _check_same("dtype", x=x, residual=residual)
+        tensors["residual"] = residual
+    _check_same("device", **tensors)
+    return _dispatch("rms_norm", x.device)(x, weight, eps, residual=residual)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, elementwise; gate and up have the same shape and dtype."""
+    _check_float("gate", gate)
+    _check_float("up", up)
+    if gate.shape != up.shape:
+        raise ValueError(f"gate has shape {tuple(gate.shape)} but up has {tuple(up.shape)}; they must match")
+    _check_same("dtype", gate=gate, up=up)
+    _check_same("device", gate=gate, up=up)
+    return _dispatch("swiglu", gate.device)(gate, up)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Causal softmax attention. q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D) -> (B, Hq, Tq, D).
+
+    Hq % Hkv == 0 (grouped-query attention). Query i sits at absolute position Tk - Tq + i and
+    attends keys 0 .. Tk - Tq + i, so Tq == Tk is plain causal attention and Tq == 1 is one
+    decoding step against a KV cache. scale defaults to D ** -0.5.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected 4 dims (batch, heads, time, head_dim)")
+    _check_same("dtype", q=q, k=k, v=v)
+    _check_same("device", q=q, k=k, v=v)
+    (B, Hq, Tq, D), (Bk, Hkv, Tk, Dk) = q.shape, k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k has shape {tuple(k.shape)} but v has {tuple(v.shape)}; they must match")
+    if Bk != B or Dk != D:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch size and head dim")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention")
+    if Tq > Tk:
+        raise ValueError(f"more queries ({Tq}) than keys ({Tk}); queries must be the last Tq of the Tk positions")
+    if Tq == 0:
+        raise ValueError("q has no queries (Tq == 0)")
+    return _dispatch("causal_attention", q.device)(q, k, v, scale)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+    """Softmax cross-entropy of logits (N, V) against targets (N,), computed in float32.
+
+    Per row: (1 - ls) * (lse - x[t]) + ls * (lse - mean(x)) + z_loss * lse^2, where lse is the
+    logsumexp of the row. Rows whose target is ignore_index contribute 0 loss and 0 gradient.
+    reduction "mean" averages over the non-ignored rows (0.0 when there are none), "sum" adds
+    them, "none" returns the (N,) per-row losses. The loss is float32 whatever the logits dtype.
+    """
+    _check_float("logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"logits has shape {tuple(logits.shape)}; expected (N, V): flatten leading dims first")
+    _check_targets(targets, logits.shape[0], logits.shape[1], ignore_index, "logits")
+    _check_same("device", logits=logits, targets=targets)
+    _check_loss_args(reduction, label_smoothing, z_loss)
+    return _dispatch("cross_entropy", logits.device)(
+        logits, targets, ignore_index, reduction, label_smoothing, z_loss)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                         z_loss: float = 0.0, chunk_size: int | None = None) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T, targets, ...) without ever holding the (N, V) logits.
+
+    hidden (N, D), weight (V, D). Rows are processed in chunks of chunk_size (default: chosen from
+    a memory budget); the result and gradients equal the unfused composition.
+    """
+    _check_float("hidden", hidden)
+    _check_float("weight", weight)
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be (N, D) and (V, D)")
+    _check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index, "hidden")
+    _check_same("device", hidden=hidden, weight=weight, targets=targets)
+    _check_loss_args(reduction, label_smoothing, z_loss)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    return _dispatch("linear_cross_entropy", hidden.device)(
+        hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, chunk_size)

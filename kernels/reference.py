@@ -1,0 +1,133 @@
+"""The `torch` backend: readable, efficient PyTorch versions of every op.
+
+These are the references the Triton kernels are tested against, and the backend used on CPU.
+Inputs arrive already validated by kernels/__init__.py. Each function has the signature of the
+public op in kernels/__init__.py; see there for the semantics.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Bytes of fp32 logits (plus their gradient) one linear_cross_entropy chunk may hold at once.
+LCE_CHUNK_BUDGET_BYTES = 256 * 2**20
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
+    h = x if residual is None else x + residual
+    # F.rms_norm computes the statistics in fp32 for half inputs; casting the weight keeps the
+    # fused path (mixed dtypes fall back to a slow composite) and the output in x's dtype.
+    y = F.rms_norm(h, (h.shape[-1],), weight.to(h.dtype), eps)
+    return y if residual is None else (y, h)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    Tq, Tk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if Tq == Tk:  # plain causal: SDPA's flash/efficient kernels handle it without a mask
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if Tq == 1:  # one decoding step sees every cached key
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    # SDPA's is_causal aligns the diagonal top-left; ours is bottom-right (query i is at Tk - Tq + i).
+    offset = Tk - Tq
+    rows = torch.arange(Tq, device=q.device)[:, None]
+    cols = torch.arange(Tk, device=q.device)[None, :]
+    mask = cols <= rows + offset  # (Tq, Tk), True = may attend
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _reduce(losses: torch.Tensor, kept: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    return total / kept.sum().clamp(min=1)  # count stays on the device: no host sync
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+    x = logits.float()                                     # (N, V)
+    lse = torch.logsumexp(x, dim=-1)                       # (N,)
+    kept = targets != ignore_index                         # (N,)
+    safe_targets = targets.masked_fill(~kept, 0)
+    losses = lse - x.gather(1, safe_targets[:, None]).squeeze(1)   # (N,) negative log-likelihood
+    if label_smoothing:
+        losses = (1.0 - label_smoothing) * losses + label_smoothing * (lse - x.mean(dim=-1))
+    if z_loss:
+        losses = losses + z_loss * lse.square()
+    losses = losses.masked_fill(~kept, 0.0)                # ignored rows: zero loss, zero gradient
+    return _reduce(losses, kept, reduction)
+
+
+def default_chunk_rows(n_rows: int, vocab: int) -> int:
+    """Rows per linear_cross_entropy chunk so fp32 logits and their gradient fit the budget."""
+    return max(1, min(n_rows, LCE_CHUNK_BUDGET_BYTES // (8 * vocab)))
+
+
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmul dtype autocast would pick, or the promoted dtype of the inputs without it."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Chunked lm-head + cross-entropy. Forward keeps only the (N,) losses; backward recomputes
+    each chunk's logits, so neither pass ever holds more than one (chunk, V) block of logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, chunk_size):
+        dtype = compute_dtype(hidden, weight)
+        n_rows = hidden.shape[0]
+        chunk = chunk_size or default_chunk_rows(n_rows, weight.shape[0])
+        w = weight.to(dtype)                                                  # (V, D)
+        losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n_rows, chunk):
+                rows = slice(start, start + chunk)
+                logits = hidden[rows].to(dtype) @ w.T                         # (chunk, V)
+                losses[rows] = cross_entropy(logits, targets[rows], ignore_index, "none", label_smoothing, z_loss)
+        kept = targets != ignore_index
+        ctx.save_for_backward(hidden, weight, targets, kept)
+        ctx.args = (ignore_index, reduction, label_smoothing, z_loss, chunk, dtype)
+        return _reduce(losses, kept, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, targets, kept = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing, z_loss, chunk, dtype = ctx.args
+        n_rows = hidden.shape[0]
+        if reduction == "none":
+            row_grad = grad_loss                                              # (N,)
+        else:
+            scale = grad_loss if reduction == "sum" else grad_loss / kept.sum().clamp(min=1)
+            row_grad = scale.expand(n_rows)
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n_rows, chunk):
+                rows = slice(start, start + chunk)
+                h = hidden[rows].to(dtype)                                    # (chunk, D)
+                logits = (h @ w.T).requires_grad_()                           # (chunk, V)
+                with torch.enable_grad():
+                    losses = cross_entropy(logits, targets[rows], ignore_index, "none", label_smoothing, z_loss)
+                (grad_logits,) = torch.autograd.grad(losses, logits, row_grad[rows])
+                if grad_hidden is not None:
+                    grad_hidden[rows] = grad_logits @ w
+                if grad_weight is not None:
+                    grad_weight += (grad_logits.T @ h).float()
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         chunk_size: int | None = None) -> torch.Tensor:
+    return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss,
+                                     chunk_size)
