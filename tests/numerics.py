@@ -1,0 +1,35 @@
+"""The numerical test method of DESIGN.md section 4, shared by every kernel test.
+
+A result passes when its max error against the float64 result is at most twice the error of the
+torch reference run in the same dtype, plus atol; in float32 it must also be within ~1e-5
+relative of the float64 result. NaN never passes.
+"""
+from __future__ import annotations
+
+import torch
+
+# Slack added to 2 * err(reference) per dtype; it covers the last-bit rounding of the output.
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+FP32_RTOL = 1e-5
+
+
+def max_err(out: torch.Tensor, exact: torch.Tensor) -> float:
+    return (out.double() - exact.double()).abs().max().item() if out.numel() else 0.0
+
+
+def assert_matches(name: str, out: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor,
+                   atol: float | None = None) -> None:
+    """out: kernel result; ref: torch reference in the same dtype; exact: float64 result."""
+    assert out.shape == exact.shape, f"{name}: shape {tuple(out.shape)} != expected {tuple(exact.shape)}"
+    assert not torch.isnan(out).any(), f"{name}: NaN in the result"
+    atol = ATOL[out.dtype] if atol is None else atol
+    err, ref_err = max_err(out, exact), max_err(ref, exact)
+    assert err <= 2 * ref_err + atol, f"{name}: error {err:.3e} > 2 * reference error {ref_err:.3e} + {atol:.0e}"
+    if out.dtype == torch.float32 and exact.numel():
+        scale = exact.double().abs().max().item()
+        assert err <= FP32_RTOL * scale + atol, f"{name}: fp32 error {err:.3e} > {FP32_RTOL:.0e} * {scale:.3e}"
+
+
+def nan_filled(*shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An output buffer full of NaN, so an element a kernel forgets to write fails the test."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
