@@ -1,0 +1,85 @@
+"""Batched autoregressive generation with a KV cache, greedy or sampled (temperature, top-k, top-p).
+
+With the cache, the prompt is run once (prefill) and then one token per step attends to the cached
+keys through kernels.causal_attention with Tq < Tk. Once the cache holds block_size positions, each
+step re-runs the last block_size tokens, exactly what the uncached path does, so both paths give
+the same tokens for the same seed.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from model.gpt import GPT, KVCache
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row of logits (B, V). temperature 0 (or top_k 1) is greedy; top_k keeps
+    the k largest logits; top_p keeps the smallest set of most likely tokens whose mass reaches p."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)                                          # (B,)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]                       # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)           # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs                            # mass of the more likely tokens
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _check_args(idx, max_new_tokens, temperature, top_k, top_p) -> None:
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.int64 or idx.shape[1] == 0:
+        raise ValueError(f"idx must be a (B, T) int64 tensor with T >= 1, got "
+                         f"{getattr(idx, 'dtype', type(idx))} {tuple(getattr(idx, 'shape', ()))}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+@torch.no_grad()
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, stop_tokens: Iterable[int] | None = None,
+             use_cache: bool = True, seed: int | None = None) -> torch.Tensor:
+    """Continue each row of idx (B, T) by up to max_new_tokens tokens -> (B, T + new) int64.
+
+    A row that emits one of stop_tokens is finished: the stop token is kept and the row is padded
+    with it while the others go on; generation ends early once every row has finished.
+    """
+    _check_args(idx, max_new_tokens, temperature, top_k, top_p)
+    block_size = model.cfg.block_size
+    generator = None if seed is None else torch.Generator(device=idx.device).manual_seed(seed)
+    stops = torch.tensor(sorted(set(stop_tokens or ())), dtype=torch.int64, device=idx.device)
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    cache = None
+    if use_cache:
+        dtype = (torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type)
+                 else model.embed.weight.dtype)
+        cache = KVCache(model.cfg, idx.shape[0], idx.device, dtype)
+    out = idx
+    for step in range(max_new_tokens):
+        if cache is None or step == 0 or cache.length == block_size:
+            if cache is not None:
+                cache.length = 0                       # (re)fill the cache from the last block_size tokens
+            context = out[:, -block_size:]
+        else:
+            context = out[:, -1:]
+        logits = model(context, cache=cache, last_only=True)[:, -1]          # (B, V)
+        next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        if stops.numel():
+            next_token = torch.where(finished, out[:, -1], next_token)
+            finished |= torch.isin(next_token, stops)
+        out = torch.cat((out, next_token[:, None]), dim=1)
+        if stops.numel() and bool(finished.all()):
+            break
+    return out

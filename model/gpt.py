@@ -1,0 +1,166 @@
+"""A LLaMA-style decoder-only transformer whose hot ops all go through `kernels.*`.
+
+Token embedding -> n_layer pre-norm blocks (RMSNorm, grouped-query causal attention with rotary
+position embeddings, RMSNorm, SwiGLU MLP) -> final RMSNorm -> LM head tied to the embedding.
+Every residual add is fused into the RMSNorm that follows it (kernels.rms_norm(..., residual=)),
+and the loss goes through kernels.linear_cross_entropy, so training never holds (B*T, V) logits.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """rms_norm(x), or with residual: (rms_norm(x + residual), x + residual)."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual=residual)
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, each (block_size, head_dim / 2), in fp32."""
+    inv_freq = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+    angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head vector. x (B, H, T, D); cos, sin (T, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)                                 # (B, H, T, D/2) each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated to block_size."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, device, dtype: torch.dtype):
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0          # positions filled; advanced by GPT.forward after all layers ran
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, D) after the cached positions; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.out = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        q, k, v = qkv.transpose(1, 2).split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)            # (B, H, T, D), (B, Hkv, T, D)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)                               # (B, Hkv, Tk, D)
+        y = kernels.causal_attention(q, k, v)                              # (B, H, T, D)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.up = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.out = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(kernels.swiglu(self.gate(x), self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, delta: torch.Tensor, residual: torch.Tensor | None, cos, sin, cache, layer):
+        """Takes the residual stream as (residual, pending delta) and returns it the same way, so
+        each add runs inside the next norm. residual is None only before the first block."""
+        if residual is None:
+            a, residual = self.attn_norm(delta), delta
+        else:
+            a, residual = self.attn_norm(delta, residual)
+        delta = self.attn(a, cos, sin, cache, layer)
+        a, residual = self.mlp_norm(delta, residual)
+        return self.mlp(a), residual
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, init_std) everywhere; the projections that write into the residual stream are
+        scaled by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth."""
+        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, std=residual_std if name.endswith("out.weight") else self.cfg.init_std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                reduction: str = "mean", last_only: bool = False) -> torch.Tensor:
+        """idx (B, T) int64 -> logits (B, T, V) (or (B, 1, V) with last_only), or with targets the
+        loss: a scalar, or (B, T) per-token losses with reduction="none". Targets equal to -100
+        are ignored. With a cache, idx continues the cached positions."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.cfg.block_size}; "
+                             f"crop the input or use a model with a larger block_size")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]   # (T, D/2)
+        delta, residual = self.embed(idx), None                                     # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            delta, residual = block(delta, residual, cos, sin, cache, layer)
+        h, _ = self.norm(delta, residual)                                            # (B, T, C)
+        if cache is not None:
+            cache.length += T
+        if targets is None:
+            return F.linear(h[:, -1:] if last_only else h, self.embed.weight)        # (B, T, V)
+        loss = kernels.linear_cross_entropy(h.reshape(B * T, -1), self.embed.weight, targets.reshape(B * T),
+                                            reduction=reduction)
+        return loss.view(B, T) if reduction == "none" else loss
+
+    def num_params(self) -> int:
+        """Parameters, counting the tied embedding / LM head matrix once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward): 6N for the matmuls with the N parameters
+        (the tied LM head is one matmul with the embedding matrix; the lookup itself is free)
+        plus 12 * n_layer * n_head * head_dim * T for attention (the PaLM appendix B formula)."""
+        T = seq_len or self.cfg.block_size
+        norms = sum(p.numel() for n, p in self.named_parameters() if n.endswith("norm.weight"))
+        return 6 * (self.num_params() - norms) + 12 * self.cfg.n_layer * self.cfg.n_head * self.cfg.head_dim * T

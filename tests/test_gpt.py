@@ -1,0 +1,95 @@
+import math
+
+import pytest
+import torch
+
+from model import GPT, ModelConfig
+from model.gpt import KVCache
+
+V = 256
+
+
+@pytest.fixture
+def tiny() -> GPT:
+    return GPT(ModelConfig.preset("tiny", vocab_size=V, n_layer=2, block_size=64))
+
+
+def test_shapes_and_loss_reductions(tiny):
+    idx = torch.randint(0, V, (3, 17))
+    targets = torch.randint(0, V, (3, 17))
+    assert tiny(idx).shape == (3, 17, V)
+    assert tiny(idx, last_only=True).shape == (3, 1, V)
+    per_token = tiny(idx, targets=targets, reduction="none")
+    assert per_token.shape == (3, 17)
+    torch.testing.assert_close(tiny(idx, targets=targets), per_token.mean())
+
+
+def test_loss_matches_logits(tiny):
+    idx, targets = torch.randint(0, V, (2, 9)), torch.randint(0, V, (2, 9))
+    targets[0, :4] = -100
+    logits = tiny(idx)
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, V), targets.view(-1))
+    torch.testing.assert_close(tiny(idx, targets=targets), expected)
+
+
+def test_causality(tiny):
+    idx = torch.randint(0, V, (1, 20))
+    changed = idx.clone()
+    changed[0, 12] = (idx[0, 12] + 1) % V
+    a, b = tiny(idx), tiny(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_initial_loss_near_uniform(tiny):
+    idx, targets = torch.randint(0, V, (8, 64)), torch.randint(0, V, (8, 64))
+    assert abs(tiny(idx, targets=targets).item() - math.log(V)) < 0.2
+
+
+def test_training_lowers_loss(tiny):
+    idx = torch.randint(0, V, (4, 32))
+    targets = torch.roll(idx, -1, dims=1)
+    opt = torch.optim.AdamW(tiny.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = tiny(idx, targets=targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_tied_head_and_scaled_residual_init(tiny):
+    cfg = tiny.cfg
+    names = dict(tiny.named_parameters())
+    assert "lm_head.weight" not in names and names["embed.weight"].shape == (V, cfg.n_embd)
+    residual_std = names["blocks.0.attn.out.weight"].std().item()
+    assert residual_std == pytest.approx(cfg.init_std / math.sqrt(2 * cfg.n_layer), rel=0.1)
+    assert names["blocks.0.attn.qkv.weight"].std().item() == pytest.approx(cfg.init_std, rel=0.1)
+    assert torch.equal(names["norm.weight"], torch.ones(cfg.n_embd))
+
+
+def test_num_params_and_flops(tiny):
+    cfg = tiny.cfg
+    per_block = (cfg.n_embd * (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + cfg.n_embd ** 2
+                 + 3 * cfg.n_embd * cfg.mlp_hidden + 2 * cfg.n_embd)
+    expected = V * cfg.n_embd + cfg.n_layer * per_block + cfg.n_embd
+    assert tiny.num_params() == expected
+    norms = (2 * cfg.n_layer + 1) * cfg.n_embd
+    attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * 32
+    assert tiny.flops_per_token(32) == 6 * (expected - norms) + attention
+
+
+def test_cache_forward_equals_full_forward(tiny):
+    idx = torch.randint(0, V, (2, 24))
+    full = tiny(idx)
+    cache = KVCache(tiny.cfg, 2, "cpu", torch.float32)
+    parts = [tiny(idx[:, :10], cache=cache), tiny(idx[:, 10:11], cache=cache), tiny(idx[:, 11:], cache=cache)]
+    assert cache.length == 24
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_too_long_input_is_rejected(tiny):
+    with pytest.raises(ValueError, match="exceeds block_size 64"):
+        tiny(torch.zeros(1, 65, dtype=torch.long))
