@@ -1,0 +1,136 @@
+"""Checkpoints: safetensors weights + JSON state + torch-saved optimizer and RNG states.
+
+Layout of a run directory's checkpoints:
+    checkpoints/step_000100/model.safetensors   weights (fp32 masters, tied embedding once)
+    checkpoints/step_000100/state.json          step, tokens, model config, task-specific state
+    checkpoints/step_000100/optimizer.pt        optimizer state dict and RNG states (exact resume)
+    checkpoints/latest                          the name of the newest complete checkpoint
+
+A checkpoint is written into a temporary directory that is renamed into place, and `latest` is
+replaced atomically afterwards, so a process killed at any moment leaves the previous checkpoint
+loadable and never a half-written one that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model import GPT, ModelConfig
+
+KEEP_LAST = 2
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to path through a temporary file in the same directory and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict | None,
+         state: dict) -> Path:
+    """Write checkpoint step_<step> atomically, point `latest` at it, prune old ones; returns its path."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    atomic_write_text(tmp / "state.json", json.dumps({"step": step, **state}, indent=2))
+    if optimizer_state is not None:
+        torch.save({"optimizer": optimizer_state, "rng": rng_state()}, tmp / "optimizer.pt")
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / "latest", name)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-KEEP_LAST]:
+        shutil.rmtree(old)
+    return final
+
+
+def resolve(path: str | Path) -> Path:
+    """A run directory (-> its latest checkpoint) or a checkpoint directory -> the checkpoint directory."""
+    path = Path(path)
+    if (path / "model.safetensors").exists():
+        return path
+    latest = path / "checkpoints" / "latest"
+    if latest.exists():
+        ckpt = path / "checkpoints" / latest.read_text().strip()
+        if (ckpt / "model.safetensors").exists():
+            return ckpt
+        raise ValueError(f"{latest} points at {ckpt.name}, which is missing or incomplete; "
+                         f"edit {latest} to name a complete checkpoint under {latest.parent}")
+    raise ValueError(f"no checkpoint at {path}: expected a run directory with checkpoints/latest "
+                     f"or a checkpoint directory with model.safetensors")
+
+
+def load_state(ckpt: Path) -> dict:
+    try:
+        return json.loads((Path(ckpt) / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"corrupt checkpoint {ckpt}: state.json unreadable ({e}); resume from an older "
+                         f"checkpoint directory instead") from e
+
+
+def read_weights(ckpt: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """model.safetensors of ckpt, checked against the names and shapes of `expected` (a state dict)."""
+    try:
+        weights = load_file(str(Path(ckpt) / "model.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"corrupt checkpoint {ckpt}: model.safetensors unreadable ({e})") from e
+    problems = [f"missing {k}" for k in expected if k not in weights]
+    problems += [f"unexpected {k}" for k in weights if k not in expected]
+    problems += [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
+                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    if problems:
+        raise ValueError(f"checkpoint {ckpt} does not match the model ({'; '.join(problems[:5])}); "
+                         f"build the model from the checkpoint's own config (state.json)")
+    return weights
+
+
+def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
+    model.load_state_dict(read_weights(ckpt, model.state_dict()))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+    """A GPT built from a checkpoint's config with its weights, and the checkpoint's state."""
+    ckpt = resolve(path)
+    state = load_state(ckpt)
+    model = GPT(ModelConfig.from_dict(state["model_config"]))
+    load_weights(ckpt, model)
+    return model.to(device), state
+
+
+def load_optimizer(ckpt: Path) -> dict:
+    try:
+        return torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ValueError(f"corrupt checkpoint {ckpt}: optimizer.pt unreadable ({e})") from e

@@ -1,0 +1,102 @@
+"""Where a job runs: device, precision and the process group (single process, DDP or FSDP2).
+
+`torchrun --nproc_per_node=N -m train.<job>` sets RANK / WORLD_SIZE / LOCAL_RANK; we then join a
+process group (NCCL on CUDA, gloo on CPU). Only rank 0 logs and saves.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None      # autocast dtype, None for plain fp32
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def all_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean of t over ranks (t itself in a single process)."""
+        if self.distributed:
+            t = t.clone()
+            dist.all_reduce(t)  # SUM: gloo has no AVG
+            t /= self.world_size
+        return t
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when flag is true on any rank, so ranks stop together."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def setup(device: str = "auto", dtype: str = "auto") -> Runtime:
+    """Pick the device and precision and, under torchrun, join the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        if world_size > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if dtype == "auto":
+        dtype = "bf16" if dev.type == "cuda" else "fp32"
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(dev, None if dtype == "fp32" else DTYPES[dtype], rank, world_size)
+
+
+def wrap(model: torch.nn.Module, rt: Runtime, fsdp: bool = False, compile: bool = False) -> torch.nn.Module:
+    """The module to train: compiled and/or wrapped for DDP or FSDP2. `model` stays the bare module."""
+    if fsdp:
+        if not rt.distributed:
+            raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node=N")
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+    trained = torch.compile(model) if compile else model
+    if rt.distributed and not fsdp:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            trained, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return trained
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
