@@ -134,3 +134,20 @@ def load_optimizer(ckpt: Path) -> dict:
         return torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as e:
         raise ValueError(f"corrupt checkpoint {ckpt}: optimizer.pt unreadable ({e})") from e
+
+
+def run_dir_of(path: str | Path) -> Path:
+    """The run directory a run-or-checkpoint path belongs to."""
+    ckpt = resolve(path)
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer a run trained with (saved as tokenizer.json in its run directory)."""
+    from train.tokenizer import Tokenizer
+
+    tok_path = run_dir_of(path) / "tokenizer.json"
+    if not tok_path.exists():
+        raise ValueError(f"no tokenizer.json in {tok_path.parent}; it is written by every training job "
+                         f"into its run directory; copy the one of the data the model was trained on there")
+    return Tokenizer.load(tok_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 import torch
 
@@ -102,6 +103,8 @@ def build(args: argparse.Namespace, rt: Runtime) -> tuple[PretrainJob, GPT]:
     cfg = ModelConfig.preset(args.preset, vocab_size=data.tokenizer.n_vocab, **overrides)
     model = GPT(cfg).to(rt.device)
     if rt.is_main:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        data.tokenizer.save(Path(args.out) / "tokenizer.json")
         print(f"data: {data.manifest.get('source')}  train {len(data.train):,} tokens  val {len(data.val):,} tokens")
     return PretrainJob(data, config_from(args), cfg.block_size, rt, args.sample_prompt), model
 
