@@ -48,7 +48,7 @@ check_targets: bool = os.environ.get("TRITONGPT_CHECK_TARGETS", "1") != "0"
 def parse_spec(spec: str) -> dict[str, str]:
     """Turn a spec like ``"torch,rms_norm=triton"`` into {op: backend} for every op it names."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"empty kernel spec {spec!r}; use one of {BACKENDS} or 'op=backend,...' with ops {OPS}")
+        raise ValueError(f"kernel spec must be a non-empty string, got {spec!r}; use one of {BACKENDS} or 'op=backend,...' with ops {OPS}")
     choice: dict[str, str] = {}
     for entry in spec.split(","):
         entry = entry.strip()
@@ -189,12 +189,15 @@ def _check_same(what: str, **tensors: torch.Tensor) -> None:
         raise ValueError(f"mismatched {what}s: {listing}; convert them to one {what}")
 
 
-def _check_targets(targets: torch.Tensor, n_rows: int, vocab: int, ignore_index: int, name: str) -> None:
+def _check_targets(targets: torch.Tensor, n_rows: int, name: str) -> None:
     if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64:
         raise ValueError(f"targets must be an int64 tensor, got {getattr(targets, 'dtype', type(targets))}")
     if targets.shape != (n_rows,):
         raise ValueError(f"targets has shape {tuple(targets.shape)}; expected ({n_rows},) to match {name}")
-    if check_targets and n_rows:
+
+
+def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    if check_targets and targets.numel() and not torch.compiler.is_compiling():  # data-dependent: breaks graphs
         bad = targets[(targets != ignore_index) & ((targets < 0) | (targets >= vocab))]
         if bad.numel():
             raise ValueError(f"target id {int(bad[0])} is outside [0, {vocab}) and is not ignore_index "
@@ -285,8 +288,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     _check_float("logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"logits has shape {tuple(logits.shape)}; expected (N, V): flatten leading dims first")
-    _check_targets(targets, logits.shape[0], logits.shape[1], ignore_index, "logits")
+    _check_targets(targets, logits.shape[0], "logits")
     _check_same("device", logits=logits, targets=targets)
+    _check_target_range(targets, logits.shape[1], ignore_index)
     _check_loss_args(reduction, label_smoothing, z_loss)
     return _dispatch("cross_entropy", logits.device)(
         logits, targets, ignore_index, reduction, label_smoothing, z_loss)
@@ -304,8 +308,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     _check_float("weight", weight)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be (N, D) and (V, D)")
-    _check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index, "hidden")
+    _check_targets(targets, hidden.shape[0], "hidden")
     _check_same("device", hidden=hidden, weight=weight, targets=targets)
+    _check_target_range(targets, weight.shape[0], ignore_index)
     _check_loss_args(reduction, label_smoothing, z_loss)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
