@@ -1,0 +1,198 @@
+"""kernels/triton_causal_attention.py against float64 (DESIGN.md section 4).
+
+Runs in the Triton interpreter on CPU (fp32, fp16) and on CUDA when present (bf16 too). The
+kernels write into NaN-filled buffers so a skipped element fails; the public op is checked
+through kernels.causal_attention with autograd, torch.library.opcheck and torch.compile.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import kernels
+from kernels import reference
+from kernels import triton_causal_attention as tca
+from numerics import assert_matches, nan_filled
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if ON_CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="bf16 dots and large shapes need a CUDA GPU")
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda)]
+LAYOUTS = ("contiguous", "projection", "cache")
+
+
+def make_inputs(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, layout: str, dtype: torch.dtype):
+    """q (B, Hq, Tq, D), k, v (B, Hkv, Tk, D) laid out as the model produces them.
+
+    contiguous: fresh tensors. projection: heads split from one fused (B, T, (Hq + 2 Hkv) * D)
+    projection and transposed, as model/gpt.py does. cache: q from a projection, k and v the first
+    Tk positions of a longer preallocated KV-cache buffer.
+    """
+    torch.manual_seed(0)
+    if layout == "contiguous":
+        return (torch.randn(B, Hq, Tq, D, dtype=dtype, device=DEVICE),
+                torch.randn(B, Hkv, Tk, D, dtype=dtype, device=DEVICE),
+                torch.randn(B, Hkv, Tk, D, dtype=dtype, device=DEVICE))
+    if layout == "projection":
+        assert Tq == Tk, "a fused projection gives as many queries as keys"
+        fused = torch.randn(B, Tq, Hq + 2 * Hkv, D, dtype=dtype, device=DEVICE)   # (B, T, H_all, D)
+        return fused.transpose(1, 2).split([Hq, Hkv, Hkv], dim=1)
+    q = torch.randn(B, Tq, Hq, D, dtype=dtype, device=DEVICE).transpose(1, 2)      # (B, Hq, Tq, D) view
+    k_buf, v_buf = torch.randn(2, B, Hkv, Tk + 13, D, dtype=dtype, device=DEVICE)  # cache with spare room
+    return q, k_buf[:, :, :Tk], v_buf[:, :, :Tk]
+
+
+def reference_grads(q, k, v, do, scale, dtype):
+    """Output and (dq, dk, dv) of the torch reference computed in dtype."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = reference.causal_attention(*leaves, scale)
+    return out, torch.autograd.grad(out, leaves, do.to(dtype))
+
+
+def check_kernels(B, Hq, Hkv, Tq, Tk, D, layout, dtype, scale=None) -> None:
+    q, k, v = make_inputs(B, Hq, Hkv, Tq, Tk, D, layout, dtype)
+    do = torch.randn(B, Hq, Tq, D, dtype=dtype, device=DEVICE)
+    sm_scale = D ** -0.5 if scale is None else scale
+    o = nan_filled(B, Tq, Hq, D, dtype=dtype, device=DEVICE).transpose(1, 2)
+    lse = nan_filled(B, Hq, Tq, dtype=torch.float32, device=DEVICE)
+    tca.launch_forward(q, k, v, sm_scale, o, lse)
+    dq = nan_filled(B, Hq, Tq, D, dtype=dtype, device=DEVICE)
+    dk, dv = (nan_filled(B, Hkv, Tk, D, dtype=dtype, device=DEVICE) for _ in range(2))
+    tca.launch_backward(do, q, k, v, o, lse, sm_scale, dq, dk, dv)
+
+    exact_out, exact_grads = reference_grads(q, k, v, do, scale, torch.float64)
+    ref_out, ref_grads = reference_grads(q, k, v, do, scale, dtype)
+    assert_matches("out", o, ref_out, exact_out)
+    for name, got, ref, exact in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, exact_grads):
+        assert_matches(name, got, ref, exact)
+
+
+# (B, Hq, Hkv, Tq, Tk, D, layout): a covering subset of T in {1, 16, 17, 64, 100, 129},
+# D in {16, 32, 64, 80}, Hq/Hkv in {1, 2, 4}, decode and chunked prefill, every layout.
+CASES = [
+    (1, 1, 1, 1, 1, 16, "contiguous"),        # a single token
+    (2, 2, 1, 16, 16, 32, "projection"),      # MQA, exactly one tile
+    (1, 4, 2, 17, 17, 80, "projection"),      # GQA, one row past a tile, padded head dim
+    (1, 4, 1, 64, 64, 64, "contiguous"),      # MQA with four query heads per KV head
+    (1, 2, 2, 100, 100, 16, "projection"),
+    (1, 2, 1, 129, 129, 32, "contiguous"),
+    (2, 4, 2, 1, 17, 64, "cache"),            # decode steps
+    (1, 2, 1, 1, 100, 80, "cache"),
+    (1, 4, 2, 16, 64, 32, "cache"),           # chunked prefill against a cache
+    (1, 2, 1, 17, 129, 16, "cache"),
+    (1, 1, 1, 100, 129, 64, "cache"),
+    (1, 2, 1, 64, 100, 80, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-H{}:{}-T{}:{}-D{}-{}".format(*c))
+def test_matches_float64(case, dtype):
+    check_kernels(*case, dtype=dtype)
+
+
+@pytest.mark.parametrize("D", [96, 128, 256])
+def test_wide_head_dims(D):
+    check_kernels(1, 2, 1, 33, 40, D, "contiguous", torch.float32)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="on a GPU the autotuner picks the tiles")
+@pytest.mark.parametrize("tiles", [(16, 64), (64, 16), (16, 16)], ids=lambda t: f"M{t[0]}-N{t[1]}")
+@pytest.mark.parametrize("case", [(1, 2, 1, 77, 77, 32, "projection"), (1, 2, 2, 1, 50, 16, "cache"),
+                                  (1, 4, 2, 30, 95, 64, "cache")],
+                         ids=lambda c: "B{}-H{}:{}-T{}:{}-D{}-{}".format(*c))
+def test_other_tilings(case, tiles, monkeypatch):
+    """The GPU tiles have other BLOCK_M / BLOCK_N ratios than the default interpreter ones."""
+    for kernel_tiles in tca.INTERPRETER_TILES.values():
+        monkeypatch.setitem(kernel_tiles, "BLOCK_M", tiles[0])
+        monkeypatch.setitem(kernel_tiles, "BLOCK_N", tiles[1])
+    check_kernels(*case, dtype=torch.float32)
+
+
+def test_custom_scale():
+    check_kernels(1, 2, 1, 20, 37, 32, "cache", torch.float32, scale=0.37)
+
+
+@st.composite
+def shapes(draw):
+    Tk = draw(st.integers(1, 70))
+    Hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    layout = draw(st.sampled_from(LAYOUTS))
+    Tq = Tk if layout == "projection" else draw(st.integers(1, Tk))
+    D = draw(st.sampled_from([16, 24, 40, 64, 80, 96, 128]))
+    return draw(st.integers(1, 2)), Hkv * group, Hkv, Tq, Tk, D, layout
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=shapes(), dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_property_shapes(shape, dtype):
+    check_kernels(*shape, dtype=dtype)
+
+
+def test_public_op_autograd_and_layout():
+    q, k, v = (t.requires_grad_() for t in make_inputs(2, 4, 2, 24, 24, 32, "contiguous", torch.float32))
+    do = torch.randn(2, 4, 24, 32, device=DEVICE)
+    with kernels.use(causal_attention="triton"):
+        assert kernels.active(DEVICE)["causal_attention"] == "triton"
+        out = kernels.causal_attention(q, k, v)
+    out.backward(do)
+    # Stored as (B, T, H, D), so the model's transpose back to (B, T, H * D) is free.
+    assert out.transpose(1, 2).is_contiguous()
+    exact_out, exact_grads = reference_grads(q, k, v, do, None, torch.float64)
+    ref_out, ref_grads = reference_grads(q, k, v, do, None, torch.float32)
+    assert_matches("out", out.detach(), ref_out, exact_out)
+    for name, t, ref, exact in zip(("dq", "dk", "dv"), (q, k, v), ref_grads, exact_grads):
+        assert_matches(name, t.grad, ref, exact)
+
+
+def test_opcheck_custom_ops():
+    q, k, v = make_inputs(1, 2, 1, 5, 9, 16, "cache", torch.float32)
+    torch.library.opcheck(tca._forward_op, (q, k, v, 0.25))
+    o, lse = tca._forward_op(q, k, v, 0.25)
+    torch.library.opcheck(tca._backward_op, (torch.randn_like(o), q, k, v, o, lse, 0.25))
+
+
+def test_compiles_without_graph_break():
+    q, k, v = (t.requires_grad_() for t in make_inputs(1, 2, 1, 8, 8, 16, "contiguous", torch.float32))
+    compiled = torch.compile(tca.causal_attention, fullgraph=True, backend="aot_eager")
+    compiled(q, k, v).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    tca.causal_attention(q, k, v).sum().backward()
+    for got, want in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _t(*shape, dtype=torch.float32, device=DEVICE):
+    return torch.randn(*shape, device=device).to(dtype)
+
+
+BAD_INPUTS = [
+    ((_t(1, 3, 4, 16), _t(1, 2, 4, 16), _t(1, 2, 4, 16)), "multiple of key/value heads"),
+    ((_t(1, 2, 5, 16), _t(1, 2, 4, 16), _t(1, 2, 4, 16)), "more queries"),
+    ((_t(1, 2, 4, 16), _t(1, 2, 4, 32), _t(1, 2, 4, 32)), "must share batch size and head dim"),
+    ((_t(2, 2, 4, 16), _t(1, 2, 4, 16), _t(1, 2, 4, 16)), "must share batch size and head dim"),
+    ((_t(1, 2, 4, 16), _t(1, 2, 4, 16), _t(1, 2, 5, 16)), "they must match"),
+    ((_t(1, 2, 4, 16), _t(1, 2, 4, 16, dtype=torch.float16), _t(1, 2, 4, 16)), "mismatched dtypes"),
+    ((_t(1, 2, 4, 16), _t(1, 2, 4, 16, device="meta"), _t(1, 2, 4, 16)), "mismatched devices"),
+    ((_t(2, 4, 16), _t(2, 4, 16), _t(2, 4, 16)), "expected 4 dims"),
+    ((_t(1, 2, 4, 16).long(), _t(1, 2, 4, 16).long(), _t(1, 2, 4, 16).long()), "expected one of float32"),
+    ((_t(1, 2, 0, 16), _t(1, 2, 4, 16), _t(1, 2, 4, 16)), "no queries"),
+]
+
+
+@pytest.mark.parametrize("inputs, message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_inputs(inputs, message):
+    with kernels.use(causal_attention="triton"), pytest.raises(ValueError, match=message):
+        kernels.causal_attention(*inputs)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [(2, 16, 4, 1024, 1024, 128, "projection"), (1, 8, 8, 777, 777, 64, "contiguous"),
+                                  (4, 8, 2, 1, 2048, 128, "cache"), (1, 8, 2, 256, 3000, 96, "cache")],
+                         ids=lambda c: "B{}-H{}:{}-T{}:{}-D{}-{}".format(*c))
+def test_large_shapes_on_gpu(case, dtype):
+    check_kernels(*case, dtype=dtype)
