@@ -7,7 +7,7 @@ the same tokens for the same seed.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -50,11 +50,13 @@ def _check_args(idx, max_new_tokens, temperature, top_k, top_p) -> None:
 @torch.no_grad()
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens: Iterable[int] | None = None,
-             use_cache: bool = True, seed: int | None = None) -> torch.Tensor:
+             use_cache: bool = True, seed: int | None = None,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Continue each row of idx (B, T) by up to max_new_tokens tokens -> (B, T + new) int64.
 
     A row that emits one of stop_tokens is finished: the stop token is kept and the row is padded
     with it while the others go on; generation ends early once every row has finished.
+    on_token, if given, receives each step's new tokens (B,) as soon as they exist (streaming).
     """
     _check_args(idx, max_new_tokens, temperature, top_k, top_p)
     block_size = model.cfg.block_size
@@ -80,6 +82,8 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
             next_token = torch.where(finished, out[:, -1], next_token)
             finished |= torch.isin(next_token, stops)
         out = torch.cat((out, next_token[:, None]), dim=1)
+        if on_token is not None:
+            on_token(next_token)
         if stops.numel() and bool(finished.all()):
             break
     return out
