@@ -1,0 +1,38 @@
+"""RMSNorm, plain and with the fused residual add: forward, backward and both, in GB/s.
+
+GPU: M = 16384 rows, hidden 1024 to 8192, bf16. CPU: the torch reference on one small shape.
+GB/s counts each input read once and each output written once (the fp32 rstd the Triton forward
+keeps for its backward is not counted): forward x (and r), weight; y (and h). timed_pass feeds
+the gradient of the first output only, so the backward of both variants reads dy, the normalised
+input and the weight and writes dx and dweight.
+"""
+import pytest
+import torch
+
+from bench.conftest import BACKENDS, DEVICE, DTYPE, ON_GPU, PASSES, implementation, measure, timed_pass
+
+M = 16384 if ON_GPU else 512
+HIDDEN = (1024, 2048, 4096, 8192) if ON_GPU else (768,)
+EPS = 1e-6
+
+
+def traffic(pass_: str, D: int, residual: bool) -> float:
+    """Bytes moved by one pass."""
+    forward = (2 + 2 * residual) * M * D + D
+    backward = 3 * M * D + 2 * D
+    elements = {"fwd": forward, "bwd": backward, "fwdbwd": forward + backward}[pass_]
+    return elements * DTYPE.itemsize
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("D", HIDDEN)
+@pytest.mark.parametrize("pass_", PASSES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm(benchmark, backend, pass_, D, residual):
+    fn = implementation("rms_norm", backend)
+    x = torch.randn(M, D, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    weight = (1.0 + 0.1 * torch.randn(D, device=DEVICE)).to(DTYPE).requires_grad_()
+    r = torch.randn(M, D, device=DEVICE, dtype=DTYPE, requires_grad=True) if residual else None
+    run = timed_pass(lambda: fn(x, weight, EPS, residual=r), [x, weight] + ([r] if residual else []), pass_)
+    measure(benchmark, run, op="rms_norm" + ("+residual" if residual else ""), pass_=pass_, backend=backend,
+            shape=f"M={M} D={D}", nbytes=traffic(pass_, D, residual))

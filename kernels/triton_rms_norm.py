@@ -1,0 +1,313 @@
+"""Fused RMSNorm (optionally with the residual add before it) in Triton, forward and backward.
+
+Forward, each program normalises a tile of ROWS rows of x (M, D), one row unless rows are narrow:
+
+    h    = x + r                       (residual variant; rounded to x's dtype like torch's add, stored)
+    rstd = 1 / sqrt(mean(h^2) + eps)   (fp32, stored: M * 4 bytes for the backward)
+    y    = h * rstd * w
+
+When a row fits one block (D <= MAX_BLOCK) it stays in registers: x (and r) are read once, y
+(and h) written once, so the kernel moves 2 * M * D elements (4 with the residual) plus w. Wider
+rows loop over blocks twice: the first pass accumulates sum(h^2) (and writes h), the second reads
+the row again (h with the residual, else x; usually still in L1/L2) to write y.
+
+Backward, with xhat = h * rstd and g = dy * w:
+
+    dh = rstd * (g - xhat * mean(g * xhat)) (+ the incoming gradient of h, residual variant)
+    dw = sum over rows of dy * xhat
+
+dx and dresidual are both dh. A fixed grid of programs (enough to fill every SM several times,
+whatever M and D) each walks a contiguous group of rows, keeping its share of dw as an fp32
+partial sum; the (programs, D) partials are then summed in a fixed order, so dw is deterministic
+(no atomics). With one block per row a program reads dy and h and writes dx once per element and
+holds w and its dw partial in registers; wider rows loop twice (mean first, then dx) and keep the
+partial in the program's own row of the partial buffer.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# Widest row kept in registers by one program; wider rows are processed in blocks of this size.
+MAX_BLOCK = 8192
+# Elements per program tile in the forward (and per loop step in the backward) for narrow rows.
+TILE = 2048
+# Stands in for the SM count when the interpreter runs the kernels on the CPU.
+_INTERPRETER_SMS = 4
+
+
+@triton.jit
+def _residual_add(X, R, H, cols, mask, HAS_RESIDUAL: tl.constexpr):
+    """One tile of h (fp32); with the residual, h = x + r is rounded to x's dtype and stored."""
+    h = tl.load(X + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        h = (h.to(tl.float32) + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(H + cols, h, mask=mask)
+    return h.to(tl.float32)
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, R, H, W, Y, RSTD,            # R, H: residual and h = x + r; without a residual H is X
+    stride_x, stride_r, stride_h, stride_y,
+    M, D, eps,
+    HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)             # (ROWS,)
+    row_mask = rows[:, None] < M                                                  # (ROWS, 1)
+    X += rows[:, None] * stride_x
+    R += rows[:, None] * stride_r
+    H += rows[:, None] * stride_h
+    Y += rows[:, None] * stride_y
+    if SINGLE_BLOCK:
+        cols = tl.arange(0, BLOCK)[None, :]                                       # (1, BLOCK)
+        mask = row_mask & (cols < D)                                              # (ROWS, BLOCK)
+        h = _residual_add(X, R, H, cols, mask, HAS_RESIDUAL)                      # (ROWS, BLOCK)
+        rstd = tl.rsqrt(tl.sum(h * h, axis=1) / D + eps)                          # (ROWS,)
+        w = tl.load(W + cols, mask=cols < D).to(tl.float32)                       # (1, BLOCK)
+        tl.store(Y + cols, (h * rstd[:, None] * w).to(Y.dtype.element_ty), mask=mask)
+    else:
+        sum_sq = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        for start in range(0, D, BLOCK):
+            cols = start + tl.arange(0, BLOCK)[None, :]
+            h = _residual_add(X, R, H, cols, row_mask & (cols < D), HAS_RESIDUAL)
+            sum_sq += h * h
+        rstd = tl.rsqrt(tl.sum(sum_sq, axis=1) / D + eps)                         # (ROWS,)
+        tl.debug_barrier()  # the h stored above, by whichever threads, is visible to all below
+        for start in range(0, D, BLOCK):
+            cols = start + tl.arange(0, BLOCK)[None, :]
+            mask = row_mask & (cols < D)
+            h = tl.load(H + cols, mask=mask).to(tl.float32)
+            w = tl.load(W + cols, mask=cols < D).to(tl.float32)
+            tl.store(Y + cols, (h * rstd[:, None] * w).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=rows < M)
+
+
+@triton.jit
+def _load_fp32(P, cols, mask):
+    return tl.load(P + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_dx(g, xhat, mean_g_xhat, rstd, DH, DX, cols, mask, HAS_DH: tl.constexpr):
+    """dx = (g - xhat * mean(g * xhat)) * rstd, plus the incoming gradient of h if any."""
+    dx = (g - xhat * mean_g_xhat) * rstd
+    if HAS_DH:
+        dx += _load_fp32(DH, cols, mask)
+    tl.store(DX + cols, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, H, W, RSTD, DH, DX, DW_PARTIAL,      # DH: incoming gradient of h (residual variant only)
+    stride_dy, stride_h, stride_dh, stride_dx,
+    M, D, rows_per_program,
+    HAS_DH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    first_row = pid * rows_per_program
+    row_end = tl.minimum(first_row + rows_per_program, M)
+    DW_PARTIAL += pid * D
+    if SINGLE_BLOCK:
+        # The row is one tile: w and this program's partial sum of dw stay in registers.
+        cols = tl.arange(0, BLOCK)[None, :]                                       # (1, BLOCK)
+        w = _load_fp32(W, cols, cols < D)                                         # (1, BLOCK)
+        dw = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    # ROWS rows at a time; rows of a tile past row_end load zeros and add nothing to dw.
+    for start_row in range(first_row, row_end, ROWS):
+        rows = start_row + tl.arange(0, ROWS)                                    # (ROWS,)
+        row_mask = rows[:, None] < row_end                                        # (ROWS, 1)
+        rstd = tl.load(RSTD + rows, mask=rows < row_end, other=0.0)[:, None]      # (ROWS, 1)
+        dy_rows, h_rows = DY + rows[:, None] * stride_dy, H + rows[:, None] * stride_h
+        dh_rows, dx_rows = DH + rows[:, None] * stride_dh, DX + rows[:, None] * stride_dx
+        if SINGLE_BLOCK:
+            mask = row_mask & (cols < D)                                          # (ROWS, BLOCK)
+            dy = _load_fp32(dy_rows, cols, mask)                                  # (ROWS, BLOCK)
+            xhat = _load_fp32(h_rows, cols, mask) * rstd                          # (ROWS, BLOCK)
+            g = dy * w
+            mean_g_xhat = tl.sum(g * xhat, axis=1)[:, None] / D                   # (ROWS, 1)
+            _store_dx(g, xhat, mean_g_xhat, rstd, dh_rows, dx_rows, cols, mask, HAS_DH)
+            dw += dy * xhat
+        else:
+            dot = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+            for start in range(0, D, BLOCK):
+                cols = start + tl.arange(0, BLOCK)[None, :]
+                mask = row_mask & (cols < D)
+                dot += _load_fp32(dy_rows, cols, mask) * _load_fp32(W, cols, cols < D) * _load_fp32(h_rows, cols, mask)
+            mean_g_xhat = tl.sum(dot, axis=1)[:, None] * rstd / D                 # (ROWS, 1)
+            for start in range(0, D, BLOCK):
+                cols = start + tl.arange(0, BLOCK)[None, :]
+                mask = row_mask & (cols < D)
+                dy = _load_fp32(dy_rows, cols, mask)
+                xhat = _load_fp32(h_rows, cols, mask) * rstd
+                _store_dx(dy * _load_fp32(W, cols, cols < D), xhat, mean_g_xhat, rstd, dh_rows, dx_rows,
+                          cols, mask, HAS_DH)
+                # This program's own row of partial sums: no other program touches it.
+                partial = tl.load(DW_PARTIAL + cols, mask=cols < D)
+                tl.store(DW_PARTIAL + cols, partial + tl.sum(dy * xhat, axis=0, keep_dims=True), mask=cols < D)
+            tl.debug_barrier()  # this tile's partial-sum stores are visible to the next tile's loads
+    if SINGLE_BLOCK:
+        tl.store(DW_PARTIAL + cols, tl.sum(dw, axis=0, keep_dims=True), mask=cols < D)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (M, D) with unit column stride; rows may keep any stride (no copy then)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(1) == 1 else t2.contiguous()
+
+
+def _tile_config(D: int) -> tuple[int, int, int, bool]:
+    """(ROWS, BLOCK, num_warps, single block) for rows of D elements.
+
+    Narrow rows are batched ROWS to a tile of about TILE elements; a tile gets about 8 elements
+    (16 bytes of bf16) per thread, up to 16 warps, so a single 8192-wide block has 16 per thread.
+    """
+    block = min(max(triton.next_power_of_2(D), 16), MAX_BLOCK)
+    rows = max(1, TILE // block)
+    return rows, block, min(max(rows * block // 256, 1), 16), D <= block
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """y, h (None without the residual) and rstd (fp32, x.shape[:-1])."""
+    D = x.shape[-1]
+    weight = weight.contiguous()
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = None if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return y, h, rstd.fill_(eps ** -0.5)
+    x2 = _rows(x)                                                              # (M, D)
+    r2 = x2 if residual is None else _rows(residual)                          # (M, D)
+    h2 = x2 if h is None else h.view(-1, D)                                    # (M, D)
+    y2 = y.view(-1, D)                                                         # (M, D)
+    M = x2.shape[0]
+    rows, block, num_warps, single = _tile_config(D)
+    _rms_norm_fwd_kernel[(triton.cdiv(M, rows),)](
+        x2, r2, h2, weight, y2, rstd,
+        x2.stride(0), r2.stride(0), h2.stride(0), y2.stride(0),
+        M, D, eps,
+        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=block, SINGLE_BLOCK=single, num_warps=num_warps,
+    )
+    return y, h, rstd
+
+
+def _backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+              dh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx (h's shape and dtype) and dweight (weight's dtype), for y = rms_norm(h)."""
+    D = h.shape[-1]
+    weight = weight.contiguous()
+    dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    if h.numel() == 0:
+        return dx, torch.zeros_like(weight)
+    dy2, h2, dx2 = _rows(dy), _rows(h), dx.view(-1, D)                        # (M, D) each
+    dh2 = dy2 if dh is None else _rows(dh)                                    # (M, D)
+    M = h2.shape[0]
+    rows, block, num_warps, single = _tile_config(D)
+    # Several programs per SM hide the latency of each tile's load -> reduce -> store chain.
+    programs = min(triton.cdiv(M, rows), _sm_count(h.device) * max(1, 32 // num_warps))
+    rows_per_program = triton.cdiv(triton.cdiv(M, programs), rows) * rows
+    programs = triton.cdiv(M, rows_per_program)
+    # One block per row overwrites its whole partial row; the block loop accumulates into it.
+    partial = (torch.empty if single else torch.zeros)((programs, D), dtype=torch.float32, device=h.device)
+    _rms_norm_bwd_kernel[(programs,)](
+        dy2, h2, weight, rstd, dh2, dx2, partial,
+        dy2.stride(0), h2.stride(0), dh2.stride(0), dx2.stride(0),
+        M, D, rows_per_program,
+        HAS_DH=dh is not None, ROWS=rows, BLOCK=block, SINGLE_BLOCK=single, num_warps=num_warps,
+    )
+    return dx, partial.sum(0).to(weight.dtype)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("tritongpt::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    y, _, rstd = _forward(x, weight, None, eps)
+    return y, rstd
+
+
+@torch.library.custom_op("tritongpt::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, residual, eps)
+
+
+@torch.library.custom_op("tritongpt::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                          dh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(dy, h, weight, rstd, dh)
+
+
+def _rstd_like(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), _rstd_like(x)
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps):
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return y, torch.empty_like(y), _rstd_like(x)
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy, h, weight, rstd, dh):
+    return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def _setup_rms_norm(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_norm_grad(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dweight = _rms_norm_backward_op(dy, x, weight, rstd, None)
+    return dx, dweight, None
+
+
+def _setup_add_rms_norm(ctx, inputs, output):
+    _, _, weight, _ = inputs
+    _, h, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    # An unused output (h after the last block) gets None, not a tensor of zeros to read.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(h, weight, rstd)
+
+
+def _add_rms_norm_grad(ctx, dy, dh, _drstd):
+    h, weight, rstd = ctx.saved_tensors
+    if dy is None:
+        return dh, dh, None, None
+    dx, dweight = _rms_norm_backward_op(dy, h, weight, rstd, dh)
+    return dx, dx, dweight, None
+
+
+_rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_setup_rms_norm)
+_add_rms_norm_op.register_autograd(_add_rms_norm_grad, setup_context=_setup_add_rms_norm)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """y = x * rsqrt(mean(x^2) + eps) * weight over the last dim, or (rms_norm(x + residual), x + residual)."""
+    if residual is None:
+        return _rms_norm_op(x, weight, eps)[0]
+    y, h, _ = _add_rms_norm_op(x, residual, weight, eps)
+    return y, h
