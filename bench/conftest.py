@@ -49,8 +49,8 @@ def timed_pass(forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Tenso
     grad_inputs = [t for t in inputs if t.requires_grad]
 
     def backward_of(out):
-        out = out[0] if isinstance(out, tuple) else out
-        torch.autograd.grad(out, grad_inputs, torch.ones_like(out) if out.dim() else None, retain_graph=True)
+        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+        torch.autograd.grad(outs, grad_inputs, [torch.ones_like(o) for o in outs], retain_graph=True)
 
     if pass_ == "bwd":
         out = forward()

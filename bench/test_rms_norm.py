@@ -19,7 +19,7 @@ EPS = 1e-6
 def traffic(pass_: str, D: int, residual: bool) -> float:
     """Bytes moved by one pass."""
     forward = (2 + 2 * residual) * M * D + D
-    backward = 3 * M * D + 2 * D
+    backward = (3 + residual) * M * D + 2 * D      # reads dy (and dh), h, weight; writes dx and dweight
     elements = {"fwd": forward, "bwd": backward, "fwdbwd": forward + backward}[pass_]
     return elements * DTYPE.itemsize
 

