@@ -8,9 +8,9 @@ Per row x (V logits) with target t, label smoothing ls and z-loss weight z:
 Forward kernel: one sweep over the row in blocks of BLOCK_V with an online softmax (running max
 m, running sum d of exp(x - m), rescaled whenever m grows), so V up to 256k needs no more than
 one block in registers. Alongside d it keeps e, the same sum without the target entry, so that
-1 - p_t = e / d comes out in fp32 with full relative precision: for a confident prediction
-(p_t -> 1) the true-class gradient -(1 - p_t) would otherwise be the difference of two nearly
-equal numbers. The kernel stores per row the loss, lse and that true-class gradient entry (fp32).
+for a confident prediction (p_t > 1/2) 1 - p_t = e / d comes out in fp32 with full relative
+precision, where the true-class gradient -(1 - p_t) would otherwise be the difference of two
+nearly equal numbers. The kernel stores per row the loss, lse and that true-class gradient entry (fp32).
 With WRITE_GRAD it then sweeps the row a second time and writes the gradient, scaled, over a
 buffer that may be the logits themselves (the fused linear cross-entropy uses that on its private
 chunk of logits). Ignored rows (target == ignore_index) read nothing: loss 0, gradient 0.
@@ -93,7 +93,8 @@ def _forward_kernel(X, stride_x, T, LOSS, LSE, GRAD_T, G, stride_g, SCALE, strid
         log_d = tl.log(d)
         lse = m + log_d
         p_t = tl.exp(x_t - m) / d
-        one_minus_p_t = e / d
+        # 1 - p_t rounds to within half an ulp when p_t < 1/2; above, e / d keeps its relative precision
+        one_minus_p_t = tl.where(p_t < 0.5, 1.0 - p_t, e / d)
         loss = (1.0 - label_smoothing) * ((m - x_t) + log_d) + z_loss * lse * lse
         # where, not a product: mean(x) may be -inf (masked vocabulary) while label_smoothing is 0
         loss += tl.where(label_smoothing > 0.0, label_smoothing * (lse - sum_x / V), 0.0)
