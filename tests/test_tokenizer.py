@@ -219,6 +219,8 @@ def test_small_corpus_learns_fewer_merges():
 def test_decode_rejects_unknown_ids(tok):
     with pytest.raises(ValueError, match=r"token ids \[600\] are outside the vocabulary 0..599"):
         tok.decode([1, 600])
+    with pytest.raises(ValueError, match=r"token ids \[-1\] are outside the vocabulary"):
+        tok.decode([-1])
 
 
 def test_split_pattern_is_gpt4_style():

@@ -81,6 +81,7 @@ class Tokenizer:
             raise ValueError(f"special token ids must be {n_ordinary}..{n_ordinary + len(special_tokens) - 1} "
                              f"(right after the merges), got {special_tokens}")
         self.special_tokens = dict(special_tokens)
+        self._fingerprint = _fingerprint(pattern, self.merges, self.special_tokens)
         ranks = {tb: i for i, tb in enumerate(self.token_bytes)}
         if len(ranks) != n_ordinary:
             raise ValueError("two merges produce the same bytes; a BPE vocabulary needs unique tokens")
@@ -112,7 +113,7 @@ class Tokenizer:
     @property
     def fingerprint(self) -> str:
         """Hash of the split pattern, the merges and the special tokens: equal iff encodings are."""
-        return _fingerprint(self.pattern, self.merges, self.special_tokens)
+        return self._fingerprint
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text; special-token text is encoded as ordinary text, never as a control id."""
@@ -134,10 +135,11 @@ class Tokenizer:
         return self._enc.encode_ordinary_batch(texts, num_threads=threads)
 
     def decode_bytes(self, ids: list[int]) -> bytes:
-        bad = [i for i in ids if not 0 <= i < self.n_vocab]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary 0..{self.n_vocab - 1}")
-        return self._enc.decode_bytes(ids)
+        try:
+            return self._enc.decode_bytes(ids)
+        except (KeyError, OverflowError):
+            bad = [i for i in ids if not 0 <= i < self.n_vocab]
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary 0..{self.n_vocab - 1}") from None
 
     def decode(self, ids: list[int]) -> str:
         """Text of ids; special ids become their text; see the module docstring for invalid UTF-8."""

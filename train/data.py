@@ -1,0 +1,375 @@
+"""Data pipeline: corpus -> cleaning and dedup -> BPE tokenizer -> token shards -> training batches.
+
+    python -m train.data                                   # the Python stdlib corpus, vocabulary 4096
+    python -m train.data --source docs/ --vocab-size 8192 --out data/docs
+
+prepare() makes a dataset directory:
+  manifest.json   arguments, source fingerprint, filter report, tokenizer hash, token counts
+  tokenizer.json  the BPE tokenizer trained on a sample of the training documents
+  train.bin       uint16 tokens when the vocabulary fits, else uint32, after a 24-byte header
+  val.bin         (magic b"TGPTTOKS", u32 version, u32 bytes per token, u64 token count)
+Each document is preceded by <|endoftext|>. The split is by document: a document goes to val
+when a hash of (seed, doc_id) falls below val_fraction; a corpus of one document is cut at a line
+break instead. The directory is built under a temporary name and renamed into place at the end,
+so a dataset directory either is complete or does not exist; re-running with the same arguments
+(and unchanged source files) reuses it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from train.filters import DocumentFilter, FilterConfig, Report
+from train.sources import iter_documents, source_fingerprint, source_slug
+from train.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer, check_vocab_size
+
+FORMAT, VERSION = "tritongpt-data", 1
+MAGIC, HEADER = b"TGPTTOKS", struct.Struct("<8sIIQ")
+ENCODE_BATCH_BYTES = 4 << 20          # text handed to tiktoken's threads at a time
+
+
+class Doc(NamedTuple):
+    """A kept document: where its cleaned UTF-8 text lies in the build's docs.tmp, and its split."""
+    offset: int
+    nbytes: int
+    val: bool
+
+
+def prepare(source: str = "stdlib", out: str | Path | None = None, vocab_size: int = 4096, seed: int = 0,
+            val_fraction: float = 0.01, tokenizer_sample_bytes: int = 8_000_000, verbose: bool = True,
+            **filter_thresholds) -> Path:
+    """Prepare (or reuse) the dataset of source in out (default data/<source-slug>-v<vocab_size>); its path."""
+    source = str(source)
+    if (Path(source) / "manifest.json").is_file():            # already a prepared dataset directory
+        PreparedData(source)
+        return Path(source)
+    filters = FilterConfig.from_kwargs(**filter_thresholds)
+    check_vocab_size(vocab_size, DEFAULT_SPECIAL_TOKENS)
+    if not 0.0 < val_fraction <= 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    out = Path(out) if out is not None else Path("data") / f"{source_slug(source)}-v{vocab_size}"
+    args = {"source": source, "vocab_size": vocab_size, "seed": seed, "val_fraction": val_fraction,
+            "tokenizer_sample_bytes": tokenizer_sample_bytes, "filters": filters.as_dict(),
+            "source_fingerprint": source_fingerprint(source)}
+    if _reusable(out, args, verbose):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _build(tmp, args, filters, verbose)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not _reusable(out, args, verbose):    # another process finished the same dataset first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _reusable(out: Path, args: dict, verbose: bool) -> bool:
+    """True when out holds a complete dataset made with args; raise if it holds anything else."""
+    if not out.exists():
+        return False
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        raise ValueError(f"{out} exists but is not a prepared dataset (no manifest.json); delete it or pass another out")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("args") != args:
+        old = manifest.get("args", {})
+        diff = {k: (old.get(k), v) for k, v in args.items() if old.get(k) != v}
+        raise ValueError(f"{out} was prepared with other arguments or source contents ({{name: (then, now)}}: {diff}); "
+                         f"delete it or pass another out")
+    if verbose:
+        print(f"data: reusing {out} ({manifest['train']['tokens']:,} train / {manifest['val']['tokens']:,} val tokens)")
+    return True
+
+
+def _remove_abandoned_builds(out: Path) -> None:
+    """Delete temporary build directories of out left by processes that no longer run."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 2)[-2]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+def _build(tmp: Path, args: dict, filters: FilterConfig, verbose: bool) -> None:
+    """Filter the corpus into tmp/docs.tmp, train the tokenizer, write the shards, then the manifest."""
+    t0 = time.perf_counter()
+    docs_path = tmp / "docs.tmp"
+    docs, report = _filter_corpus(args["source"], docs_path, filters, args["seed"], args["val_fraction"], verbose)
+    t1 = time.perf_counter()
+    train_docs = [d for d in docs if not d.val]
+    sample = _read_docs(docs_path, _tokenizer_sample(train_docs, args["tokenizer_sample_bytes"], args["seed"]))
+    tok = Tokenizer.train(sample, args["vocab_size"])
+    tok.save(tmp / "tokenizer.json")
+    t2 = time.perf_counter()
+    dtype = shard_dtype(tok.n_vocab)
+    splits = {}
+    for name, is_val in (("train", False), ("val", True)):
+        part = [d for d in docs if d.val == is_val]
+        tokens = write_shard(tmp / f"{name}.bin", _encode_docs(tok, docs_path, part, name, verbose), dtype)
+        splits[name] = {"docs": len(part), "bytes": sum(d.nbytes for d in part), "tokens": tokens}
+    os.unlink(docs_path)
+    t3 = time.perf_counter()
+    manifest = {"format": FORMAT, "version": VERSION, "args": args, "filters": report.as_dict(),
+                "tokenizer": {"file": "tokenizer.json", "fingerprint": tok.fingerprint, "n_vocab": tok.n_vocab,
+                              "sample_bytes": sum(len(t.encode("utf-8")) for t in sample)},
+                "dtype": np.dtype(dtype).name, **splits,
+                "tokens_per_byte": (splits["train"]["tokens"] + splits["val"]["tokens"])
+                / max(1, splits["train"]["bytes"] + splits["val"]["bytes"]),
+                "seconds": {"filter": round(t1 - t0, 2), "tokenizer": round(t2 - t1, 2), "encode": round(t3 - t2, 2)}}
+    _write_json(tmp / "manifest.json", manifest)
+    if verbose:
+        print(f"data: tokenizer {tok.n_vocab} tokens in {t2 - t1:.1f}s; {splits['train']['tokens']:,} train / "
+              f"{splits['val']['tokens']:,} val tokens ({manifest['tokens_per_byte']:.3f} tokens/byte) "
+              f"in {t3 - t0:.1f}s total")
+
+
+def _filter_corpus(source: str, docs_path: Path, filters: FilterConfig, seed: int, val_fraction: float,
+                   verbose: bool) -> tuple[list[Doc], Report]:
+    """Stream, clean and filter the documents into docs_path; the kept ones and the filter report."""
+    keep = DocumentFilter(filters, seed)
+    docs, ranks = [], []
+    offset = 0
+    with open(docs_path, "wb") as f:
+        for doc_id, raw in tqdm(iter_documents(source), desc="filter", unit=" docs", disable=not verbose):
+            text = keep(raw)
+            if text is None:
+                continue
+            data = text.encode("utf-8")
+            f.write(data)
+            rank = int.from_bytes(hashlib.blake2b(f"{seed}\0{doc_id}".encode("utf-8", "surrogatepass"),
+                                                  digest_size=8).digest(), "little") / 2**64
+            docs.append(Doc(offset, len(data), rank < val_fraction))
+            ranks.append(rank)
+            offset += len(data)
+    if verbose:
+        print(keep.report.table())
+    if not docs:
+        raise ValueError(f"the corpus {source!r} is empty after filtering: all {keep.report.docs_in:,} documents "
+                         f"were removed\n{keep.report.table()}\nloosen the thresholds (e.g. --min-chars)")
+    if len(docs) == 1:
+        return _split_single(docs_path, docs[0], val_fraction), keep.report
+    if not any(d.val for d in docs):                             # val gets at least the lowest-ranked doc
+        i = int(np.argmin(ranks))
+        docs[i] = docs[i]._replace(val=True)
+    if all(d.val for d in docs):
+        i = int(np.argmax(ranks))
+        docs[i] = docs[i]._replace(val=False)
+    return docs, keep.report
+
+
+def _split_single(docs_path: Path, doc: Doc, val_fraction: float) -> list[Doc]:
+    """One document: its last lines (about val_fraction of it) become the val document."""
+    data = docs_path.read_bytes()[doc.offset: doc.offset + doc.nbytes]
+    cut = data.rfind(b"\n", 0, int(len(data) * (1 - val_fraction))) + 1
+    if cut <= 0:
+        raise ValueError("the corpus is a single document without line breaks; it cannot be split into "
+                         "train and val: add documents")
+    return [Doc(doc.offset, cut, False), Doc(doc.offset + cut, doc.nbytes - cut, True)]
+
+
+def _tokenizer_sample(train_docs: list[Doc], budget: int, seed: int) -> list[Doc]:
+    """Training documents in a seeded random order until their bytes reach the budget."""
+    chosen, total = [], 0
+    for i in np.random.default_rng(seed).permutation(len(train_docs)):
+        if total >= budget:
+            break
+        chosen.append(train_docs[i])
+        total += train_docs[i].nbytes
+    return sorted(chosen)
+
+
+def _read_docs(docs_path: Path, docs: list[Doc]) -> list[str]:
+    with open(docs_path, "rb") as f:
+        texts = []
+        for offset, nbytes, _ in docs:
+            f.seek(offset)
+            texts.append(f.read(nbytes).decode("utf-8"))
+        return texts
+
+
+def _encode_docs(tok: Tokenizer, docs_path: Path, docs: list[Doc], name: str,
+                 verbose: bool) -> Iterator[np.ndarray]:
+    """Token arrays of the documents, each preceded by <|endoftext|>, encoded in batches on tiktoken's threads."""
+    bar = tqdm(total=sum(d.nbytes for d in docs), desc=f"encode {name}", unit="B", unit_scale=True, disable=not verbose)
+    start = 0
+    while start < len(docs):
+        end, size = start, 0
+        while end < len(docs) and size < ENCODE_BATCH_BYTES:
+            size += docs[end].nbytes
+            end += 1
+        flat: list[int] = []
+        for ids in tok.encode_batch(_read_docs(docs_path, docs[start:end])):
+            flat.append(tok.eot_id)
+            flat.extend(ids)
+        yield np.array(flat, dtype=np.uint32)
+        bar.update(size)
+        start = end
+    bar.close()
+
+
+def shard_dtype(n_vocab: int) -> type:
+    return np.uint16 if n_vocab <= 1 << 16 else np.uint32
+
+
+def write_shard(path: Path, chunks: Iterator[np.ndarray], dtype: type) -> int:
+    """Write the token chunks after a header (count patched in at the end); the number of tokens."""
+    itemsize = np.dtype(dtype).itemsize
+    count = 0
+    with open(path, "wb") as f:
+        f.write(HEADER.pack(MAGIC, VERSION, itemsize, 0))
+        for chunk in chunks:
+            f.write(chunk.astype(dtype).tobytes())
+            count += len(chunk)
+        f.seek(0)
+        f.write(HEADER.pack(MAGIC, VERSION, itemsize, count))
+    return count
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """Memory map of a shard's tokens after checking its header against the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(HEADER.size)
+    if len(head) < HEADER.size:
+        raise ValueError(f"{path}: bad shard header: file of {size} bytes is shorter than the {HEADER.size}-byte header")
+    magic, version, itemsize, count = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise ValueError(f"{path}: bad shard header: magic {magic!r}, expected {MAGIC!r} (not a token shard)")
+    if version != VERSION:
+        raise ValueError(f"{path}: bad shard header: version {version}, this code reads {VERSION}")
+    if itemsize not in (2, 4):
+        raise ValueError(f"{path}: bad shard header: {itemsize} bytes per token, expected 2 or 4")
+    if size != HEADER.size + count * itemsize:
+        raise ValueError(f"{path}: bad shard header: it promises {count:,} tokens of {itemsize} bytes but the file "
+                         f"holds {size - HEADER.size:,} bytes after the header (truncated or overwritten?)")
+    dtype = np.uint16 if itemsize == 2 else np.uint32
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,))
+
+
+class PreparedData:
+    """A dataset directory made by prepare(): its manifest, tokenizer and memory-mapped token shards."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest_path = self.path / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{self.path} is not a prepared dataset (no manifest.json; an interrupted "
+                                    f"prepare leaves none); make one with python -m train.data --out {self.path}")
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
+            raise ValueError(f"{manifest_path}: not a {FORMAT} v{VERSION} manifest (format "
+                             f"{self.manifest.get('format')!r}, version {self.manifest.get('version')!r})")
+        self.tokenizer = Tokenizer.load(self.path / self.manifest["tokenizer"]["file"])
+        if self.tokenizer.fingerprint != self.manifest["tokenizer"]["fingerprint"]:
+            raise ValueError(f"{self.path}: tokenizer fingerprint {self.tokenizer.fingerprint} does not match the "
+                             f"manifest's {self.manifest['tokenizer']['fingerprint']}; the shards were made with another")
+        self.train, self.val = (self._shard(name) for name in ("train", "val"))
+
+    def _shard(self, name: str) -> np.ndarray:
+        tokens = read_shard(self.path / f"{name}.bin")
+        if tokens.dtype.name != self.manifest["dtype"] or len(tokens) != self.manifest[name]["tokens"]:
+            raise ValueError(f"{self.path / name}.bin: {len(tokens):,} {tokens.dtype.name} tokens, but the manifest "
+                             f"lists {self.manifest[name]['tokens']:,} {self.manifest['dtype']}")
+        return tokens
+
+
+def sample_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int,
+                 rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of batch_size windows at uniform random starts, y = x shifted by one; a pure function of
+    (seed, step, rank), so resuming at a step replays the same batches. (B, T) int64 CPU tensors."""
+    if len(tokens) < block_size + 1:
+        raise ValueError(f"{len(tokens):,} tokens are fewer than block_size + 1 = {block_size + 1}")
+    rng = np.random.default_rng([seed, step, rank])
+    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
+    return _split_xy(tokens[starts[:, None] + np.arange(block_size + 1)])
+
+
+def eval_batches(tokens: np.ndarray, batch_size: int, block_size: int,
+                 max_tokens: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive non-overlapping windows from the start, batch_size at a time, until about max_tokens
+    targets (at least one window) or the end of the tokens; the same batches on every call."""
+    windows = (len(tokens) - 1) // block_size
+    if windows == 0:
+        raise ValueError(f"{len(tokens):,} tokens are fewer than block_size + 1 = {block_size + 1}; "
+                         f"evaluate with a smaller block_size or a larger val split")
+    if max_tokens is not None:
+        windows = min(windows, max(1, max_tokens // block_size))
+    for first in range(0, windows, batch_size):
+        rows = np.arange(first, min(first + batch_size, windows))
+        yield _split_xy(tokens[rows[:, None] * block_size + np.arange(block_size + 1)])
+
+
+def _split_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of (B, T + 1) windows as contiguous int64 tensors (copied in numpy, which is
+    far faster than torch's .contiguous() on CPU here)."""
+    windows = windows.astype(np.int64)
+    return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default="stdlib",
+                        help="corpus: stdlib (the Python standard library, offline), a file, directory or glob of "
+                             "text/code/JSONL, or hf:NAME[:split] (needs the datasets package) (default: stdlib)")
+    parser.add_argument("--out", default=None, help="dataset directory (default: data/<source>-v<vocab-size>)")
+    parser.add_argument("--vocab-size", type=int, default=4096,
+                        help="tokenizer vocabulary, 256 bytes + merges + 4 special tokens (default: 4096)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split, tokenizer sample and MinHash "
+                                                            "(default: 0)")
+    parser.add_argument("--val-fraction", type=float, default=0.01,
+                        help="fraction of documents held out for validation (default: 0.01)")
+    parser.add_argument("--tokenizer-sample-bytes", type=int, default=8_000_000,
+                        help="bytes of training documents the tokenizer is trained on (default: 8000000)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or report")
+    group = parser.add_argument_group("filter thresholds")
+    defaults = FilterConfig()
+    for name, help_text in FilterConfig.HELP.items():
+        default = getattr(defaults, name)
+        group.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                           help=f"{help_text} (default: {default})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = vars(build_parser().parse_args(argv))
+    top = {k: args.pop(k) for k in ("source", "out", "vocab_size", "seed", "val_fraction", "tokenizer_sample_bytes")}
+    path = prepare(**top, verbose=not args.pop("quiet"), **args)
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
