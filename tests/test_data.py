@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from train import data as data_mod
-from train.data import (HEADER, MAGIC, PreparedData, build_parser, eval_batches, main, prepare, read_shard, sample_batch,
-                        shard_dtype, write_shard)
+from train.data import (HEADER, MAGIC, PreparedData, build_parser, eval_batches, main, prepare, read_shard,
+                        sample_batch, shard_dtype, write_shard)
 from train.sources import iter_documents, local_files, source_fingerprint, source_slug
 
 VOCAB = 320

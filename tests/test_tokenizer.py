@@ -13,7 +13,8 @@ from train.tokenizer import DEFAULT_SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, co
 FEW = settings(max_examples=25, deadline=None)
 TRICKY = ["", "hello world", "  leading and trailing  ", "e\u0301 combining, \u00e9 precomposed", "\x00nul\x00",
           "emoji \U0001F600\U0001F469\u200d\U0001F4BB", "\ud800", "a\udfffb\ud800", "\ud83d\ude00 split pair",
-          "<|endoftext|> and <|user|> as text", "tab\tnew\nline\r\n", "\u4e2d\u6587 \u0627\u0644\u0639\u0631\u0628\u064a\u0629",
+          "<|endoftext|> and <|user|> as text", "tab\tnew\nline\r\n",
+          "\u4e2d\u6587 \u0627\u0644\u0639\u0631\u0628\u064a\u0629",
           "x" * 500, "123456789 1,000.5"]
 
 
@@ -204,7 +205,8 @@ def test_load_rejects_bad_files(tok, tmp_path):
 
 
 def test_vocab_smaller_than_bytes_plus_specials():
-    with pytest.raises(ValueError, match=r"vocab_size 259 is smaller than the 256 byte tokens \+ 4 special tokens = 260"):
+    with pytest.raises(ValueError, match=r"vocab_size 259 is smaller than the 256 byte tokens \+ 4 special tokens "
+                                         r"= 260"):
         Tokenizer.train(["abc"], vocab_size=259)
     assert Tokenizer.train(["abc"], vocab_size=260).n_vocab == 260      # no merges at all is fine
     with pytest.raises(ValueError, match="special tokens must be distinct non-empty strings"):

@@ -89,7 +89,8 @@ def _reusable(out: Path, args: dict, verbose: bool) -> bool:
         return False
     manifest_path = out / "manifest.json"
     if not manifest_path.is_file():
-        raise ValueError(f"{out} exists but is not a prepared dataset (no manifest.json); delete it or pass another out")
+        raise ValueError(f"{out} exists but is not a prepared dataset (no manifest.json); "
+                         f"delete it or pass another out")
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("args") != args:
         old = manifest.get("args", {})
@@ -255,7 +256,8 @@ def read_shard(path: str | Path) -> np.ndarray:
     with open(path, "rb") as f:
         head = f.read(HEADER.size)
     if len(head) < HEADER.size:
-        raise ValueError(f"{path}: bad shard header: file of {size} bytes is shorter than the {HEADER.size}-byte header")
+        raise ValueError(f"{path}: bad shard header: file of {size} bytes is shorter than the "
+                         f"{HEADER.size}-byte header")
     magic, version, itemsize, count = HEADER.unpack(head)
     if magic != MAGIC:
         raise ValueError(f"{path}: bad shard header: magic {magic!r}, expected {MAGIC!r} (not a token shard)")
@@ -288,7 +290,8 @@ class PreparedData:
         self.tokenizer = Tokenizer.load(self.path / self.manifest["tokenizer"]["file"])
         if self.tokenizer.fingerprint != self.manifest["tokenizer"]["fingerprint"]:
             raise ValueError(f"{self.path}: tokenizer fingerprint {self.tokenizer.fingerprint} does not match the "
-                             f"manifest's {self.manifest['tokenizer']['fingerprint']}; the shards were made with another")
+                             f"manifest's {self.manifest['tokenizer']['fingerprint']}; "
+                             f"the shards were made with another tokenizer")
         self.train, self.val = (self._shard(name) for name in ("train", "val"))
 
     def _shard(self, name: str) -> np.ndarray:

@@ -24,8 +24,9 @@ import numpy as np
 FILTERS = ("too_short", "dup_lines", "top_ngram", "alnum", "markup", "exact_dup", "near_dup")
 NUM_PERM, SHINGLE = 128, 5                         # MinHash permutations; words per shingle
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")   # Cc but \t \n, and lone surrogates
-_MARKUP = re.compile(r"<!--.*?-->|</?[A-Za-z][\w:.-]*(?:\s[^<>]{0,300})?/?>|&(?:#\d{1,7}|#x[0-9a-fA-F]{1,6}|[a-zA-Z]{2,8});",
-                     re.S)
+_MARKUP = re.compile(r"<!--.*?-->"                                     # comment
+                     r"|</?[A-Za-z][\w:.-]*(?:\s[^<>]{0,300})?/?>"      # tag with attributes
+                     r"|&(?:#\d{1,7}|#x[0-9a-fA-F]{1,6}|[a-zA-Z]{2,8});", re.S)   # entity
 _BOILERPLATE = ("all rights reserved", "terms of use", "terms of service", "privacy policy", "cookie policy",
                 "javascript must be enabled", "subscribe to our", "sign up for")
 _P = np.uint64(0x100000001B3)                      # odd, so invertible mod 2**64
@@ -45,10 +46,12 @@ class FilterConfig:
 
     HELP = {
         "min_chars": "remove documents with fewer characters than this (after cleaning, whitespace stripped)",
-        "max_dup_line_frac": "remove documents where more than this fraction of the non-blank lines repeat an earlier line",
+        "max_dup_line_frac": "remove documents where more than this fraction of the non-blank lines repeats "
+                             "an earlier line",
         "max_top_ngram_frac": "remove documents where the most frequent word 2-, 3- or 4-gram covers more than this "
                               "fraction of the word characters",
-        "min_alnum_frac": "remove documents where less than this fraction of the non-space characters is a letter or digit",
+        "min_alnum_frac": "remove documents where less than this fraction of the non-space characters is "
+                          "a letter or digit",
         "max_markup_frac": "remove documents where more than this fraction of the characters is HTML/XML markup, "
                            "entities or boilerplate lines (copyright, cookies, sign up...)",
         "near_dup_threshold": "remove a document whose estimated Jaccard similarity (MinHash of word 5-grams, LSH) "
