@@ -10,8 +10,8 @@ m, running sum d of exp(x - m), rescaled whenever m grows), so V up to 256k need
 one block in registers. Alongside d it keeps e, the same sum without the target entry, so that
 for a confident prediction (p_t > 1/2) 1 - p_t = e / d comes out in fp32 with full relative
 precision, where the true-class gradient -(1 - p_t) would otherwise be the difference of two
-nearly equal numbers. The kernel stores per row the loss, lse and that true-class gradient entry (fp32).
-With WRITE_GRAD it then sweeps the row a second time and writes the gradient, scaled, over a
+nearly equal numbers. The kernel stores per row the loss, lse and that true-class gradient
+entry (fp32). With WRITE_GRAD it then sweeps the row a second time and writes the gradient, scaled, over a
 buffer that may be the logits themselves (the fused linear cross-entropy uses that on its private
 chunk of logits). Ignored rows (target == ignore_index) read nothing: loss 0, gradient 0.
 
@@ -28,8 +28,8 @@ per-row upstream gradients exactly. Traffic, with b bytes per logit:
     forward   N * V * b           (+ 12 N bytes of per-row results)
     backward  2 * N * V * b       (read logits, write the gradient into a fresh buffer)
 
-so forward + backward moves 3 N V b bytes (the two-sweep forward of Liger-style kernels plus a
-rescale moves 5 N V b), and the caller's logits are never written.
+so forward + backward moves 3 N V b bytes (a forward that also writes the gradient, in two sweeps,
+plus a backward rescale would move 5 N V b), and the caller's logits are never written.
 """
 from __future__ import annotations
 

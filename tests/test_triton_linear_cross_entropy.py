@@ -71,7 +71,7 @@ def test_hidden_sizes_and_chunks(d, chunk_size):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n, v, d", [(1, 50257, 16), (7, 32000, 64), (256, 1000, 64), (256, 17, 300)])
-def test_shapes(n, v, d, dtype):
+def test_shapes(n, v, d, dtype, nan_outputs):
     hidden, weight = make_inputs(n, v, d, dtype)
     compare(hidden, weight, make_targets(n, v), chunk_size=100)
 
@@ -79,7 +79,7 @@ def test_shapes(n, v, d, dtype):
 @pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, z_loss=1e-4)], ids=["plain", "ls,z"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_reductions_upstream_and_options(dtype, reduction, options):
+def test_reductions_upstream_and_options(dtype, reduction, options, nan_outputs):
     hidden, weight = make_inputs(29, 513, 48, dtype)
     compare(hidden, weight, make_targets(29, 513), upstream=3.7, chunk_size=8, reduction=reduction, **options)
 
@@ -92,7 +92,7 @@ def test_per_row_upstream_gradient():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_every_row_ignored(reduction):
+def test_every_row_ignored(reduction, nan_outputs):
     hidden, weight = make_inputs(10, 200, 24, torch.float32)
     targets = torch.full((10,), -100, device=DEVICE)
     compare(hidden, weight, targets, chunk_size=4, reduction=reduction)
@@ -172,8 +172,7 @@ def test_out_of_range_target_names_the_value(bad):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_custom_op_compiles_without_graph_breaks(monkeypatch, reduction):
-    monkeypatch.setattr(kernels, "check_targets", False)    # the host-side range check is data-dependent
+def test_custom_op_compiles_without_graph_breaks(reduction):
     hidden, weight = (t.requires_grad_() for t in make_inputs(12, 70, 16, torch.float32))
     targets = make_targets(12, 70)
 
