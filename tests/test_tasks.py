@@ -1,0 +1,97 @@
+"""Built-in tasks: correct answers, wrong rejections, disjoint reproducible splits, the JSONL files and
+exact-match evaluation through batched greedy generation."""
+import re
+
+import pytest
+import torch
+
+from model.generate import generate
+from posttrain_fixtures import tiny_model, tokenizer
+from train import tasks
+from train.chat_format import ChatTokens, render_prompt, reply_text
+from train.sft_data import load_dpo, load_sft
+
+
+def solve(task: tasks.Task) -> str:
+    """An independent solver that reads only the prompt."""
+    p = task.prompt
+    if m := re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", p):
+        a, op, b = int(m[1]), m[2], int(m[3])
+        return str(a + b if op == "+" else a - b)
+    if m := re.fullmatch(r"Reverse the word (\w+)\.", p):
+        return m[1][::-1]
+    if m := re.fullmatch(r"Sort the digits ([\d ]+)\.", p):
+        return " ".join(sorted(m[1].split()))
+    if m := re.fullmatch(r"How many times does the letter (\w) appear in (\w+)\?", p):
+        return str(m[2].count(m[1]))
+    if m := re.fullmatch(r"Uppercase: (.+)", p):
+        return m[1].upper()
+    if m := re.fullmatch(r"Repeat after me: (.+)", p):
+        return m[1]
+    raise AssertionError(f"unknown prompt {p!r}")
+
+
+def test_answers_are_right_and_rejections_wrong():
+    for task in tasks.make_tasks("train", 700) + tasks.make_tasks("test", 140):
+        assert task.answer == solve(task), task
+        assert task.wrong != task.answer and task.wrong, task
+
+
+def test_splits_are_disjoint_balanced_and_reproducible():
+    train, test = tasks.make_tasks("train", 3000, seed=5), tasks.make_tasks("test", 350, seed=5)
+    assert len({t.prompt for t in train}) == 3000 and len({t.prompt for t in test}) == 350
+    assert not {t.prompt for t in train} & {t.prompt for t in test}
+    assert all(tasks.split_of(t.prompt) == "test" for t in test)
+    assert [t.kind for t in test[:7]] == list(tasks.KINDS)
+    assert tasks.make_tasks("test", 350, seed=5) == test
+    assert tasks.make_tasks("test", 70, seed=5) == test[:70]      # fewer test tasks: a prefix of more
+    assert tasks.make_tasks("test", 70, seed=6) != test[:70]
+
+
+def test_exhausted_kinds_leave_the_rotation():
+    # There are only ~130 distinct test subtractions with operands up to 50.
+    with pytest.raises(ValueError, match="distinct test tasks of kinds \\('sub',\\) exist"):
+        tasks.make_tasks("test", 1000, kinds=("sub",))
+    mixed = tasks.make_tasks("test", 400, kinds=("sub", "copy"))
+    assert len({t.prompt for t in mixed}) == 400
+
+
+def test_jsonl_files_load_back(tmp_path):
+    tasks.main(["--out", str(tmp_path), "--n-train", "21", "--n-test", "7", "--seed", "3"])
+    test = tasks.make_tasks("test", 7, seed=3)
+    assert load_sft(tmp_path / "sft_test.jsonl") == [t.messages() for t in test]
+    assert load_dpo(tmp_path / "dpo_test.jsonl") == [{"prompt": t.prompt, "chosen": t.answer, "rejected": t.wrong}
+                                                     for t in test]
+    assert len(load_sft(tmp_path / "sft_train.jsonl")) == len(load_dpo(tmp_path / "dpo_train.jsonl")) == 21
+
+
+def test_batched_replies_equal_one_at_a_time_greedy_generation():
+    tok, model = tokenizer(), tiny_model(seed=3).eval()
+    prompts = [t.prompt for t in tasks.make_tasks("test", 14)]
+    batched = tasks.replies(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    for prompt, reply in zip(prompts, batched):
+        idx = torch.tensor([render_prompt([{"role": "user", "content": prompt}], tok)])
+        out = generate(model, idx, 6, temperature=0, stop_tokens=ChatTokens.of(tok).stop)
+        assert reply == reply_text(out[0, idx.shape[1]:].tolist(), tok).strip()
+
+
+def test_exact_match_counts_per_kind(monkeypatch):
+    test = tasks.make_tasks("test", 28)
+    # A stand-in model that answers the first two tasks of each kind right and the others wrong.
+    answers = {t.prompt: (t.answer if i < 14 else t.wrong) for i, t in enumerate(test)}
+    monkeypatch.setattr(tasks, "replies", lambda model, tok, prompts, *a, **k: [answers[p] for p in prompts])
+    metrics = tasks.exact_match(tiny_model(), tokenizer(), test)
+    assert metrics == {"exact_match": 0.5, **{f"em_{kind}": 0.5 for kind in tasks.KINDS}}
+
+
+def test_exact_match_of_an_untrained_model_runs_and_restores_train_mode():
+    model = tiny_model()
+    metrics = tasks.exact_match(model, tokenizer(), tasks.make_tasks("test", 7))
+    assert set(metrics) == {"exact_match", *(f"em_{k}" for k in tasks.KINDS)}
+    assert 0.0 <= metrics["exact_match"] <= 1.0 and model.training
+
+
+def test_sampled_rejections_are_never_the_answer():
+    test = tasks.make_tasks("test", 14)
+    rejected = tasks.sampled_rejections(tiny_model(), tokenizer(), test, seed=0)
+    assert all(r != t.answer for r, t in zip(rejected, test))
