@@ -1,0 +1,94 @@
+"""DPO: the loss against hand-computed values, log-probs per backend, the frozen reference, and
+end-to-end runs of `python -m train.dpo` through main(argv)."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import kernels
+from posttrain_fixtures import make_run, tiny_model, tokenizer
+from train import dpo, tasks
+from train.loop import config_from, fit
+from train.runtime import setup
+from train.sft_data import encode_pairs
+
+TINY = ["--device", "cpu", "--batch-size", "4", "--n-train", "24", "--eval-tokens", "7", "--lr", "1e-3",
+        "--warmup-steps", "1", "--log-interval", "1", "--eval-interval", "0", "--rejected", "rule"]
+
+
+def test_loss_and_metrics_by_hand():
+    pi_c, pi_r = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -2.0])
+    ref_c, ref_r = torch.tensor([-2.0, -3.0]), torch.tensor([-2.0, -2.5])
+    loss, m = dpo.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.5)
+    # pair 0: chosen reward 0.5 * (-1 + 2) = 0.5, rejected 0.5 * (-3 + 2) = -0.5, margin 1
+    # pair 1: chosen reward 0.5 * (-4 + 3) = -0.5, rejected 0.5 * (-2 + 2.5) = 0.25, margin -0.75
+    expected = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(0.75))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert m["reward_acc"].item() == 0.5
+    assert m["margin"].item() == pytest.approx(0.125)
+    assert m["chosen_reward"].item() == pytest.approx(0.0)
+    assert m["rejected_reward"].item() == pytest.approx(-0.125)
+
+
+def pairs(n=3):
+    records = [tasks.dpo_record(t) for t in tasks.make_tasks("test", n)]
+    return encode_pairs(records, tokenizer(), 128)[0]
+
+
+def test_sequence_logps_sum_reply_token_log_probs():
+    tok, model = tokenizer(), tiny_model()
+    b = dpo.pair_batch(pairs(), pad_id=tok.eot_id)
+    got = dpo.sequence_logps(model, b["x"], b["y"])                            # (6,)
+    logp = model(b["x"]).log_softmax(-1)                                        # (6, T, V)
+    keep = b["y"] != -100
+    expected = (logp.gather(-1, b["y"].clamp(min=0)[..., None])[..., 0] * keep).sum(-1)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_logps_through_triton_equal_torch():
+    tok, model, batch = tokenizer(), tiny_model(), pairs(2)
+    with kernels.use("torch"):
+        want = dpo.pair_logps(model, batch, tok.eot_id, torch.device("cpu"))
+    with kernels.use(linear_cross_entropy="triton", cross_entropy="triton"):
+        got = dpo.pair_logps(model, batch, tok.eot_id, torch.device("cpu"))
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_reference_is_frozen_and_unchanged(tmp_path):
+    init = make_run(tmp_path / "base")
+    args = dpo.build_parser(cuda=False).parse_args(["--init", str(init), "--out", str(tmp_path / "dpo"),
+                                                    "--max-steps", "3", *TINY])
+    rt = setup("cpu", "fp32")
+    job, policy = dpo.build(args, rt)
+    before = copy.deepcopy(job.reference.state_dict())
+    fit(config_from(args), job, policy, rt, tmp_path / "dpo", {"job": "dpo"})
+    assert not job.reference.training
+    assert all(not p.requires_grad and p.grad is None for p in job.reference.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in job.reference.state_dict().items())
+    assert any(not torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+
+
+def test_cli_run_starts_at_ln2_and_prefers_chosen(tmp_path, capsys):
+    init = make_run(tmp_path / "sft")
+    out = tmp_path / "dpo"
+    result = dpo.main(["--init", str(init), "--out", str(out), "--max-steps", "8", *TINY])
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # Policy == reference at the start: every implicit reward is 0 and the loss is ln 2.
+    assert logged[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert logged[1]["train_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert logged[1]["margin"] == 0 and logged[1]["reward_acc"] == 0
+    assert {"reward_acc", "margin", "chosen_reward", "rejected_reward", "exact_match",
+            "val_reward_acc"} <= set(result)
+    assert result["train_loss"] < math.log(2) and result["margin"] > 0
+    assert (out / "tokenizer.json").exists() and (out / "checkpoints" / "latest").exists()
+    assert "val_reward_acc" in capsys.readouterr().out
+
+
+def test_sampled_rejections_come_from_the_init_model(tmp_path):
+    task_list = tasks.make_tasks("train", 7)
+    records = dpo.task_pairs(task_list, tiny_model(), tokenizer(), "sampled", seed=0, rt=setup("cpu", "fp32"))
+    assert [r["chosen"] for r in records] == [t.answer for t in task_list]
+    assert all(r["rejected"] != r["chosen"] for r in records)
+    assert any(r["rejected"] != t.wrong for r, t in zip(records, task_list))
