@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from posttrain_fixtures import make_run, tiny_model, tokenizer
 from train import dpo, tasks
-from train.loop import config_from, fit
+from train.loop import TrainConfig, config_from, fit
 from train.runtime import setup
 from train.sft_data import encode_pairs
 
@@ -56,6 +57,20 @@ def test_logps_through_triton_equal_torch():
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("nll_weight", [0.0, 0.5])
+def test_policy_equal_to_reference_gives_ln2_plus_the_nll_term(nll_weight):
+    tok, model = tokenizer(), tiny_model()
+    job = dpo.DPOJob(pairs(4), [], [], tok, copy.deepcopy(model).eval(), 0.1, TrainConfig(batch_size=4),
+                     setup("cpu", "fp32"), nll_weight)
+    batch = job.batch(0, 0)
+    loss, metrics = job.loss(model, batch)
+    chosen = batch["y"][:4]
+    logits = model(batch["x"][:4])                                               # (4, T, V)
+    nll = F.cross_entropy(logits[chosen != -100], chosen[chosen != -100])        # mean per chosen token
+    assert loss.item() == pytest.approx(math.log(2) + nll_weight * nll.item(), rel=1e-5)
+    assert ("chosen_nll" in metrics) == bool(nll_weight)
+
+
 def test_reference_is_frozen_and_unchanged(tmp_path):
     init = make_run(tmp_path / "base")
     args = dpo.build_parser(cuda=False).parse_args(["--init", str(init), "--out", str(tmp_path / "dpo"),
@@ -77,11 +92,12 @@ def test_cli_run_starts_at_ln2_and_prefers_chosen(tmp_path, capsys):
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # Policy == reference at the start: every implicit reward is 0 and the loss is ln 2.
     assert logged[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert logged[1]["train_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert logged[1]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert logged[1]["train_loss"] == pytest.approx(math.log(2) + logged[1]["chosen_nll"], rel=1e-5)
     assert logged[1]["margin"] == 0 and logged[1]["reward_acc"] == 0
     assert {"reward_acc", "margin", "chosen_reward", "rejected_reward", "exact_match",
             "val_reward_acc"} <= set(result)
-    assert result["train_loss"] < math.log(2) and result["margin"] > 0
+    assert result["dpo_loss"] < math.log(2) and result["margin"] > 0
     assert (out / "tokenizer.json").exists() and (out / "checkpoints" / "latest").exists()
     assert "val_reward_acc" in capsys.readouterr().out
 

@@ -35,6 +35,8 @@ def test_answers_are_right_and_rejections_wrong():
     for task in tasks.make_tasks("train", 700) + tasks.make_tasks("test", 140):
         assert task.answer == solve(task), task
         assert task.wrong != task.answer and task.wrong, task
+        if task.kind in ("copy", "upper", "sort"):   # as long as the answer: no "stop early" signal
+            assert len(task.wrong.split()) == len(task.answer.split()), task
 
 
 def test_splits_are_disjoint_balanced_and_reproducible():

@@ -4,9 +4,11 @@ The policy starts from --init and a frozen copy of it is the reference (eval mod
 A response's log-probability is the sum of its per-token log-probs, taken from the model's
 reduction="none" loss path (kernels.linear_cross_entropy), so it runs on the same kernels as
 training. The loss is -logsigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))); the reference terms
-never change, so they are computed once per pair and cached. With --data tasks the rejected
-response is, by default, the reference model's own sampled wrong answer to the training prompt
-(falling back to a built-in plausible wrong answer when its sample is right).
+never change, so they are computed once per pair and cached. --nll-weight (default 1; 0 is plain
+DPO) adds that times the chosen responses' mean per-token NLL, which keeps the SFT model's correct
+answers likely: without it, exact match falls while reward accuracy rises. With --data tasks the
+rejected response is, by default, the reference model's own sampled wrong answer to the training
+prompt (falling back to a built-in plausible wrong answer when its sample is right).
 """
 from __future__ import annotations
 
@@ -22,12 +24,12 @@ from train.chat_format import ChatTokens
 from train.loop import TrainConfig, add_args, config_from
 from train.runtime import Runtime
 from train.sft import add_post_args, holdout, load_init, run_post, task_sample
-from train.sft_data import Example, collate, encode_pairs, load_dpo, stream_indices
+from train.sft_data import IGNORE, Example, collate, encode_pairs, load_dpo, stream_indices
 
-CPU_DEFAULTS = TrainConfig(batch_size=16, max_steps=200, lr=1e-4, min_lr=1e-5, warmup_steps=10, weight_decay=0.0,
-                           eval_interval=100, eval_tokens=350, ckpt_interval=200, log_interval=10)
-CUDA_DEFAULTS = TrainConfig(batch_size=32, max_steps=600, lr=3e-5, min_lr=3e-6, warmup_steps=30, weight_decay=0.0,
-                            eval_interval=200, eval_tokens=700, ckpt_interval=600, log_interval=10)
+CPU_DEFAULTS = TrainConfig(batch_size=16, max_steps=800, lr=1e-4, min_lr=1e-5, warmup_steps=10, weight_decay=0.0,
+                           eval_interval=400, eval_tokens=350, ckpt_interval=800, log_interval=10)
+CUDA_DEFAULTS = TrainConfig(batch_size=32, max_steps=1500, lr=3e-5, min_lr=3e-6, warmup_steps=30, weight_decay=0.0,
+                            eval_interval=500, eval_tokens=700, ckpt_interval=1500, log_interval=10)
 Pair = tuple[Example, Example]
 
 
@@ -64,9 +66,9 @@ class DPOJob:
     name = "dpo"
 
     def __init__(self, train: list[Pair], val: list[Pair], test_tasks: list[tasks.Task], tok, reference: GPT,
-                 beta: float, cfg: TrainConfig, rt: Runtime):
+                 beta: float, cfg: TrainConfig, rt: Runtime, nll_weight: float = 0.0):
         self.train, self.val, self.test_tasks, self.tok = train, val, test_tasks, tok
-        self.reference, self.beta, self.cfg, self.rt = reference, beta, cfg, rt
+        self.reference, self.beta, self.cfg, self.rt, self.nll_weight = reference, beta, cfg, rt, nll_weight
         self.pad_id = ChatTokens.of(tok).bos
         self.ref_cache: dict[int, torch.Tensor] = {}     # train pair index -> (ref_c, ref_r) on the device
         self.val_ref: torch.Tensor | None = None          # (2, n_val)
@@ -92,7 +94,14 @@ class DPOJob:
 
     def loss(self, model, batch):
         logps = sequence_logps(model, batch["x"], batch["y"]).view(2, -1)            # (2, B)
-        return dpo_loss(logps[0], logps[1], batch["ref"][0], batch["ref"][1], self.beta)
+        loss, metrics = dpo_loss(logps[0], logps[1], batch["ref"][0], batch["ref"][1], self.beta)
+        if not self.nll_weight:
+            return loss, metrics
+        # Plain DPO lowers the chosen responses' likelihood along with the rejected ones' (both
+        # rewards fall); on the tasks that breaks greedy answers, mostly by not stopping. The mean
+        # NLL per chosen token holds the chosen answers up.
+        nll = -logps[0].sum() / (batch["y"][:logps.shape[1]] != IGNORE).sum()
+        return loss + self.nll_weight * nll, {**metrics, "dpo_loss": loss.detach(), "chosen_nll": nll.detach()}
 
     def tokens(self, batch) -> int:
         return batch["x"].numel()
@@ -144,15 +153,17 @@ def build(args: argparse.Namespace, rt: Runtime) -> tuple[DPOJob, GPT]:
     if rt.is_main:
         print(f"data: {args.data}  {len(train)} train pairs ({dropped} longer than block_size dropped), "
               f"{len(val)} held-out pairs, {len(test_tasks)} test tasks, beta={args.beta}")
-    return DPOJob(train, val, test_tasks, tok, reference, args.beta, cfg, rt), policy
+    return DPOJob(train, val, test_tasks, tok, reference, args.beta, cfg, rt, args.nll_weight), policy
 
 
 def build_parser(cuda: bool) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train.dpo", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_post_args(parser, n_train=4000)
+    add_post_args(parser, n_train=8000)
     parser.add_argument("--beta", type=float, default=0.1,
                         help="strength of the pull towards the reference (the KL penalty's inverse temperature)")
+    parser.add_argument("--nll-weight", type=float, default=1.0,
+                        help="add this times the chosen responses' mean per-token NLL to the loss (0: plain DPO)")
     parser.add_argument("--rejected", choices=("sampled", "rule"), default="sampled",
                         help="with --data tasks: rejected = the --init model's own wrong sample (sampled) "
                              "or a built-in plausible wrong answer (rule)")

@@ -26,10 +26,10 @@ from train.runtime import Runtime
 from train.sft_data import IGNORE, Example, collate, encode, load_sft, stream_indices
 
 # eval_tokens counts held-out examples here: exact match runs on that many test tasks.
-CPU_DEFAULTS = TrainConfig(batch_size=32, max_steps=400, lr=1e-3, min_lr=1e-4, warmup_steps=20, weight_decay=0.0,
-                           eval_interval=200, eval_tokens=350, ckpt_interval=400, log_interval=10)
-CUDA_DEFAULTS = TrainConfig(batch_size=64, max_steps=1500, lr=3e-4, min_lr=3e-5, warmup_steps=50, weight_decay=0.0,
-                            eval_interval=500, eval_tokens=700, ckpt_interval=500, log_interval=10)
+CPU_DEFAULTS = TrainConfig(batch_size=32, max_steps=1500, lr=1e-3, min_lr=1e-4, warmup_steps=20, weight_decay=0.0,
+                           eval_interval=500, eval_tokens=350, ckpt_interval=500, log_interval=10)
+CUDA_DEFAULTS = TrainConfig(batch_size=64, max_steps=3000, lr=3e-4, min_lr=3e-5, warmup_steps=50, weight_decay=0.0,
+                            eval_interval=500, eval_tokens=700, ckpt_interval=1000, log_interval=10)
 
 
 class SFTJob:

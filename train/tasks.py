@@ -92,9 +92,11 @@ def _make(kind: str, rng: random.Random) -> Task:
         return Task(kind, f"Uppercase: {phrase}", phrase.upper(), phrase)
     if kind == "copy":
         words = _phrase(rng, 2, 4)
-        dropped = words[:]
-        del dropped[rng.randrange(len(words))]
-        return Task(kind, f"Repeat after me: {' '.join(words)}", " ".join(words), " ".join(dropped))
+        # One word replaced, not dropped: a shorter wrong answer would teach DPO that stopping is bad.
+        changed = words[:]
+        i = rng.randrange(len(words))
+        changed[i] = rng.choice([w for w in WORDS if w != words[i]])
+        return Task(kind, f"Repeat after me: {' '.join(words)}", " ".join(words), " ".join(changed))
     raise ValueError(f"unknown task kind {kind!r}; kinds are {', '.join(KINDS)}")
 
 
