@@ -197,7 +197,7 @@ def test_clear_errors(tmp_path, corpus):
 
 def test_hf_source_without_datasets(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)              # makes `import datasets` fail
-    with pytest.raises(ImportError, match="needs the Hugging Face `datasets` package: pip install datasets"):
+    with pytest.raises(ImportError, match=r"needs the Hugging Face `datasets` package: pip install .tritongpt\[data\]."):
         list(iter_documents("hf:roneneldan/TinyStories"))
 
 

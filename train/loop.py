@@ -98,8 +98,19 @@ def add_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
         default, flag = getattr(defaults, f.name), "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP[f.name])
+        elif f.name == "kernels":
+            group.add_argument(flag, type=kernel_spec, default=default, help=HELP[f.name])
         else:
             group.add_argument(flag, type=type(default), default=default, help=HELP[f.name])
+
+
+def kernel_spec(text: str) -> str:
+    """argparse type of --kernels: the spec unchanged, or a usage error naming the valid choices."""
+    try:
+        kernels.parse_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def explicit_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
@@ -228,9 +239,9 @@ def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, run_dir: Path, conf
         model.eval()
         with torch.no_grad(), rt.autocast():
             metrics = job.evaluate(model)
-            last_sample = job.sample(model) if rt.is_main else None
+            last_sample = job.sample(model)   # on every rank: FSDP's forward gathers from all of them
         model.train()
-        if log and last_sample is not None:
+        if log:
             log.sample(step, last_sample)
         return metrics
 

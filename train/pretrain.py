@@ -105,7 +105,7 @@ def build(args: argparse.Namespace, rt: Runtime) -> tuple[PretrainJob, GPT]:
     if rt.is_main:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         data.tokenizer.save(Path(args.out) / "tokenizer.json")
-        print(f"data: {data.manifest.get('source')}  train {len(data.train):,} tokens  val {len(data.val):,} tokens")
+        print(f"data: {data.manifest['args']['source']}  train {len(data.train):,} tokens  val {len(data.val):,} tokens")
     return PretrainJob(data, config_from(args), cfg.block_size, rt, args.sample_prompt), model
 
 

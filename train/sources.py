@@ -94,7 +94,7 @@ def _iter_hf(source: str) -> Iterator[tuple[str, str]]:
     try:
         import datasets
     except ImportError:
-        raise ImportError(f"source {source!r} needs the Hugging Face `datasets` package: pip install datasets "
+        raise ImportError(f"source {source!r} needs the Hugging Face `datasets` package: pip install 'tritongpt[data]' "
                           f"(or use stdlib or a local path)") from None
     try:
         rows = datasets.load_dataset(name, split=split, streaming=True)

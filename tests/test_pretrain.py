@@ -1,0 +1,119 @@
+"""`python -m train.pretrain` through its command line: a whole run and its directory, exact resume,
+kernel parity (torch vs Triton), and 2 gloo ranks (DDP and FSDP2) against 1 rank."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_data import write_corpus
+from train.data import prepare
+from train.pretrain import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_MODEL = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--n-kv-head", "2", "--block-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    corpus = write_corpus(tmp_path_factory.mktemp("corpus"), n_files=60)
+    out = tmp_path_factory.mktemp("data") / "ds"
+    return prepare(str(corpus), out=out, vocab_size=320, val_fraction=0.1, verbose=False)
+
+
+def flags(dataset, out, steps=12, batch_size=4, *extra):
+    return ["--data", str(dataset), *SMALL_MODEL, "--batch-size", str(batch_size), "--max-steps", str(steps),
+            "--warmup-steps", "2", "--lr", "3e-3", "--eval-interval", "6", "--eval-tokens", "1024",
+            "--ckpt-interval", "5", "--log-interval", "1", "--device", "cpu", "--dtype", "fp32",
+            "--out", str(out), *extra]
+
+
+def losses(run_dir):
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in records if "train_loss" in r]
+
+
+def test_run_writes_its_directory_and_learns(dataset, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    result = main(flags(dataset, run_dir, 30))
+    printed = capsys.readouterr().out
+    source = json.loads((dataset / "manifest.json").read_text())["args"]["source"]
+    assert f"data: {source}  train" in printed and "parameters" in printed and "kernels: rms_norm=" in printed and "sample:" in printed
+    assert result["step"] == 30 and result["perplexity"] > 1 and isinstance(result["sample"], str)
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if "train_loss" in r]
+    assert [r["step"] for r in trained] == list(range(1, 31))
+    assert {"tokens", "train_loss", "lr", "grad_norm", "tokens_per_s"} <= set(trained[-1])
+    evals = [r for r in records if "val_loss" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5, "the validation loss should fall clearly"
+    assert {"val_loss", "perplexity"} <= set(evals[-1])
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["job"] == "pretrain" and config["model_config"]["n_layer"] == 2
+    assert (run_dir / "tokenizer.json").is_file() and (run_dir / "samples.txt").read_text().strip()
+    assert (run_dir / "loss.png").is_file()
+    assert list((run_dir / "checkpoints").rglob("*.safetensors"))
+
+
+def test_resume_continues_exactly(dataset, tmp_path):
+    straight = tmp_path / "straight"
+    main(flags(dataset, straight, 20))
+    split = tmp_path / "split"
+    main(flags(dataset, split, 20, 4, "--stop-after", "10"))
+    assert len(losses(split)) == 10
+    main(["--resume", str(split)])
+    assert losses(split) == losses(straight)      # bit for bit: model, optimizer, schedule, data, RNG
+
+
+def test_clear_errors_for_runs(dataset, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    main(flags(dataset, run_dir, 2))
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(flags(dataset, run_dir, 2))
+    with pytest.raises(SystemExit, match="no config.json"):
+        main(["--resume", str(tmp_path / "nowhere")])
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "job": "sft"}))
+    with pytest.raises(SystemExit, match="python -m train.sft --resume"):
+        main(["--resume", str(run_dir)])
+    with pytest.raises(SystemExit):
+        main(flags(dataset, tmp_path / "bad", 2, 4, "--kernels", "rms_norm=cuda"))
+    assert "valid backends are auto, triton, torch" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_kernel_parity_torch_vs_triton(dataset, tmp_path):
+    main(flags(dataset, tmp_path / "torch", 4, 2, "--kernels", "torch", "--eval-interval", "0"))
+    main(flags(dataset, tmp_path / "triton", 4, 2, "--kernels", "triton", "--eval-interval", "0"))
+    config = json.loads((tmp_path / "triton" / "config.json").read_text())
+    assert set(config["kernels"].values()) == {"triton"}
+    assert losses(tmp_path / "triton") == pytest.approx(losses(tmp_path / "torch"), rel=1e-4, abs=1e-5)
+
+
+def torchrun(argv, world_size=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
+           "-m", "train.pretrain", *argv]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_ranks_match_one_rank(dataset, tmp_path, sharding):
+    one = tmp_path / "one"
+    main(flags(dataset, one, 8, 4, "--eval-interval", "0"))
+    two = tmp_path / "two"
+    printed = torchrun(flags(dataset, two, 8, 2, "--eval-interval", "0", "--stop-after", "6",
+                             *(["--fsdp"] if sharding == "fsdp" else [])))
+    assert printed.count("world_size=2") == 1, "only rank 0 prints"
+    assert losses(two) == pytest.approx(losses(one)[:6], abs=1e-5)
+    # The 2-rank checkpoint continues in a single process with the same global batch.
+    main(["--resume", str(two), "--batch-size", "4", "--no-fsdp"])
+    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
