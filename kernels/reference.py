@@ -40,7 +40,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-def _reduce(losses: torch.Tensor, kept: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_losses(losses: torch.Tensor, kept: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-row losses (N,) reduced as every cross-entropy backend does: "none", "sum", or "mean"
+    over the kept (non-ignored) rows, which is 0 when no row is kept."""
     if reduction == "none":
         return losses
     total = losses.sum()
@@ -61,7 +63,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if z_loss:
         losses = losses + z_loss * lse.square()
     losses = losses.masked_fill(~kept, 0.0)                # ignored rows: zero loss, zero gradient
-    return _reduce(losses, kept, reduction)
+    return reduce_losses(losses, kept, reduction)
 
 
 def default_chunk_rows(n_rows: int, vocab: int) -> int:
@@ -95,7 +97,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         kept = targets != ignore_index
         ctx.save_for_backward(hidden, weight, targets, kept)
         ctx.args = (ignore_index, reduction, label_smoothing, z_loss, chunk, dtype)
-        return _reduce(losses, kept, reduction)
+        return reduce_losses(losses, kept, reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):

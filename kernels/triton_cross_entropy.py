@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import _reduce
+from kernels.reference import reduce_losses
 
 MAX_BLOCK_V = 8192
 
@@ -226,4 +226,4 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                   label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
     losses, _, _ = torch.ops.tritongpt.cross_entropy(logits, targets, ignore_index, float(label_smoothing),
                                                      float(z_loss))                # (N,)
-    return _reduce(losses, targets != ignore_index, reduction)
+    return reduce_losses(losses, targets != ignore_index, reduction)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from kernels import triton_cross_entropy as ce
-from kernels.reference import _reduce, compute_dtype, default_chunk_rows
+from kernels.reference import reduce_losses, compute_dtype, default_chunk_rows
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -112,7 +112,7 @@ def _linear_cross_entropy_op(
     scale = (1.0 / kept.sum().clamp(min=1) if reduction == "mean" else torch.ones((), device=hidden.device))
     chunked_pass(hidden, weight, targets.contiguous(), ignore_index, label_smoothing, z_loss, chunk, dtype,
                  scale.float().reshape(1), losses, lse, grad_target, grad_hidden, grad_weight)
-    return (_reduce(losses, kept, reduction), lse, grad_target,
+    return (reduce_losses(losses, kept, reduction), lse, grad_target,
             _placeholder(hidden) if grad_hidden is None else grad_hidden,
             _placeholder(weight) if grad_weight is None else grad_weight.to(weight.dtype))
 

@@ -19,6 +19,7 @@ from model import GPT
 from model.generate import generate
 from train import checkpoint
 from train.chat_format import ChatTokens, render_prompt, reply_text
+from train.loop import kernel_spec
 
 
 class Chat:
@@ -108,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one per reply)")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
-    parser.add_argument("--kernels", default="auto", help="kernel backends, as for training (auto, triton, torch, ...)")
+    parser.add_argument("--kernels", type=kernel_spec, default="auto",
+                        help="kernel backends, as for training (auto, triton, torch, ...)")
     return parser
 
 

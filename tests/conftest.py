@@ -15,9 +15,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from tests.numerics import nan_filled  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from numerics import DEVICE, nan_filled  # noqa: E402
 
 
 @pytest.fixture

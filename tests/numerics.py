@@ -6,7 +6,12 @@ relative of the float64 result. NaN never passes.
 """
 from __future__ import annotations
 
+import pytest
 import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"     # kernel tests run on the GPU when there is one, else in the interpreter
+needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16 kernels and full-size shapes need a CUDA GPU")
 
 # Slack added to 2 * err(reference) per dtype; it covers the last-bit rounding of the output.
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -33,3 +38,8 @@ def assert_matches(name: str, out: torch.Tensor, ref: torch.Tensor, exact: torch
 def nan_filled(*shape, dtype: torch.dtype, device) -> torch.Tensor:
     """An output buffer full of NaN, so an element a kernel forgets to write fails the test."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0, device=DEVICE) -> torch.Tensor:
+    """Fresh normal inputs (never zeros), drawn in fp32 and then cast so every dtype sees the same values."""
+    return (torch.randn(*shape, device=device) * scale).to(dtype)

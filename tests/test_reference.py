@@ -8,6 +8,7 @@ gets the op's own result as `ref`: that keeps its shape, NaN and fp32 ~1e-5 rela
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -18,7 +19,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from kernels import reference
-from tests.numerics import ATOL, assert_matches, max_err
+import numerics
+from numerics import ATOL, assert_matches, max_err
+
+randn = functools.partial(numerics.randn, device="cpu")   # the references are checked on the CPU
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Max error allowed relative to the largest |exact| element, by the dtype the op computes in: a
@@ -66,10 +70,6 @@ def compare(name: str, op: Callable, exact_fn: Callable, inputs: Sequence[torch.
         assert leaf.grad.dtype == leaf.dtype
         check(f"{name} grad of input {i}", leaf.grad, leaf64.grad, compute_dtype)
     return (*(o.detach() for o in outs), *(leaf.grad for leaf in leaves))
-
-
-def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(*shape) * scale).to(dtype)
 
 
 # ----------------------------------------------------------------------------- float64 definitions

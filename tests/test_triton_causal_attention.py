@@ -13,11 +13,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import kernels
 from kernels import reference
 from kernels import triton_causal_attention as tca
-from numerics import assert_matches, nan_filled
+from numerics import CUDA, DEVICE, assert_matches, nan_filled, needs_cuda
 
-ON_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if ON_CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="bf16 dots and large shapes need a CUDA GPU")
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda)]
 LAYOUTS = ("contiguous", "projection", "cache")
 
@@ -97,7 +94,7 @@ def test_wide_head_dims(D):
     check_kernels(1, 2, 1, 33, 40, D, "contiguous", torch.float32)
 
 
-@pytest.mark.skipif(ON_CUDA, reason="on a GPU the autotuner picks the tiles")
+@pytest.mark.skipif(CUDA, reason="on a GPU the autotuner picks the tiles")
 @pytest.mark.parametrize("tiles", [(16, 64), (64, 16), (16, 16)], ids=lambda t: f"M{t[0]}-N{t[1]}")
 @pytest.mark.parametrize("case", [(1, 2, 1, 77, 77, 32, "projection"), (1, 2, 2, 1, 50, 16, "cache"),
                                   (1, 4, 2, 30, 95, 64, "cache")],

@@ -16,11 +16,8 @@ from hypothesis import given, settings, strategies as st
 
 import kernels
 from kernels import triton_cross_entropy as tce
-from tests.numerics import ATOL, assert_matches, nan_filled
+from numerics import ATOL, CUDA, DEVICE, assert_matches, nan_filled, needs_cuda
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 # (N, V): every N of {1, 7, 256} and every V of {17, 1000, 32000, 50257}, paired to fit the
 # interpreter's time budget; CUDA runs the whole grid.

@@ -14,12 +14,9 @@ from hypothesis import given, settings, strategies as st
 
 import kernels
 from kernels import reference, triton_linear_cross_entropy as tlce
-from tests.numerics import ATOL, assert_matches, nan_filled
-from tests.test_triton_cross_entropy import exact_cross_entropy, make_targets
+from numerics import ATOL, CUDA, DEVICE, assert_matches, nan_filled, needs_cuda
+from test_triton_cross_entropy import exact_cross_entropy, make_targets
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 
 

@@ -15,17 +15,10 @@ from hypothesis import given, settings, strategies as st
 
 import kernels
 from kernels import reference, triton_rms_norm
-from tests.numerics import assert_matches
+from numerics import DEVICE, assert_matches, needs_cuda, randn
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16 kernels and full-size sweeps need a CUDA GPU")
 SHAPES = [(1, 1), (5, 123, 123), (2, 128, 512), (3, 7, 4096)]
 WIDE = (4, 33, 32768)       # wider than MAX_BLOCK: the block loops
-
-
-def randn(*shape: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
 
 
 def run(backend: str, x, weight, residual, grads, eps: float = 1e-6) -> list[torch.Tensor]:

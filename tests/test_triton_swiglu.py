@@ -15,9 +15,9 @@ from hypothesis import given, settings, strategies as st
 import kernels
 from kernels import reference
 from model import GPT, ModelConfig
-from tests.numerics import assert_matches
+from numerics import DEVICE, assert_matches, needs_cuda, randn
 # The NaN-output fixture and helpers of the RMSNorm tests (tests/conftest.py has no such fixture).
-from tests.test_triton_rms_norm import DEVICE, WIDE, needs_cuda, randn
+from test_triton_rms_norm import WIDE
 
 SHAPES = [(1, 1), (5, 123, 123), (2, 128, 512), (3, 7, 4096)]
 

@@ -55,7 +55,7 @@ def run(name: str, parser: argparse.ArgumentParser, build: Build, argv: list[str
         if not cfg.resume and (run_dir / "checkpoints").exists():
             raise SystemExit(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                              f"or choose another --out")
-        args.out = str(run_dir)
+        args.out = cfg.out = str(run_dir)
         job, model = build(args, rt)
         active = kernels.active(rt.device)
         if rt.is_main:

@@ -22,8 +22,8 @@ from train.loop import TrainConfig, add_args, config_from
 from train.runtime import Runtime
 
 # Defaults per device: what a zero-argument run does.
-CPU_DEFAULTS = TrainConfig(batch_size=16, max_steps=600, max_minutes=12.0, lr=2e-3, min_lr=2e-4, warmup_steps=30,
-                           eval_interval=100, eval_tokens=32768, ckpt_interval=200)
+CPU_DEFAULTS = TrainConfig(batch_size=16, max_steps=1200, max_minutes=12.0, lr=2e-3, min_lr=2e-4, warmup_steps=30,
+                           eval_interval=100, eval_tokens=32768, ckpt_interval=400)
 CUDA_DEFAULTS = TrainConfig(batch_size=32, grad_accum=2, max_steps=5000, lr=6e-4, min_lr=6e-5, warmup_steps=200,
                             eval_interval=250, eval_tokens=262144, ckpt_interval=1000)
 MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "block_size", "rope_theta")
