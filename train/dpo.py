@@ -26,8 +26,8 @@ from train.runtime import Runtime
 from train.sft import add_post_args, holdout, load_init, run_post, task_sample
 from train.sft_data import IGNORE, Example, collate, encode_pairs, load_dpo, stream_indices
 
-CPU_DEFAULTS = TrainConfig(batch_size=16, max_steps=800, lr=1e-4, min_lr=1e-5, warmup_steps=10, weight_decay=0.0,
-                           eval_interval=400, eval_tokens=350, ckpt_interval=800, log_interval=10)
+CPU_DEFAULTS = TrainConfig(batch_size=16, max_steps=4000, lr=3e-4, min_lr=3e-5, warmup_steps=10, weight_decay=0.0,
+                           eval_interval=400, eval_tokens=350, ckpt_interval=1000, log_interval=10)
 CUDA_DEFAULTS = TrainConfig(batch_size=32, max_steps=1500, lr=3e-5, min_lr=3e-6, warmup_steps=30, weight_decay=0.0,
                             eval_interval=500, eval_tokens=700, ckpt_interval=1500, log_interval=10)
 Pair = tuple[Example, Example]
