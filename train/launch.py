@@ -3,6 +3,7 @@ runtime, the kernel backends, the run directory, the opening and closing summary
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -73,6 +74,11 @@ def run(name: str, parser: argparse.ArgumentParser, build: Build, argv: list[str
             if result.get("sample"):
                 print(f"sample:\n{result['sample']}")
             print(f"run directory: {run_dir}")
+        # Free the model (FSDP keeps collective handles in it) while the process group is alive,
+        # and let no rank take the group down while rank 0 still writes.
+        del job, model
+        gc.collect()
+        rt.barrier()
         return result
     finally:
         runtime.teardown()
