@@ -6,6 +6,8 @@ relative of the float64 result. NaN never passes.
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -43,3 +45,6 @@ def nan_filled(*shape, dtype: torch.dtype, device) -> torch.Tensor:
 def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0, device=DEVICE) -> torch.Tensor:
     """Fresh normal inputs (never zeros), drawn in fp32 and then cast so every dtype sees the same values."""
     return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+
+cpu_randn = functools.partial(randn, device="cpu")   # for tests of the references and of input checks

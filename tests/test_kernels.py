@@ -18,6 +18,7 @@ import torch
 
 import kernels
 from kernels import reference
+from numerics import cpu_randn as randn
 
 OPS = kernels.OPS
 REPO = Path(__file__).resolve().parents[1]
@@ -244,10 +245,6 @@ def test_forcing_triton_on_other_devices(fake_triton):
 
 
 # ----------------------------------------------------------------------------- input checks
-
-def randn(*shape: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
-    return torch.randn(*shape, device=device).to(dtype)
-
 
 x8, w8 = randn(2, 8), randn(8)
 q, kv = randn(1, 4, 5, 8), randn(1, 2, 5, 8)

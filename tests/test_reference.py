@@ -8,7 +8,6 @@ gets the op's own result as `ref`: that keeps its shape, NaN and fp32 ~1e-5 rela
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Sequence
 
@@ -19,10 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from kernels import reference
-import numerics
 from numerics import ATOL, assert_matches, max_err
-
-randn = functools.partial(numerics.randn, device="cpu")   # the references are checked on the CPU
+from numerics import cpu_randn as randn   # the references are checked on the CPU
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Max error allowed relative to the largest |exact| element, by the dtype the op computes in: a
