@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train.files import atomic_write_text
+
 # Backends in column order; any other backend name found in a file follows, alphabetically.
 BACKEND_ORDER = ("triton", "torch", "compile", "sdpa")
 # Derived figures the benchmarks put in extra_info, in display order.
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(e))
     sys.stdout.write(report)
     if args.output:
-        Path(args.output).write_text(report)
+        atomic_write_text(args.output, report)
 
 
 if __name__ == "__main__":

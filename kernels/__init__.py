@@ -125,7 +125,7 @@ def use(spec: str | None = None, **per_op: str) -> _Restore:
         if backend == "triton" and not triton_available(op):
             raise ValueError(
                 f"cannot force triton for {op}: " + ("triton is not installed (pip install triton, Linux only)"
-                if importlib.util.find_spec("triton") is None else f"it has no Triton version yet")
+                if importlib.util.find_spec("triton") is None else "it has no Triton version yet")
                 + f"; use {op}=torch or {op}=auto")
     previous = dict(_choice)
     _choice.update(choice)

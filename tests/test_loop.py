@@ -1,7 +1,5 @@
 """The shared training loop, driven by a synthetic job so it is tested apart from any data pipeline."""
 import json
-import math
-import os
 
 import pytest
 import torch

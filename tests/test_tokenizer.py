@@ -225,6 +225,6 @@ def test_decode_rejects_unknown_ids(tok):
         tok.decode([-1])
 
 
-def test_split_pattern_is_gpt4_style():
+def test_split_pattern_is_gpt4_style_with_single_digits():
     assert regex.findall(SPLIT_PATTERN, "I'll  go 12345 x+=1\n\n  y") == \
-        ["I", "'ll", " ", " go", " ", "123", "45", " x", "+=", "1", "\n\n", " ", " y"]
+        ["I", "'ll", " ", " go", " ", "1", "2", "3", "4", "5", " x", "+=", "1", "\n\n", " ", " y"]

@@ -25,19 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model import GPT, ModelConfig
+from train.files import atomic_write_text
 
 KEEP_LAST = 2
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to path through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from train.files import atomic_write_text
 from train.filters import DocumentFilter, FilterConfig, Report
 from train.sources import iter_documents, source_fingerprint, source_slug
-from train.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer, check_vocab_size
+from train.tokenizer import DEFAULT_SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, check_vocab_size
 
 FORMAT, VERSION = "tritongpt-data", 1
 MAGIC, HEADER = b"TGPTTOKS", struct.Struct("<8sIIQ")
@@ -63,7 +64,8 @@ def prepare(source: str = "stdlib", out: str | Path | None = None, vocab_size: i
         raise ValueError(f"seed must be >= 0, got {seed}")
     out = Path(out) if out is not None else Path("data") / f"{source_slug(source)}-v{vocab_size}"
     args = {"source": source, "vocab_size": vocab_size, "seed": seed, "val_fraction": val_fraction,
-            "tokenizer_sample_bytes": tokenizer_sample_bytes, "filters": filters.as_dict(),
+            "tokenizer_sample_bytes": tokenizer_sample_bytes, "split_pattern": SPLIT_PATTERN,
+            "filters": filters.as_dict(),
             "source_fingerprint": source_fingerprint(source)}
     if _reusable(out, args, verbose):
         return out
@@ -140,7 +142,7 @@ def _build(tmp: Path, args: dict, filters: FilterConfig, verbose: bool) -> None:
                 "tokens_per_byte": (splits["train"]["tokens"] + splits["val"]["tokens"])
                 / max(1, splits["train"]["bytes"] + splits["val"]["bytes"]),
                 "seconds": {"filter": round(t1 - t0, 2), "tokenizer": round(t2 - t1, 2), "encode": round(t3 - t2, 2)}}
-    _write_json(tmp / "manifest.json", manifest)
+    atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
     if verbose:
         print(f"data: tokenizer {tok.n_vocab} tokens in {t2 - t1:.1f}s; {splits['train']['tokens']:,} train / "
               f"{splits['val']['tokens']:,} val tokens ({manifest['tokens_per_byte']:.3f} tokens/byte) "
@@ -333,12 +335,6 @@ def _split_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     far faster than torch's .contiguous() on CPU here)."""
     windows = windows.astype(np.int64)
     return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from train.checkpoint import atomic_write_text
+from train.files import atomic_write_text
 
 
 class RunLog:

@@ -22,6 +22,7 @@ import torch
 from model import GPT
 from model.generate import generate
 from train.chat_format import ChatTokens, render_prompt, reply_text
+from train.files import atomic_write_text
 
 KINDS = ("add", "sub", "reverse", "sort", "count", "upper", "copy")
 TEST_PERCENT = 10
@@ -139,10 +140,7 @@ def dpo_record(task: Task, rejected: str | None = None) -> dict:
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
+    return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 @torch.no_grad()
