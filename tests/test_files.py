@@ -1,4 +1,7 @@
 """Atomic writes: the new text or the old one, never a partial file or a leftover temporary."""
+import os
+import stat
+
 import pytest
 
 from train import files
@@ -9,6 +12,17 @@ def test_writes_text_and_creates_parent_dirs(tmp_path):
     path = atomic_write_text(tmp_path / "a" / "b.json", "héllo\n")
     assert path.read_text(encoding="utf-8") == "héllo\n"
     assert sorted(p.name for p in path.parent.iterdir()) == ["b.json"]
+
+
+def test_file_mode_follows_the_umask_like_a_plain_write(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "config.json", "{}")
+        plain = tmp_path / "plain.json"
+        plain.write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
