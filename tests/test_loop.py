@@ -1,5 +1,7 @@
 """The shared training loop, driven by a synthetic job so it is tested apart from any data pipeline."""
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -110,6 +112,16 @@ def test_checkpoint_survives_a_crash_during_save(tmp_path, monkeypatch):
     assert checkpoint.resolve(ckpt) == good
     model, state = checkpoint.load_model(ckpt)
     assert state["step"] == 5 and isinstance(model, GPT)
+
+
+def test_checkpoints_are_readable_like_plain_files(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = checkpoint.save(tmp_path, 1, tiny_model().state_dict(), None, {"tokens": 0, "model_config": {}})
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [path, *path.iterdir(), tmp_path / "checkpoints" / "latest"]}
+    assert modes == {"step_000001": 0o755, "model.safetensors": 0o644, "state.json": 0o644, "latest": 0o644}
 
 
 def test_corrupt_and_mismatched_checkpoints(tmp_path):

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model import GPT, ModelConfig
-from train.files import atomic_write_text
+from train.files import atomic_write_text, current_umask
 
 KEEP_LAST = 2
 
@@ -56,6 +56,11 @@ def save(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], optimiz
     atomic_write_text(tmp / "state.json", json.dumps({"step": step, **state}, indent=2))
     if optimizer_state is not None:
         torch.save({"optimizer": optimizer_state, "rng": rng_state()}, tmp / "optimizer.pt")
+    # mkdtemp makes the directory 0700 and safetensors its file 0600; give the modes of a plain mkdir/open.
+    mask = current_umask()
+    os.chmod(tmp, 0o777 & ~mask)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~mask)
     final = root / name
     if final.exists():
         shutil.rmtree(final)

@@ -13,7 +13,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())     # mkstemp makes 0600; a plain open() would not
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())     # mkstemp makes 0600; a plain open() would not
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -24,7 +24,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
