@@ -98,8 +98,17 @@ def test_cli_run_starts_at_ln2_and_prefers_chosen(tmp_path, capsys):
     assert {"reward_acc", "margin", "chosen_reward", "rejected_reward", "exact_match",
             "val_reward_acc"} <= set(result)
     assert result["dpo_loss"] < math.log(2) and result["margin"] > 0
+    by_kind = [result[f"val_reward_acc_{kind}"] for kind in tasks.KINDS]      # one held-out pair per kind
+    assert sum(by_kind) / len(by_kind) == pytest.approx(result["val_reward_acc"])
     assert (out / "tokenizer.json").exists() and (out / "checkpoints" / "latest").exists()
     assert "val_reward_acc" in capsys.readouterr().out
+
+
+def test_accuracy_by_kind():
+    assert dpo.accuracy_by_kind([True, False, True, True], ["add", "add", "sort", "add"]) == \
+        {"val_reward_acc_add": 2 / 3, "val_reward_acc_sort": 1.0}
+    with pytest.raises(ValueError):
+        dpo.accuracy_by_kind([True], ["add", "sort"])
 
 
 def test_sampled_rejections_come_from_the_init_model(tmp_path):

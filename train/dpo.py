@@ -63,13 +63,23 @@ def pair_logps(model: torch.nn.Module, pairs: list[Pair], pad_id: int, device: t
     return sequence_logps(model, b["x"].to(device), b["y"].to(device)).view(2, len(pairs))
 
 
+def accuracy_by_kind(wins: list[bool], kinds: list[str]) -> dict[str, float]:
+    """val_reward_acc_<kind>: the fraction of each kind's held-out pairs whose chosen reward is higher."""
+    by_kind: dict[str, list[bool]] = {}
+    for win, kind in zip(wins, kinds, strict=True):
+        by_kind.setdefault(kind, []).append(win)
+    return {f"val_reward_acc_{kind}": sum(w) / len(w) for kind, w in by_kind.items()}
+
+
 class DPOJob:
     """Preference pairs against a frozen reference; exact match on the test tasks."""
     name = "dpo"
 
     def __init__(self, train: list[Pair], val: list[Pair], test_tasks: list[tasks.Task], tok, reference: GPT,
-                 beta: float, cfg: TrainConfig, rt: Runtime, nll_weight: float = 0.0):
+                 beta: float, cfg: TrainConfig, rt: Runtime, nll_weight: float = 0.0,
+                 val_kinds: list[str] | None = None):
         self.train, self.val, self.test_tasks, self.tok = train, val, test_tasks, tok
+        self.val_kinds = val_kinds                        # task kind of each held-out pair, for per-kind accuracy
         self.reference, self.beta, self.cfg, self.rt, self.nll_weight = reference, beta, cfg, rt, nll_weight
         self.pad_id = ChatTokens.of(tok).bos
         self.ref_cache: dict[int, torch.Tensor] = {}     # train pair index -> (ref_c, ref_r) on the device
@@ -117,6 +127,9 @@ class DPOJob:
             policy = torch.cat([pair_logps(model, c, self.pad_id, self.rt.device) for c in chunks], dim=1)
             loss, extra = dpo_loss(policy[0], policy[1], self.val_ref[0], self.val_ref[1], self.beta)
             metrics.update({"val_loss": loss.item(), **{f"val_{k}": v.item() for k, v in extra.items()}})
+            if self.val_kinds:
+                wins = ((policy[0] - self.val_ref[0]) > (policy[1] - self.val_ref[1])).tolist()
+                metrics.update(accuracy_by_kind(wins, self.val_kinds))
         return metrics
 
     def sample(self, model: GPT) -> str:
@@ -162,7 +175,9 @@ def build(args: argparse.Namespace, rt: Runtime) -> tuple[DPOJob, GPT]:
     if rt.is_main:
         print(f"data: {args.data}  {len(train)} train pairs ({dropped} longer than block_size dropped), "
               f"{len(val)} held-out pairs, {len(test_tasks)} test tasks, beta={args.beta}")
-    return DPOJob(train, val, test_tasks, tok, reference, args.beta, cfg, rt, args.nll_weight), policy
+    # Per-kind accuracy needs one held-out pair per test task; a block_size too small for some drops them.
+    kinds = [t.kind for t in test_tasks] if args.data == "tasks" and len(val) == len(test_tasks) else None
+    return DPOJob(train, val, test_tasks, tok, reference, args.beta, cfg, rt, args.nll_weight, kinds), policy
 
 
 def build_parser(cuda: bool) -> argparse.ArgumentParser:
