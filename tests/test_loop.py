@@ -83,12 +83,13 @@ def test_run_directory_and_learning(tmp_path):
     assert kept == ["step_000015", "step_000020"]
     assert "sample text" in (run_dir / "samples.txt").read_text()
     assert (run_dir / "loss.png").stat().st_size > 0
-    assert result["sample"] == "sample text" and result["step"] == 20
+    assert result["sample"] == "sample text" and result["step"] == 20 and result["stopped_early"] == ""
 
 
 def test_exact_resume(tmp_path):
     _, straight = train(tmp_path, "straight")
-    train(tmp_path, "split", stop_after=10)
+    stopped, _ = train(tmp_path, "split", stop_after=10)
+    assert stopped["stopped_early"] == "step 10 of 20 (--stop-after 10)"
     _, resumed = train(tmp_path, "split", resume=str(tmp_path / "split"))
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in straight]
@@ -150,3 +151,4 @@ def test_profiler_writes_trace_and_table(tmp_path, capsys):
 def test_max_minutes_stops_with_a_checkpoint(tmp_path):
     result, records = train(tmp_path, "timed", max_minutes=1e-9)
     assert result["step"] == 1 and checkpoint.resolve(tmp_path / "timed").name == "step_000001"
+    assert result["stopped_early"] == "step 1 of 20 (--max-minutes 1e-09 reached)"

@@ -59,12 +59,15 @@ def test_run_writes_its_directory_and_learns(dataset, tmp_path, capsys):
     assert list((run_dir / "checkpoints").rglob("*.safetensors"))
 
 
-def test_resume_continues_exactly(dataset, tmp_path):
+def test_resume_continues_exactly(dataset, tmp_path, capsys):
     straight = tmp_path / "straight"
     main(flags(dataset, straight, 20))
     split = tmp_path / "split"
+    capsys.readouterr()
     main(flags(dataset, split, 20, 4, "--stop-after", "10"))
     assert len(losses(split)) == 10
+    assert (f"stopped early at step 10 of 20 (--stop-after 10); the learning-rate schedule is not finished. "
+            f"Continue with: python -m train.pretrain --resume {split}") in capsys.readouterr().out
     main(["--resume", str(split)])
     assert losses(split) == losses(straight)      # bit for bit: model, optimizer, schedule, data, RNG
 

@@ -74,6 +74,9 @@ def run(name: str, parser: argparse.ArgumentParser, build: Build, argv: list[str
             if result.get("sample"):
                 print(f"sample:\n{result['sample']}")
             print(f"run directory: {run_dir}")
+            if result["stopped_early"]:
+                print(f"stopped early at {result['stopped_early']}; the learning-rate schedule is not finished. "
+                      f"Continue with: python -m train.{name} --resume {run_dir}")
         # Free the model (FSDP keeps collective handles in it) while the process group is alive,
         # and let no rank take the group down while rank 0 still writes.
         del job, model

@@ -324,4 +324,9 @@ def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, run_dir: Path, conf
     profiler.stop()
     if log:
         log.plot()
-    return {**final, "sample": last_sample}
+    stopped_early = ""
+    if step < n_steps:
+        why = (f"--stop-after {cfg.stop_after}" if cfg.stop_after > 0 and steps_this_run >= cfg.stop_after
+               else f"--max-minutes {cfg.max_minutes:g} reached")
+        stopped_early = f"step {step} of {n_steps} ({why})"
+    return {**final, "sample": last_sample, "stopped_early": stopped_early}
