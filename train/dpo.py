@@ -40,12 +40,18 @@ def sequence_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     return -model(x, targets=y, reduction="none").float().sum(dim=-1)
 
 
+def implicit_rewards(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
+                     beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """beta * (policy - reference) log-prob of the chosen and of the rejected responses: (B,), (B,)."""
+    return beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+
+
 def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
              beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean DPO loss over pairs (each argument (B,)) and its diagnostics: the implicit rewards
     beta * (policy - reference) log-prob of chosen and rejected, their margin, and how often the
     chosen reward is strictly higher."""
-    chosen, rejected = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+    chosen, rejected = implicit_rewards(pi_c, pi_r, ref_c, ref_r, beta)
     loss = -F.logsigmoid(chosen - rejected).mean()
     metrics = {"reward_acc": (chosen > rejected).float().mean(), "margin": (chosen - rejected).mean(),
                "chosen_reward": chosen.mean(), "rejected_reward": rejected.mean()}
@@ -128,8 +134,8 @@ class DPOJob:
             loss, extra = dpo_loss(policy[0], policy[1], self.val_ref[0], self.val_ref[1], self.beta)
             metrics.update({"val_loss": loss.item(), **{f"val_{k}": v.item() for k, v in extra.items()}})
             if self.val_kinds:
-                wins = ((policy[0] - self.val_ref[0]) > (policy[1] - self.val_ref[1])).tolist()
-                metrics.update(accuracy_by_kind(wins, self.val_kinds))
+                chosen, rejected = implicit_rewards(policy[0], policy[1], self.val_ref[0], self.val_ref[1], self.beta)
+                metrics.update(accuracy_by_kind((chosen > rejected).tolist(), self.val_kinds))
         return metrics
 
     def sample(self, model: GPT) -> str:
@@ -146,6 +152,7 @@ def task_pairs(task_list: list[tasks.Task], model: GPT, tok, rejected: str, seed
     pairs: dict[tuple[str, str], dict] = {}
     with rt.autocast():
         for k in range(samples):
+            # A prime stride keeps each round's seeds apart (replies() adds length * 1000 + start to the seed).
             for t, w in zip(task_list, tasks.sampled_rejections(model, tok, task_list, seed + k * 7919)):
                 pairs.setdefault((t.prompt, w), tasks.dpo_record(t, w))
     if rt.is_main:

@@ -86,7 +86,8 @@ def add_post_args(parser: argparse.ArgumentParser, n_train: int) -> None:
     """The flags SFT and DPO share: where to start, what data, which built-in tasks."""
     parser.add_argument("--init", default="", help="run directory or checkpoint to start from (required)")
     parser.add_argument("--data", default="tasks", help="'tasks' (the built-in verifiable tasks) or a JSONL file")
-    parser.add_argument("--n-train", type=positive_int, default=n_train, help="built-in training tasks (with --data tasks)")
+    parser.add_argument("--n-train", type=positive_int, default=n_train,
+                        help="built-in training tasks (with --data tasks)")
     parser.add_argument("--task-seed", type=int, default=0,
                         help="seed of the built-in task sets; keep it equal across SFT and DPO so the "
                              "test tasks (the first --eval-tokens of the test split) match")
