@@ -15,10 +15,35 @@ point. All three take the same spec: ``"auto"``, ``"triton"``, ``"torch"`` or a 
 list such as ``"torch,rms_norm=triton"`` (an entry without ``=`` sets every op).
 
 The Triton modules are imported lazily, on the first call that needs them, so ``import kernels``
-stays cheap and never imports triton itself.
+stays cheap and never imports triton itself. ``kernels.spec_type`` is the argparse ``type=`` of a
+``--kernels SPEC`` flag: it rejects a bad spec with parse_spec's message.
+
+Layout of a Triton op (every ``kernels/triton_<op>.py`` follows it, in this order):
+
+1. Module docstring: the algorithm and its memory traffic.
+2. Triton kernels ``_<op>_fwd_kernel`` and ``_<op>_bwd_kernel``; further kernels are named
+   ``_<op>_<what>_kernel`` (``_causal_attention_dkdv_kernel``); ``@triton.jit`` helpers are
+   ``_``-prefixed with descriptive names.
+3. Launchers: public ``forward(...)`` and ``backward(...)`` that take tensors, pick the grid and
+   configs and launch (tests and benchmarks call them directly).
+4. Torch custom ops ``tritongpt::<op>`` and ``tritongpt::<op>_backward``, defined with
+   ``@torch.library.custom_op`` as python handles ``_<op>_op`` and ``_<op>_backward_op``, fakes
+   by ``@handle.register_fake``, then ``_setup_context(ctx, inputs, output)``, ``_backward(ctx,
+   ...)`` and ``_<op>_op.register_autograd(_backward, setup_context=_setup_context)``, always
+   through the handle. (triton_rms_norm.py adds ``tritongpt::add_rms_norm``, registered alike.)
+5. Last, the public entry ``<op>(...)`` with the reference's signature, which this module
+   dispatches to for the triton backend.
+
+triton_linear_cross_entropy.py has no kernels of its own: its launchers run the chunked matmuls
+around the launchers of triton_cross_entropy.py.
+
+Shared launcher helpers live in ``kernels/launching.py``: ``interpreting()`` (the one test for
+the Triton interpreter), ``sm_count``, ``as_rows``, ``reduce_losses``, ``default_chunk_rows``,
+``compute_dtype``. ``kernels/reference.py`` holds only the torch references.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import os
@@ -26,7 +51,7 @@ from typing import Callable
 
 import torch
 
-from kernels import reference
+from kernels import launching, reference
 
 OPS: tuple[str, ...] = ("rms_norm", "swiglu", "causal_attention", "cross_entropy", "linear_cross_entropy")
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
@@ -65,6 +90,16 @@ def parse_spec(spec: str) -> dict[str, str]:
     return choice
 
 
+def spec_type(text: str) -> str:
+    """The argparse ``type=`` for a ``--kernels SPEC`` flag: text unchanged when parse_spec accepts
+    it, else argparse.ArgumentTypeError with parse_spec's message (which lists the choices)."""
+    try:
+        parse_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def _check_op(op: str) -> None:
     if op not in OPS:
         raise ValueError(f"unknown kernel op {op!r}; valid ops are {', '.join(OPS)}")
@@ -90,10 +125,6 @@ def _load_triton(op: str) -> Callable | None:
         else:
             _triton_impls[op] = getattr(importlib.import_module(module_name), op)
     return _triton_impls[op]
-
-
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class _Restore:
@@ -136,7 +167,8 @@ def _resolve(op: str, device: torch.device) -> str:
     backend = _choice[op]
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available(op) else "torch"
-    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and _interpreter_on()):
+    if (backend == "triton" and device.type != "cuda"
+            and not (device.type == "cpu" and launching.interpreting())):
         raise ValueError(
             f"{op}: the triton backend needs CUDA tensors (got {device.type}); move the inputs to a GPU, "
             f"use {op}=torch or auto, or for tests set TRITON_INTERPRET=1 before triton is imported")

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Bytes of fp32 logits (plus their gradient) one linear_cross_entropy chunk may hold at once.
-LCE_CHUNK_BUDGET_BYTES = 256 * 2**20
+from kernels import launching
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
@@ -40,17 +39,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-def reduce_losses(losses: torch.Tensor, kept: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Per-row losses (N,) reduced as every cross-entropy backend does: "none", "sum", or "mean"
-    over the kept (non-ignored) rows, which is 0 when no row is kept."""
-    if reduction == "none":
-        return losses
-    total = losses.sum()
-    if reduction == "sum":
-        return total
-    return total / kept.sum().clamp(min=1)  # count stays on the device: no host sync
-
-
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
     x = logits.float()                                     # (N, V)
@@ -63,19 +51,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if z_loss:
         losses = losses + z_loss * lse.square()
     losses = losses.masked_fill(~kept, 0.0)                # ignored rows: zero loss, zero gradient
-    return reduce_losses(losses, kept, reduction)
-
-
-def default_chunk_rows(n_rows: int, vocab: int) -> int:
-    """Rows per linear_cross_entropy chunk so fp32 logits and their gradient fit the budget."""
-    return max(1, min(n_rows, LCE_CHUNK_BUDGET_BYTES // (8 * vocab)))
-
-
-def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The matmul dtype autocast would pick, or the promoted dtype of the inputs without it."""
-    if torch.is_autocast_enabled(hidden.device.type):
-        return torch.get_autocast_dtype(hidden.device.type)
-    return torch.promote_types(hidden.dtype, weight.dtype)
+    return launching.reduce_losses(losses, kept, reduction)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -84,9 +60,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, chunk_size):
-        dtype = compute_dtype(hidden, weight)
+        dtype = launching.compute_dtype(hidden, weight)
         n_rows = hidden.shape[0]
-        chunk = chunk_size or default_chunk_rows(n_rows, weight.shape[0])
+        chunk = chunk_size or launching.default_chunk_rows(n_rows, weight.shape[0])
         w = weight.to(dtype)                                                  # (V, D)
         losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -97,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         kept = targets != ignore_index
         ctx.save_for_backward(hidden, weight, targets, kept)
         ctx.args = (ignore_index, reduction, label_smoothing, z_loss, chunk, dtype)
-        return reduce_losses(losses, kept, reduction)
+        return launching.reduce_losses(losses, kept, reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):

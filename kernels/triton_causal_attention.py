@@ -30,19 +30,19 @@ autotuned over a few tiles pruned by shared memory and query count; the CPU inte
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.launching import interpreting
+
 LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DELTA_BLOCK_M = 64
 
 
-# ----------------------------------------------------------------------------- tile helpers
+# ----------------------------------------------------------------------------- kernels: tile helpers
 
 @triton.jit
 def _tile_ptrs(base, rows, offs_d, stride_t, stride_d):
@@ -82,7 +82,7 @@ def _query_tile(pid, Tq, BLOCK_M: tl.constexpr):
     return n_tiles - 1 - pid % n_tiles, pid // n_tiles
 
 
-# ----------------------------------------------------------------------------- forward
+# ----------------------------------------------------------------------------- kernels: forward
 
 @triton.jit
 def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
@@ -112,12 +112,12 @@ def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_v
 
 
 @triton.jit(do_not_specialize=["Tq", "Tk", "Q_BUCKET", "K_BUCKET"])
-def _fwd_kernel(Q, K, V, O, LSE,
-                stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
-                stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
-                n_heads, group, Tq, Tk, qk_scale, Q_BUCKET, K_BUCKET,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _causal_attention_fwd_kernel(Q, K, V, O, LSE,
+                                 stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                                 stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
+                                 n_heads, group, Tq, Tk, qk_scale, Q_BUCKET, K_BUCKET,
+                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Q_BUCKET, K_BUCKET (powers of two >= Tq, Tk) only key the autotuner, so that a decode loop
     # with a growing Tk does not re-tune every step.
     pid_m, bh = _query_tile(tl.program_id(0), Tq, BLOCK_M)
@@ -146,12 +146,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
     tl.store(LSE + bh.to(tl.int64) * Tq + rows, m_i + tl.math.log2(l_i), mask=rows < Tq)
 
 
-# ----------------------------------------------------------------------------- backward
+# ----------------------------------------------------------------------------- kernels: backward
 
 @triton.jit
-def _delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_od,
-                  stride_db, stride_dh, stride_dt, stride_dd, n_heads, Tq,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _causal_attention_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_od,
+                                   stride_db, stride_dh, stride_dt, stride_dd, n_heads, Tq,
+                                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m, bh = _query_tile(tl.program_id(0), Tq, BLOCK_M)
     b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -197,13 +197,13 @@ def _dkdv_blocks(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
 
 
 @triton.jit(do_not_specialize=["Tq", "Tk", "Q_BUCKET", "K_BUCKET"])
-def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
-                 stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
-                 stride_vb, stride_vh, stride_vt, stride_vd, stride_db, stride_dh, stride_dt, stride_dd,
-                 stride_gb, stride_gh, stride_gt, stride_gd,
-                 n_kv_heads, group, Tq, Tk, sm_scale, qk_scale, Q_BUCKET, K_BUCKET,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _causal_attention_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+                                  stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                                  stride_vb, stride_vh, stride_vt, stride_vd,
+                                  stride_db, stride_dh, stride_dt, stride_dd, stride_gb, stride_gh, stride_gt, stride_gd,
+                                  n_kv_heads, group, Tq, Tk, sm_scale, qk_scale, Q_BUCKET, K_BUCKET,
+                                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # DK and DV are allocated alike and share the stride_g* strides.
     n_tiles = tl.cdiv(Tk, BLOCK_N)
     pid_n, bh = tl.program_id(0) % n_tiles, tl.program_id(0) // n_tiles
@@ -273,13 +273,13 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stri
 
 
 @triton.jit(do_not_specialize=["Tq", "Tk", "Q_BUCKET", "K_BUCKET"])
-def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
-               stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
-               stride_vb, stride_vh, stride_vt, stride_vd, stride_db, stride_dh, stride_dt, stride_dd,
-               stride_gb, stride_gh, stride_gt, stride_gd,
-               n_heads, group, Tq, Tk, sm_scale, qk_scale, Q_BUCKET, K_BUCKET,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _causal_attention_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
+                                stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                                stride_vb, stride_vh, stride_vt, stride_vd,
+                                stride_db, stride_dh, stride_dt, stride_dd, stride_gb, stride_gh, stride_gt, stride_gd,
+                                n_heads, group, Tq, Tk, sm_scale, qk_scale, Q_BUCKET, K_BUCKET,
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, bh = _query_tile(tl.program_id(0), Tq, BLOCK_M)
     b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                                # (BLOCK_M,)
@@ -307,7 +307,7 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                 dq * sm_scale, rows, Tq, offs_d, HEAD_DIM, BLOCK_D)
 
 
-# ----------------------------------------------------------------------------- launch configuration
+# ----------------------------------------------------------------------------- launchers
 
 def _prune(configs: list, named_args: dict, smem_rows: Callable[[int, int, int], int], **kwargs) -> list:
     """Keep the tiles whose shared-memory estimate fits this GPU and whose query tile is not far
@@ -323,11 +323,12 @@ def _prune(configs: list, named_args: dict, smem_rows: Callable[[int, int, int],
     return kept or [min(configs, key=smem)]
 
 
-def _kernel(kernel, tiles: list[tuple[int, int, int, int]], smem_rows: Callable[[int, int, int], int],
-            interpreter_blocks: dict[str, int]) -> Callable:
+def _autotuned(kernel, tiles: list[tuple[int, int, int, int]], smem_rows: Callable[[int, int, int], int],
+               interpreter_blocks: dict[str, int]) -> Callable:
     """launch(grid, *args, **constexprs): autotuned over (BLOCK_M, BLOCK_N, warps, stages) tiles on a
     GPU, the fixed interpreter_blocks in the interpreter."""
-    if _INTERPRET:
+    # Called at import, when triton also decided whether the @triton.jit kernels run interpreted.
+    if interpreting():
         return lambda grid, *args, **kw: kernel[grid](*args, **kw, **interpreter_blocks)
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
     tuned = triton.autotune(configs, key=["HEAD_DIM", "Q_BUCKET", "K_BUCKET"],
@@ -341,18 +342,18 @@ INTERPRETER_TILES = {"fwd": {"BLOCK_M": 32, "BLOCK_N": 16}, "dkdv": {"BLOCK_M": 
                      "dq": {"BLOCK_M": 32, "BLOCK_N": 16}}
 
 # Shared-memory rows per config: the resident tiles once, the streamed tiles once per pipeline stage.
-_FWD = _kernel(_fwd_kernel,
-               [(16, 64, 4, 3), (16, 128, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4),
-                (128, 32, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
-               lambda m, n, s: m + 2 * n * s, INTERPRETER_TILES["fwd"])
-_DKDV = _kernel(_dkdv_kernel,
-                [(16, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 4, 2),
-                 (64, 128, 8, 2), (64, 128, 8, 3)],
-                lambda m, n, s: 2 * n + 2 * m * s, INTERPRETER_TILES["dkdv"])
-_DQ = _kernel(_dq_kernel,
-              [(16, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 2),
-               (128, 64, 8, 2), (128, 32, 8, 3)],
-              lambda m, n, s: 2 * m + 2 * n * s, INTERPRETER_TILES["dq"])
+_FWD = _autotuned(_causal_attention_fwd_kernel,
+                  [(16, 64, 4, 3), (16, 128, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4),
+                   (128, 32, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
+                  lambda m, n, s: m + 2 * n * s, INTERPRETER_TILES["fwd"])
+_DKDV = _autotuned(_causal_attention_dkdv_kernel,
+                   [(16, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 4, 2),
+                    (64, 128, 8, 2), (64, 128, 8, 3)],
+                   lambda m, n, s: 2 * n + 2 * m * s, INTERPRETER_TILES["dkdv"])
+_DQ = _autotuned(_causal_attention_dq_kernel,
+                 [(16, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 2),
+                  (128, 64, 8, 2), (128, 32, 8, 3)],
+                 lambda m, n, s: 2 * m + 2 * n * s, INTERPRETER_TILES["dq"])
 
 
 def _constants(q: torch.Tensor) -> dict:
@@ -366,8 +367,8 @@ def _query_grid(Tq: int, bh: int) -> Callable[[dict], tuple[int]]:
     return lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]) * bh,)
 
 
-def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                   o: torch.Tensor, lse: torch.Tensor) -> None:
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+            o: torch.Tensor, lse: torch.Tensor) -> None:
     """Write o (B, Hq, Tq, D), any strides, and lse (B, Hq, Tq) contiguous fp32 (base-2 logsumexp
     of the scaled scores), from validated q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D)."""
     B, Hq, Tq, _ = q.shape
@@ -377,15 +378,15 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
          **_constants(q))
 
 
-def launch_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                    lse: torch.Tensor, scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+             lse: torch.Tensor, scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
     """Write dq (like q) and dk, dv (like k; both with the same strides) from the forward's o, lse."""
     assert dk.stride() == dv.stride(), "dk and dv must share strides"
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     consts = _constants(q)
     delta = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
-    _delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M) * B * Hq,)](
+    _causal_attention_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M) * B * Hq,)](
         o, do, delta, *o.stride(), *do.stride(), Hq, Tq,
         HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=DELTA_BLOCK_M)
     common = (Hq // Hkv, Tq, Tk, scale, scale * LOG2E, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
@@ -396,7 +397,7 @@ def launch_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         *do.stride(), *dq.stride(), Hq, *common, **consts)
 
 
-# ----------------------------------------------------------------------------- torch op and autograd
+# ----------------------------------------------------------------------------- torch custom ops
 
 def _new_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, Hq, Tq, D = q.shape
@@ -408,27 +409,29 @@ def _new_grads(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape)
 
 
-@torch.library.custom_op("tritongpt::causal_attention_fwd", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("tritongpt::causal_attention", mutates_args=())
+def _causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     o, lse = _new_outputs(q)
-    launch_forward(q, k, v, scale, o, lse)
+    forward(q, k, v, scale, o, lse)
     return o, lse
 
 
-@_forward_op.register_fake
+@_causal_attention_op.register_fake
 def _(q, k, v, scale):
     return _new_outputs(q)
 
 
-@torch.library.custom_op("tritongpt::causal_attention_bwd", mutates_args=())
-def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                 lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("tritongpt::causal_attention_backward", mutates_args=())
+def _causal_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  o: torch.Tensor, lse: torch.Tensor,
+                                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = _new_grads(q, k)
-    launch_backward(do, q, k, v, o, lse, scale, dq, dk, dv)
+    backward(do, q, k, v, o, lse, scale, dq, dk, dv)
     return dq, dk, dv
 
 
-@_backward_op.register_fake
+@_causal_attention_backward_op.register_fake
 def _(do, q, k, v, o, lse, scale):
     return _new_grads(q, k)
 
@@ -443,13 +446,15 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _backward_op(do, q, k, v, o, lse, ctx.scale)
+    dq, dk, dv = _causal_attention_backward_op(do, q, k, v, o, lse, ctx.scale)
     return dq, dk, dv, None
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_causal_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
+
+# ----------------------------------------------------------------------------- public entry
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """The triton backend of kernels.causal_attention (inputs validated there); see the module doc."""
-    return _forward_op(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale))[0]
+    return _causal_attention_op(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale))[0]

@@ -37,10 +37,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import reduce_losses
+from kernels.launching import as_rows, reduce_losses
 
 MAX_BLOCK_V = 8192
 
+
+# ----------------------------------------------------------------------------- kernels
 
 @triton.jit
 def _zero_row(g_row, V, BLOCK_V: tl.constexpr):
@@ -62,8 +64,8 @@ def _grad_row(x_row, g_row, target, lse, grad_target, scale, V, label_smoothing,
 
 
 @triton.jit
-def _forward_kernel(X, stride_x, T, LOSS, LSE, GRAD_T, G, stride_g, SCALE, stride_scale, V, ignore_index,
-                    label_smoothing, z_loss, BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr):
+def _cross_entropy_fwd_kernel(X, stride_x, T, LOSS, LSE, GRAD_T, G, stride_g, SCALE, stride_scale, V, ignore_index,
+                              label_smoothing, z_loss, BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)     # int64: row * stride passes 2^31 at LLM sizes
     x_row = X + row * stride_x
     target = tl.load(T + row)
@@ -110,8 +112,8 @@ def _forward_kernel(X, stride_x, T, LOSS, LSE, GRAD_T, G, stride_g, SCALE, strid
 
 
 @triton.jit
-def _backward_kernel(X, stride_x, T, LSE, GRAD_T, G, stride_g, SCALE, stride_scale, V, ignore_index,
-                     label_smoothing, z_loss, BLOCK_V: tl.constexpr):
+def _cross_entropy_bwd_kernel(X, stride_x, T, LSE, GRAD_T, G, stride_g, SCALE, stride_scale, V, ignore_index,
+                              label_smoothing, z_loss, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(T + row)
     g_row = G + row * stride_g
@@ -123,15 +125,12 @@ def _backward_kernel(X, stride_x, T, LSE, GRAD_T, G, stride_g, SCALE, stride_sca
                   label_smoothing, z_loss, BLOCK_V)
 
 
+# ----------------------------------------------------------------------------- launchers
+
 def _launch_config(vocab: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps): blocks of up to 8k logits, ~16 per thread, enough bytes in flight per SM."""
     block = min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
     return block, max(1, min(16, block // 512))
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """The kernels index rows by stride and columns by 1."""
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def forward(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, lse: torch.Tensor,
@@ -145,12 +144,12 @@ def forward(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, l
     n_rows, vocab = logits.shape
     if n_rows == 0:
         return
-    logits = _rows(logits)
+    logits = as_rows(logits)
     block, warps = _launch_config(vocab)
     write_grad = grad is not None
     g = grad if write_grad else logits          # the pointer is unused without WRITE_GRAD
     s = scale if write_grad else losses
-    _forward_kernel[(n_rows,)](
+    _cross_entropy_fwd_kernel[(n_rows,)](
         logits, logits.stride(0), targets.contiguous(), losses, lse, grad_target, g, g.stride(0),
         s, s.stride(0) if s.numel() > 1 else 0, vocab, ignore_index, label_smoothing, z_loss,
         BLOCK_V=block, WRITE_GRAD=write_grad, num_warps=warps)
@@ -166,9 +165,9 @@ def backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, gra
     n_rows, vocab = logits.shape
     if n_rows == 0:
         return
-    logits = _rows(logits)
+    logits = as_rows(logits)
     block, warps = _launch_config(vocab)
-    _backward_kernel[(n_rows,)](
+    _cross_entropy_bwd_kernel[(n_rows,)](
         logits, logits.stride(0), targets.contiguous(), lse, grad_target, grad, grad.stride(0),
         scale, scale.stride(0) if scale.numel() > 1 else 0, vocab, ignore_index, label_smoothing, z_loss,
         BLOCK_V=block, num_warps=warps)
@@ -215,15 +214,16 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_losses, _grad_lse, _grad_grad_target):
     logits, targets, lse, grad_target = ctx.saved_tensors
-    grad = torch.ops.tritongpt.cross_entropy_backward(logits, targets, lse, grad_target, grad_losses, *ctx.args)
+    grad = _cross_entropy_backward_op(logits, targets, lse, grad_target, grad_losses, *ctx.args)
     return grad, None, None, None, None
 
 
-torch.library.register_autograd("tritongpt::cross_entropy", _backward, setup_context=_setup_context)
+_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
+
+# ----------------------------------------------------------------------------- public entry
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
-    losses, _, _ = torch.ops.tritongpt.cross_entropy(logits, targets, ignore_index, float(label_smoothing),
-                                                     float(z_loss))                # (N,)
+    losses, _, _ = _cross_entropy_op(logits, targets, ignore_index, float(label_smoothing), float(z_loss))  # (N,)
     return reduce_losses(losses, targets != ignore_index, reduction)

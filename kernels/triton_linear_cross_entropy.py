@@ -1,6 +1,6 @@
 """Fused linear cross-entropy: cross_entropy(hidden @ weight.T, targets) without the (N, V) logits.
 
-The rows are processed in chunks of C rows (default: kernels.reference.default_chunk_rows, from a
+The rows are processed in chunks of C rows (default: kernels.launching.default_chunk_rows, from a
 memory budget; chunk_size overrides). Per chunk, with D the hidden size:
 
     logits = hidden[chunk] @ weight.T              (C, V) in the compute dtype, one private buffer
@@ -25,7 +25,7 @@ read twice and written once by the kernel (3 C V b bytes, b per logit) before tw
 them; the fp32 grad_weight accumulator is read and written once per chunk (8 V D bytes), which is
 why chunks should not be smaller than a few hundred rows.
 
-Matmuls run in kernels.reference.compute_dtype: the autocast dtype when autocast is on (fp32
+Matmuls run in kernels.launching.compute_dtype: the autocast dtype when autocast is on (fp32
 master weights are cast once per call), else the promoted input dtype. Gradients come back in
 the dtypes of hidden and weight.
 """
@@ -34,8 +34,10 @@ from __future__ import annotations
 import torch
 
 from kernels import triton_cross_entropy as ce
-from kernels.reference import reduce_losses, compute_dtype, default_chunk_rows
+from kernels.launching import compute_dtype, default_chunk_rows, reduce_losses
 
+
+# ----------------------------------------------------------------------------- launchers
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b. cuBLAS writes half-precision products straight into fp32; other
@@ -48,10 +50,10 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(a @ b)
 
 
-def chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                 label_smoothing: float, z_loss: float, chunk: int, dtype: torch.dtype, scale: torch.Tensor,
-                 losses: torch.Tensor | None, lse: torch.Tensor, grad_target: torch.Tensor,
-                 grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None) -> None:
+def _chunk_loop(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                label_smoothing: float, z_loss: float, chunk: int, dtype: torch.dtype, scale: torch.Tensor,
+                losses: torch.Tensor | None, lse: torch.Tensor, grad_target: torch.Tensor,
+                grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None) -> None:
     """Run the chunk loop, writing into the given buffers.
 
     losses given: forward (write losses, lse, true-class entries; gradients only when a gradient
@@ -84,6 +86,30 @@ def chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
             _accumulate(grad_weight, logits.T, h)
 
 
+def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+            label_smoothing: float, z_loss: float, chunk: int, dtype: torch.dtype, scale: torch.Tensor,
+            losses: torch.Tensor, lse: torch.Tensor, grad_target: torch.Tensor,
+            grad_hidden: torch.Tensor | None = None, grad_weight: torch.Tensor | None = None) -> None:
+    """Write per-row losses, lse and true-class gradient entries (each (N,) fp32), chunk by chunk.
+
+    With grad_hidden (N, D) and/or grad_weight ((V, D) fp32, zero on entry), also write the
+    gradients of the losses scaled by scale (one entry or (N,) per row).
+    """
+    _chunk_loop(hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk, dtype, scale,
+                losses, lse, grad_target, grad_hidden, grad_weight)
+
+
+def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+             label_smoothing: float, z_loss: float, chunk: int, dtype: torch.dtype, scale: torch.Tensor,
+             lse: torch.Tensor, grad_target: torch.Tensor, grad_hidden: torch.Tensor | None,
+             grad_weight: torch.Tensor | None) -> None:
+    """Write the gradients of scale (N,) times the per-row losses into grad_hidden and/or
+    grad_weight (as in forward), recomputing each chunk's logits, from forward's lse and
+    true-class entries."""
+    _chunk_loop(hidden, weight, targets, ignore_index, label_smoothing, z_loss, chunk, dtype, scale,
+                None, lse, grad_target, grad_hidden, grad_weight)
+
+
 def _gradient_buffers(hidden: torch.Tensor, weight: torch.Tensor, need_hidden: bool, need_weight: bool):
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
     grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -110,8 +136,8 @@ def _linear_cross_entropy_op(
     grad_hidden, grad_weight = _gradient_buffers(hidden, weight, need_hidden and eager_grads,
                                                  need_weight and eager_grads)
     scale = (1.0 / kept.sum().clamp(min=1) if reduction == "mean" else torch.ones((), device=hidden.device))
-    chunked_pass(hidden, weight, targets.contiguous(), ignore_index, label_smoothing, z_loss, chunk, dtype,
-                 scale.float().reshape(1), losses, lse, grad_target, grad_hidden, grad_weight)
+    forward(hidden, weight, targets.contiguous(), ignore_index, label_smoothing, z_loss, chunk, dtype,
+            scale.float().reshape(1), losses, lse, grad_target, grad_hidden, grad_weight)
     return (reduce_losses(losses, kept, reduction), lse, grad_target,
             _placeholder(hidden) if grad_hidden is None else grad_hidden,
             _placeholder(weight) if grad_weight is None else grad_weight.to(weight.dtype))
@@ -137,8 +163,8 @@ def _linear_cross_entropy_backward_op(
         need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of reduction="none" for per-row upstream gradients grad_losses (N,)."""
     grad_hidden, grad_weight = _gradient_buffers(hidden, weight, need_hidden, need_weight)
-    chunked_pass(hidden, weight, targets.contiguous(), ignore_index, label_smoothing, z_loss, chunk, dtype,
-                 grad_losses.float(), None, lse, grad_target, grad_hidden, grad_weight)
+    backward(hidden, weight, targets.contiguous(), ignore_index, label_smoothing, z_loss, chunk, dtype,
+             grad_losses.float(), lse, grad_target, grad_hidden, grad_weight)
     return (_placeholder(hidden) if grad_hidden is None else grad_hidden,
             _placeholder(weight) if grad_weight is None else grad_weight.to(weight.dtype))
 
@@ -165,22 +191,23 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_loss, *_unused):
     need_hidden, need_weight = ctx.needs_input_grad[:2]
     if ctx.reduction == "none":
-        grad_hidden, grad_weight = torch.ops.tritongpt.linear_cross_entropy_backward(
-            *ctx.saved_tensors, grad_loss, *ctx.args)
+        grad_hidden, grad_weight = _linear_cross_entropy_backward_op(*ctx.saved_tensors, grad_loss, *ctx.args)
     else:
         grad_hidden, grad_weight = (g * grad_loss for g in ctx.saved_tensors)
     return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
             None, None, None, None, None, None, None, None, None)
 
 
-torch.library.register_autograd("tritongpt::linear_cross_entropy", _backward, setup_context=_setup_context)
+_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
+
+# ----------------------------------------------------------------------------- public entry
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                          reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
                          chunk_size: int | None = None) -> torch.Tensor:
     grad_on = torch.is_grad_enabled()
-    loss, *_ = torch.ops.tritongpt.linear_cross_entropy(
+    loss, *_ = _linear_cross_entropy_op(
         hidden, weight, targets, ignore_index, reduction, float(label_smoothing), float(z_loss),
         chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0]), compute_dtype(hidden, weight),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad)

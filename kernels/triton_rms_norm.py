@@ -25,19 +25,19 @@ partial in the program's own row of the partial buffer.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from kernels.launching import as_rows, sm_count
 
 # Widest row kept in registers by one program; wider rows are processed in blocks of this size.
 MAX_BLOCK = 8192
 # Elements per program tile in the forward (and per loop step in the backward) for narrow rows.
 TILE = 2048
-# Stands in for the SM count when the interpreter runs the kernels on the CPU.
-_INTERPRETER_SMS = 4
 
+
+# ----------------------------------------------------------------------------- kernels
 
 @triton.jit
 def _residual_add(X, R, H, cols, mask, HAS_RESIDUAL: tl.constexpr):
@@ -155,12 +155,6 @@ def _rms_norm_bwd_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., D) -> (M, D) with unit column stride; rows may keep any stride (no copy then)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(1) == 1 else t2.contiguous()
-
-
 def _tile_config(D: int) -> tuple[int, int, int, bool]:
     """(ROWS, BLOCK, num_warps, single block) for rows of D elements.
 
@@ -172,15 +166,8 @@ def _tile_config(D: int) -> tuple[int, int, int, bool]:
     return rows, block, min(max(rows * block // 256, 1), 16), D <= block
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _forward(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
-             eps: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def forward(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
+            eps: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """y, h (None without the residual) and rstd (fp32, x.shape[:-1])."""
     D = x.shape[-1]
     weight = weight.contiguous()
@@ -189,8 +176,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | Non
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return y, h, rstd.fill_(eps ** -0.5)
-    x2 = _rows(x)                                                              # (M, D)
-    r2 = x2 if residual is None else _rows(residual)                          # (M, D)
+    x2 = as_rows(x)                                                            # (M, D)
+    r2 = x2 if residual is None else as_rows(residual)                         # (M, D)
     h2 = x2 if h is None else h.view(-1, D)                                    # (M, D)
     y2 = y.view(-1, D)                                                         # (M, D)
     M = x2.shape[0]
@@ -204,20 +191,20 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | Non
     return y, h, rstd
 
 
-def _backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-              dh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+             dh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """dx (h's shape and dtype) and dweight (weight's dtype), for y = rms_norm(h)."""
     D = h.shape[-1]
     weight = weight.contiguous()
     dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     if h.numel() == 0:
         return dx, torch.zeros_like(weight)
-    dy2, h2, dx2 = _rows(dy), _rows(h), dx.view(-1, D)                        # (M, D) each
-    dh2 = dy2 if dh is None else _rows(dh)                                    # (M, D)
+    dy2, h2, dx2 = as_rows(dy), as_rows(h), dx.view(-1, D)                     # (M, D) each
+    dh2 = dy2 if dh is None else as_rows(dh)                                   # (M, D)
     M = h2.shape[0]
     rows, block, num_warps, single = _tile_config(D)
     # Several programs per SM hide the latency of each tile's load -> reduce -> store chain.
-    programs = min(triton.cdiv(M, rows), _sm_count(h.device) * max(1, 32 // num_warps))
+    programs = min(triton.cdiv(M, rows), sm_count(h.device) * max(1, 32 // num_warps))
     rows_per_program = triton.cdiv(triton.cdiv(M, programs), rows) * rows
     programs = triton.cdiv(M, rows_per_program)
     # One block per row overwrites its whole partial row; the block loop accumulates into it.
@@ -231,33 +218,27 @@ def _backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: tor
     return dx, partial.sum(0).to(weight.dtype)
 
 
-# ----------------------------------------------------------------------------- custom ops
-
-@torch.library.custom_op("tritongpt::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    y, _, rstd = _forward(x, weight, None, eps)
-    return y, rstd
-
-
-@torch.library.custom_op("tritongpt::add_rms_norm", mutates_args=())
-def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, weight, residual, eps)
-
-
-@torch.library.custom_op("tritongpt::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                          dh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward(dy, h, weight, rstd, dh)
-
+# ----------------------------------------------------------------------------- torch custom ops
 
 def _rstd_like(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
+@torch.library.custom_op("tritongpt::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    y, _, rstd = forward(x, weight, None, eps)
+    return y, rstd
+
+
 @_rms_norm_op.register_fake
 def _(x, weight, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format), _rstd_like(x)
+
+
+@torch.library.custom_op("tritongpt::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return forward(x, weight, residual, eps)
 
 
 @_add_rms_norm_op.register_fake
@@ -266,24 +247,30 @@ def _(x, residual, weight, eps):
     return y, torch.empty_like(y), _rstd_like(x)
 
 
+@torch.library.custom_op("tritongpt::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                          dh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return backward(dy, h, weight, rstd, dh)
+
+
 @_rms_norm_backward_op.register_fake
 def _(dy, h, weight, rstd, dh):
     return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 
-def _setup_rms_norm(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     x, weight, _ = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, weight, output[1])
 
 
-def _rms_norm_grad(ctx, dy, _drstd):
+def _backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     dx, dweight = _rms_norm_backward_op(dy, x, weight, rstd, None)
     return dx, dweight, None
 
 
-def _setup_add_rms_norm(ctx, inputs, output):
+def _add_rms_norm_setup_context(ctx, inputs, output):
     _, _, weight, _ = inputs
     _, h, rstd = output
     ctx.mark_non_differentiable(rstd)
@@ -292,7 +279,7 @@ def _setup_add_rms_norm(ctx, inputs, output):
     ctx.save_for_backward(h, weight, rstd)
 
 
-def _add_rms_norm_grad(ctx, dy, dh, _drstd):
+def _add_rms_norm_backward(ctx, dy, dh, _drstd):
     h, weight, rstd = ctx.saved_tensors
     if dy is None:
         return dh, dh, None, None
@@ -300,9 +287,11 @@ def _add_rms_norm_grad(ctx, dy, dh, _drstd):
     return dx, dx, dweight, None
 
 
-_rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_setup_rms_norm)
-_add_rms_norm_op.register_autograd(_add_rms_norm_grad, setup_context=_setup_add_rms_norm)
+_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_add_rms_norm_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup_context)
 
+
+# ----------------------------------------------------------------------------- public entry
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
              residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

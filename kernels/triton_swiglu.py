@@ -22,6 +22,8 @@ BLOCK = 1024
 NUM_WARPS = 4
 
 
+# ----------------------------------------------------------------------------- kernels
+
 @triton.jit
 def _swiglu_fwd_kernel(G, U, OUT, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)         # (BLOCK,)
@@ -43,12 +45,14 @@ def _swiglu_bwd_kernel(DOUT, G, U, DG, DU, N, BLOCK: tl.constexpr):
     tl.store(DU + offs, (dout * g * s).to(DU.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------------------------- launchers
+
 def _grid(n: int) -> tuple[int]:
     return (triton.cdiv(n, BLOCK),)
 
 
-@torch.library.custom_op("tritongpt::swiglu", mutates_args=())
-def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """out = silu(gate) * up, contiguous, in gate's dtype."""
     # Flat indexing needs dense inputs; contiguous() is free when they already are.
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
@@ -57,9 +61,8 @@ def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@torch.library.custom_op("tritongpt::swiglu_backward", mutates_args=())
-def _swiglu_backward_op(dout: torch.Tensor, gate: torch.Tensor,
-                        up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dgate, dup), contiguous, from the upstream gradient and the forward's inputs."""
     dout, gate, up = dout.contiguous(), gate.contiguous(), up.contiguous()
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
     if gate.numel():
@@ -68,9 +71,22 @@ def _swiglu_backward_op(dout: torch.Tensor, gate: torch.Tensor,
     return dgate, dup
 
 
+# ----------------------------------------------------------------------------- torch custom ops
+
+@torch.library.custom_op("tritongpt::swiglu", mutates_args=())
+def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return forward(gate, up)
+
+
 @_swiglu_op.register_fake
 def _(gate, up):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("tritongpt::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(dout: torch.Tensor, gate: torch.Tensor,
+                        up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return backward(dout, gate, up)
 
 
 @_swiglu_backward_op.register_fake
@@ -79,17 +95,19 @@ def _(dout, gate, up):
             torch.empty_like(up, memory_format=torch.contiguous_format))
 
 
-def _setup(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _swiglu_grad(ctx, dout):
+def _backward(ctx, dout):
     gate, up = ctx.saved_tensors
     return _swiglu_backward_op(dout, gate, up)
 
 
-_swiglu_op.register_autograd(_swiglu_grad, setup_context=_setup)
+_swiglu_op.register_autograd(_backward, setup_context=_setup_context)
 
+
+# ----------------------------------------------------------------------------- public entry
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, elementwise, in gate's dtype."""

@@ -5,6 +5,7 @@ depends on it replaces kernels._triton_impls with stand-ins (fake_triton / no_tr
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -82,6 +83,36 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 ])
 def test_parse_spec(spec, expected):
     assert kernels.parse_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["auto", "torch,rms_norm=triton", " rms_norm = torch , swiglu=auto "])
+def test_spec_type_returns_a_valid_spec_unchanged(spec):
+    assert kernels.spec_type(spec) == spec
+
+
+@pytest.mark.parametrize("spec, choices", [
+    ("nope", f"expected a backend ({BACKENDS_LIST}) or op=backend with op in ({OPS_LIST})"),
+    ("nope=torch", f"valid ops are {OPS_LIST}"),
+    ("swiglu=cuda", f"valid backends are {BACKENDS_LIST}"),
+])
+def test_spec_type_rejects_a_bad_spec_with_the_choices(spec, choices):
+    with pytest.raises(ValueError) as parsed:
+        kernels.parse_spec(spec)
+    with pytest.raises(argparse.ArgumentTypeError) as caught:
+        kernels.spec_type(spec)
+    assert str(caught.value) == str(parsed.value)
+    assert choices in str(caught.value)
+
+
+def test_spec_type_as_an_argparse_type(capsys):
+    parser = argparse.ArgumentParser(prog="pretrain")
+    parser.add_argument("--kernels", type=kernels.spec_type)
+    assert parser.parse_args(["--kernels", "torch,rms_norm=triton"]).kernels == "torch,rms_norm=triton"
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["--kernels", "rms_norm=cuda"])
+    assert exited.value.code == 2
+    assert f"argument --kernels: unknown backend 'cuda' for rms_norm; valid backends are {BACKENDS_LIST}" \
+        in capsys.readouterr().err
 
 
 def test_use_spec_and_keywords(fake_triton):

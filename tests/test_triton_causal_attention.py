@@ -53,10 +53,10 @@ def check_kernels(B, Hq, Hkv, Tq, Tk, D, layout, dtype, scale=None) -> None:
     sm_scale = D ** -0.5 if scale is None else scale
     o = nan_filled(B, Tq, Hq, D, dtype=dtype, device=DEVICE).transpose(1, 2)
     lse = nan_filled(B, Hq, Tq, dtype=torch.float32, device=DEVICE)
-    tca.launch_forward(q, k, v, sm_scale, o, lse)
+    tca.forward(q, k, v, sm_scale, o, lse)
     dq = nan_filled(B, Hq, Tq, D, dtype=dtype, device=DEVICE)
     dk, dv = (nan_filled(B, Hkv, Tk, D, dtype=dtype, device=DEVICE) for _ in range(2))
-    tca.launch_backward(do, q, k, v, o, lse, sm_scale, dq, dk, dv)
+    tca.backward(do, q, k, v, o, lse, sm_scale, dq, dk, dv)
 
     exact_out, exact_grads = reference_grads(q, k, v, do, scale, torch.float64)
     ref_out, ref_grads = reference_grads(q, k, v, do, scale, dtype)
@@ -145,9 +145,9 @@ def test_public_op_autograd_and_layout():
 
 def test_opcheck_custom_ops():
     q, k, v = make_inputs(1, 2, 1, 5, 9, 16, "cache", torch.float32)
-    torch.library.opcheck(tca._forward_op, (q, k, v, 0.25))
-    o, lse = tca._forward_op(q, k, v, 0.25)
-    torch.library.opcheck(tca._backward_op, (torch.randn_like(o), q, k, v, o, lse, 0.25))
+    torch.library.opcheck(tca._causal_attention_op, (q, k, v, 0.25))
+    o, lse = tca._causal_attention_op(q, k, v, 0.25)
+    torch.library.opcheck(tca._causal_attention_backward_op, (torch.randn_like(o), q, k, v, o, lse, 0.25))
 
 
 def test_compiles_without_graph_break():

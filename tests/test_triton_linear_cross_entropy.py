@@ -128,15 +128,15 @@ def test_no_grad_forward_matches():
 
 
 def test_chunk_loop_writes_every_row():
-    """chunked_pass fills the NaN-filled per-row buffers and grad_hidden, ignored rows included."""
+    """The forward launcher fills the NaN-filled per-row buffers and grad_hidden, ignored rows included."""
     n, v, d = 23, 130, 16
     hidden, weight = make_inputs(n, v, d, torch.float16)
     targets = make_targets(n, v, ignored=0.4)
     losses, lse, grad_target = (nan_filled(n, dtype=torch.float32, device=DEVICE) for _ in range(3))
     grad_hidden = nan_filled(n, d, dtype=hidden.dtype, device=DEVICE)
     grad_weight = torch.zeros(v, d, device=DEVICE)
-    tlce.chunked_pass(hidden, weight, targets, -100, 0.1, 1e-4, 5, torch.float16, torch.ones(1, device=DEVICE),
-                      losses, lse, grad_target, grad_hidden, grad_weight)
+    tlce.forward(hidden, weight, targets, -100, 0.1, 1e-4, 5, torch.float16, torch.ones(1, device=DEVICE),
+                 losses, lse, grad_target, grad_hidden, grad_weight)
     for t in (losses, lse, grad_target, grad_hidden, grad_weight):
         assert t.isfinite().all()
     assert not grad_hidden[targets == -100].any()
