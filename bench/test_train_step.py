@@ -9,7 +9,8 @@ import torch
 import kernels
 from bench.conftest import DEVICE, ON_GPU, measure
 from model import GPT, ModelConfig
-from train.loop import TrainConfig, make_optimizer, peak_flops
+from train.config import TrainConfig
+from train.loop import make_optimizer, peak_flops
 
 PRESET, VOCAB, BATCH = ("small", 32768, 8) if ON_GPU else ("tiny", 4096, 4)
 

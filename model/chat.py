@@ -1,7 +1,7 @@
 """Chat with a trained run in the terminal: `python -m model.chat RUN_OR_CKPT`.
 
 Replies stream token by token. The whole conversation is the context of each reply (rendered with
-the chat template of train/chat_format.py, the one SFT and DPO trained on); the oldest turns are
+the chat template of model/chat_format.py, the one SFT and DPO trained on); the oldest turns are
 dropped when it no longer fits in the model's block_size. Type /reset to forget the conversation,
 /quit (or Ctrl-D) to leave. When stdin is not a terminal, all of it is one prompt: the reply is
 printed and the program exits, e.g. `echo "What is 2 + 3?" | python -m model.chat runs/sft-...`.
@@ -17,9 +17,8 @@ import torch
 import kernels
 from model import GPT
 from model.generate import generate
-from train import checkpoint
-from train.chat_format import ChatTokens, render_prompt, reply_text
-from train.loop import kernel_spec
+from model.chat_format import ChatTokens, render_prompt, reply_text
+from model.checkpoint import load_model, load_tokenizer
 
 
 class Chat:
@@ -109,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one per reply)")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
-    parser.add_argument("--kernels", type=kernel_spec, default="auto",
+    parser.add_argument("--kernels", type=kernels.spec_type, default="auto",
                         help="kernel backends, as for training (auto, triton, torch, ...)")
     return parser
 
@@ -118,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     kernels.use(args.kernels)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, _ = checkpoint.load_model(args.path, device)
-    chat = Chat(model, checkpoint.load_tokenizer(args.path), args.temperature, args.top_k or None,
+    model, _ = load_model(args.path, device)
+    chat = Chat(model, load_tokenizer(args.path), args.temperature, args.top_k or None,
                 args.top_p, args.max_tokens, args.seed)
     if sys.stdin.isatty():
         interactive(chat, sys.stdout)

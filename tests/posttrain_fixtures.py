@@ -10,7 +10,7 @@ import torch
 from model import GPT, ModelConfig
 from train import checkpoint
 from train.tasks import make_tasks
-from train.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer
 
 
 @lru_cache(maxsize=1)

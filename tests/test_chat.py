@@ -8,7 +8,7 @@ import pytest
 
 from model import chat
 from posttrain_fixtures import make_run, tiny_model, tokenizer
-from train.chat_format import render_prompt
+from model.chat_format import render_prompt
 
 
 class Pipe(io.StringIO):

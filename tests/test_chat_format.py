@@ -2,8 +2,8 @@
 import pytest
 
 from posttrain_fixtures import tokenizer
-from train.chat_format import ChatTokens, render, render_prompt, reply_text
-from train.tokenizer import Tokenizer
+from model.chat_format import ChatTokens, render, render_prompt, reply_text
+from model.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 import kernels
 from posttrain_fixtures import make_run, tiny_model, tokenizer
 from train import dpo, tasks
-from train.loop import TrainConfig, config_from, fit
+from train.config import TrainConfig
+from train.loop import fit
 from train.runtime import setup
 from train.sft_data import encode_pairs
 
-TINY = ["--device", "cpu", "--batch-size", "4", "--n-train", "24", "--eval-tokens", "7", "--lr", "1e-3",
+TINY = ["--device", "cpu", "--batch-size", "4", "--n-train", "24", "--eval-examples", "7", "--lr", "1e-3",
         "--warmup-steps", "1", "--log-interval", "1", "--eval-interval", "0", "--rejected", "rule"]
 
 
@@ -73,12 +74,11 @@ def test_policy_equal_to_reference_gives_ln2_plus_the_nll_term(nll_weight):
 
 def test_reference_is_frozen_and_unchanged(tmp_path):
     init = make_run(tmp_path / "base")
-    args = dpo.build_parser(cuda=False).parse_args(["--init", str(init), "--out", str(tmp_path / "dpo"),
-                                                    "--max-steps", "3", *TINY])
+    cfg = dpo.STAGE.parse(["--init", str(init), "--out", str(tmp_path / "dpo"), "--max-steps", "3", *TINY])
     rt = setup("cpu", "fp32")
-    job, policy = dpo.build(args, rt)
+    job, policy = dpo.build(cfg, rt)
     before = copy.deepcopy(job.reference.state_dict())
-    fit(config_from(args), job, policy, rt, tmp_path / "dpo", {"job": "dpo"})
+    fit(cfg, job, policy, rt, {"job": "dpo"})
     assert not job.reference.training
     assert all(not p.requires_grad and p.grad is None for p in job.reference.parameters())
     assert all(torch.equal(v, before[k]) for k, v in job.reference.state_dict().items())

@@ -4,8 +4,8 @@ import stat
 
 import pytest
 
-from train import files
-from train.files import atomic_write_text
+from model import files
+from model.files import atomic_write_text
 
 
 def test_writes_text_and_creates_parent_dirs(tmp_path):

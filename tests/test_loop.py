@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from model import GPT, ModelConfig
+from model.checkpoint import load_model, load_weights, resolve
 from train import checkpoint
-from train.loop import TrainConfig, fit, lr_at, make_optimizer
+from train.config import TrainConfig
+from train.loop import fit, lr_at, make_optimizer
 from train.runtime import setup
 
 V, T = 64, 16
@@ -48,10 +50,10 @@ def tiny_model():
 
 
 def train(tmp_path, name, **overrides):
-    cfg = TrainConfig(**{"batch_size": 4, "max_steps": 20, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3,
-                         "eval_interval": 10, "ckpt_interval": 5, "log_interval": 1, **overrides})
     run_dir = tmp_path / name
-    result = fit(cfg, CountingJob(), tiny_model(), setup("cpu", "fp32"), run_dir, {"job": "synthetic"})
+    cfg = TrainConfig(**{"out": str(run_dir), "batch_size": 4, "max_steps": 20, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3,
+                         "eval_interval": 10, "ckpt_interval": 5, "log_interval": 1, **overrides})
+    result = fit(cfg, CountingJob(), tiny_model(), setup("cpu", "fp32"), {"job": "synthetic"})
     return result, [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["step"] > 0]
 
 
@@ -103,15 +105,15 @@ def test_grad_accum_counts_every_micro_batch(tmp_path):
 def test_checkpoint_survives_a_crash_during_save(tmp_path, monkeypatch):
     train(tmp_path, "run", max_steps=5)
     ckpt = tmp_path / "run"
-    good = checkpoint.resolve(ckpt)
+    good = resolve(ckpt)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing")
     monkeypatch.setattr(checkpoint, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(ckpt, 99, tiny_model().state_dict(), None, {"tokens": 0, "model_config": {}})
-    assert checkpoint.resolve(ckpt) == good
-    model, state = checkpoint.load_model(ckpt)
+    assert resolve(ckpt) == good
+    model, state = load_model(ckpt)
     assert state["step"] == 5 and isinstance(model, GPT)
 
 
@@ -127,18 +129,18 @@ def test_checkpoints_are_readable_like_plain_files(tmp_path):
 
 def test_corrupt_and_mismatched_checkpoints(tmp_path):
     train(tmp_path, "run", max_steps=5)
-    ckpt = checkpoint.resolve(tmp_path / "run")
+    ckpt = resolve(tmp_path / "run")
     other = GPT(ModelConfig.preset("tiny", vocab_size=V + 1, n_layer=2, n_embd=64, block_size=T))
     with pytest.raises(ValueError, match=r"does not match the model.*embed.weight"):
-        checkpoint.load_weights(ckpt, other)
+        load_weights(ckpt, other)
     (ckpt / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="corrupt checkpoint.*model.safetensors"):
-        checkpoint.load_model(ckpt)
+        load_model(ckpt)
     with pytest.raises(ValueError, match="no checkpoint at"):
-        checkpoint.resolve(tmp_path / "nowhere")
+        resolve(tmp_path / "nowhere")
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_000777")
     with pytest.raises(ValueError, match="missing or incomplete"):
-        checkpoint.resolve(tmp_path / "run")
+        resolve(tmp_path / "run")
 
 
 def test_profiler_writes_trace_and_table(tmp_path, capsys):
@@ -150,5 +152,5 @@ def test_profiler_writes_trace_and_table(tmp_path, capsys):
 
 def test_max_minutes_stops_with_a_checkpoint(tmp_path):
     result, records = train(tmp_path, "timed", max_minutes=1e-9)
-    assert result["step"] == 1 and checkpoint.resolve(tmp_path / "timed").name == "step_000001"
+    assert result["step"] == 1 and resolve(tmp_path / "timed").name == "step_000001"
     assert result["stopped_early"] == "step 1 of 20 (--max-minutes 1e-09 reached)"

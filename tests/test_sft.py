@@ -7,12 +7,12 @@ import torch.nn.functional as F
 
 from posttrain_fixtures import make_run, tiny_model, tokenizer
 from train import sft, tasks
-from train.chat_format import ChatTokens
-from train.loop import TrainConfig
+from model.chat_format import ChatTokens
+from train.config import TrainConfig
 from train.runtime import setup
 from train.sft_data import encode
 
-TINY = ["--device", "cpu", "--batch-size", "8", "--n-train", "64", "--eval-tokens", "14", "--lr", "3e-3",
+TINY = ["--device", "cpu", "--batch-size", "8", "--n-train", "64", "--eval-examples", "14", "--lr", "3e-3",
         "--warmup-steps", "2", "--log-interval", "1", "--eval-interval", "0"]
 
 

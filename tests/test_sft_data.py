@@ -4,7 +4,7 @@ import json
 import pytest
 
 from posttrain_fixtures import tokenizer
-from train.chat_format import ChatTokens, render
+from model.chat_format import ChatTokens, render
 from train.sft_data import IGNORE, collate, encode, encode_pairs, load_dpo, load_sft, stream_indices
 
 CONVERSATION = [{"role": "user", "content": "Uppercase: cat"}, {"role": "assistant", "content": "CAT"}]

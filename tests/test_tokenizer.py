@@ -8,7 +8,7 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from train.tokenizer import DEFAULT_SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, count_chunks, learn_merges
+from model.tokenizer import DEFAULT_SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, count_chunks, learn_merges
 
 FEW = settings(max_examples=25, deadline=None)
 TRICKY = ["", "hello world", "  leading and trailing  ", "e\u0301 combining, \u00e9 precomposed", "\x00nul\x00",

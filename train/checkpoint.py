@@ -1,14 +1,9 @@
-"""Checkpoints: safetensors weights + JSON state + torch-saved optimizer and RNG states.
+"""Writing checkpoints, and the optimizer and RNG states that make a resume exact.
 
-Layout of a run directory's checkpoints:
-    checkpoints/step_000100/model.safetensors   weights (fp32 masters, tied embedding once)
-    checkpoints/step_000100/state.json          step, tokens, model config, task-specific state
-    checkpoints/step_000100/optimizer.pt        optimizer state dict and RNG states (exact resume)
-    checkpoints/latest                          the name of the newest complete checkpoint
-
-A checkpoint is written into a temporary directory that is renamed into place, and `latest` is
-replaced atomically afterwards, so a process killed at any moment leaves the previous checkpoint
-loadable and never a half-written one that looks complete.
+The layout is described in model/checkpoint.py, which reads it. A checkpoint is written into a
+temporary directory that is renamed into place, and `latest` is replaced atomically afterwards, so a
+process killed at any moment leaves the previous checkpoint loadable and never a half-written one
+that looks complete.
 """
 from __future__ import annotations
 
@@ -21,11 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from model import GPT, ModelConfig
-from train.files import atomic_write_text, current_umask
+from model.files import atomic_write_text, current_umask
 
 KEEP_LAST = 2
 
@@ -71,78 +64,8 @@ def save(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], optimiz
     return final
 
 
-def resolve(path: str | Path) -> Path:
-    """A run directory (-> its latest checkpoint) or a checkpoint directory -> the checkpoint directory."""
-    path = Path(path)
-    if (path / "model.safetensors").exists():
-        return path
-    latest = path / "checkpoints" / "latest"
-    if latest.exists():
-        ckpt = path / "checkpoints" / latest.read_text().strip()
-        if (ckpt / "model.safetensors").exists():
-            return ckpt
-        raise ValueError(f"{latest} points at {ckpt.name}, which is missing or incomplete; "
-                         f"edit {latest} to name a complete checkpoint under {latest.parent}")
-    raise ValueError(f"no checkpoint at {path}: expected a run directory with checkpoints/latest "
-                     f"or a checkpoint directory with model.safetensors")
-
-
-def load_state(ckpt: Path) -> dict:
-    try:
-        return json.loads((Path(ckpt) / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"corrupt checkpoint {ckpt}: state.json unreadable ({e}); resume from an older "
-                         f"checkpoint directory instead") from e
-
-
-def read_weights(ckpt: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """model.safetensors of ckpt, checked against the names and shapes of `expected` (a state dict)."""
-    try:
-        weights = load_file(str(Path(ckpt) / "model.safetensors"))
-    except (OSError, SafetensorError) as e:
-        raise ValueError(f"corrupt checkpoint {ckpt}: model.safetensors unreadable ({e})") from e
-    problems = [f"missing {k}" for k in expected if k not in weights]
-    problems += [f"unexpected {k}" for k in weights if k not in expected]
-    problems += [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
-    if problems:
-        raise ValueError(f"checkpoint {ckpt} does not match the model ({'; '.join(problems[:5])}); "
-                         f"build the model from the checkpoint's own config (state.json)")
-    return weights
-
-
-def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
-    model.load_state_dict(read_weights(ckpt, model.state_dict()))
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """A GPT built from a checkpoint's config with its weights, and the checkpoint's state."""
-    ckpt = resolve(path)
-    state = load_state(ckpt)
-    model = GPT(ModelConfig.from_dict(state["model_config"]))
-    load_weights(ckpt, model)
-    return model.to(device), state
-
-
 def load_optimizer(ckpt: Path) -> dict:
     try:
         return torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as e:
         raise ValueError(f"corrupt checkpoint {ckpt}: optimizer.pt unreadable ({e})") from e
-
-
-def run_dir_of(path: str | Path) -> Path:
-    """The run directory a run-or-checkpoint path belongs to."""
-    ckpt = resolve(path)
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-
-
-def load_tokenizer(path: str | Path):
-    """The tokenizer a run trained with (saved as tokenizer.json in its run directory)."""
-    from train.tokenizer import Tokenizer
-
-    tok_path = run_dir_of(path) / "tokenizer.json"
-    if not tok_path.exists():
-        raise ValueError(f"no tokenizer.json in {tok_path.parent}; it is written by every training job "
-                         f"into its run directory; copy the one of the data the model was trained on there")
-    return Tokenizer.load(tok_path)

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from train.files import atomic_write_text
+from model.files import atomic_write_text
 from train.filters import DocumentFilter, FilterConfig, Report
 from train.sources import iter_documents, source_fingerprint, source_slug
-from train.tokenizer import DEFAULT_SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, check_vocab_size
+from model.tokenizer import DEFAULT_SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, check_vocab_size
 
 FORMAT, VERSION = "tritongpt-data", 1
 MAGIC, HEADER = b"TGPTTOKS", struct.Struct("<8sIIQ")

@@ -14,24 +14,38 @@ held-out reward accuracy 0.917 -> 0.929 and exact match 0.769 -> 0.823.
 """
 from __future__ import annotations
 
-import argparse
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from model import GPT
-from train import tasks
-from train.chat_format import ChatTokens
-from train.loop import TrainConfig, add_args, config_from, positive_int
+from train import evaluate, tasks
+from train.config import TrainConfig, non_negative, option, positive
+from train.launch import Stage, run
+from train.posttrain import PostConfig, PostJob, held_out_tasks, holdout, load_init, report
 from train.runtime import Runtime
-from train.sft import add_post_args, holdout, load_init, run_post, task_sample
-from train.sft_data import IGNORE, Example, collate, encode_pairs, load_dpo, stream_indices
+from train.sft_data import IGNORE, Example, collate, encode_pairs, load_dpo
 
-CPU_DEFAULTS = TrainConfig(batch_size=16, max_steps=4000, lr=3e-4, min_lr=3e-5, warmup_steps=10, weight_decay=0.0,
-                           eval_interval=400, eval_tokens=350, ckpt_interval=1000, log_interval=10)
-CUDA_DEFAULTS = TrainConfig(batch_size=32, max_steps=1500, lr=3e-5, min_lr=3e-6, warmup_steps=30, weight_decay=0.0,
-                            eval_interval=500, eval_tokens=700, ckpt_interval=1500, log_interval=10)
+
+@dataclass
+class DPOConfig(PostConfig):
+    beta: float = option(0.1, "strength of the pull towards the reference (the KL penalty's inverse temperature)",
+                         non_negative)
+    nll_weight: float = option(1.0, "add this times the chosen responses' mean per-token NLL to the loss "
+                                    "(0: plain DPO)", non_negative)
+    rejected: str = option("sampled", "with --data tasks: rejected = the --init model's own wrong sample "
+                                      "(sampled) or a built-in plausible wrong answer (rule)",
+                           choices=("sampled", "rule"))
+    samples: int = option(4, "with --rejected sampled: replies sampled per training prompt; each distinct "
+                             "wrong one is a pair (held-out pairs always take one sample)", positive)
+
+
+CPU_DEFAULTS = DPOConfig(n_train=8000, batch_size=16, max_steps=4000, lr=3e-4, min_lr=3e-5, warmup_steps=10,
+                         weight_decay=0.0, eval_interval=400, eval_examples=350, ckpt_interval=1000, log_interval=10)
+CUDA_DEFAULTS = DPOConfig(n_train=8000, batch_size=32, max_steps=1500, lr=3e-5, min_lr=3e-6, warmup_steps=30,
+                          weight_decay=0.0, eval_interval=500, eval_examples=700, ckpt_interval=1500, log_interval=10)
 Pair = tuple[Example, Example]
 
 
@@ -77,17 +91,17 @@ def accuracy_by_kind(wins: list[bool], kinds: list[str]) -> dict[str, float]:
     return {f"val_reward_acc_{kind}": sum(w) / len(w) for kind, w in by_kind.items()}
 
 
-class DPOJob:
+class DPOJob(PostJob):
     """Preference pairs against a frozen reference; exact match on the test tasks."""
     name = "dpo"
 
     def __init__(self, train: list[Pair], val: list[Pair], test_tasks: list[tasks.Task], tok, reference: GPT,
                  beta: float, cfg: TrainConfig, rt: Runtime, nll_weight: float = 0.0,
                  val_kinds: list[str] | None = None):
-        self.train, self.val, self.test_tasks, self.tok = train, val, test_tasks, tok
+        super().__init__(test_tasks, tok, cfg, rt)
+        self.train, self.val = train, val
         self.val_kinds = val_kinds                        # task kind of each held-out pair, for per-kind accuracy
-        self.reference, self.beta, self.cfg, self.rt, self.nll_weight = reference, beta, cfg, rt, nll_weight
-        self.pad_id = ChatTokens.of(tok).bos
+        self.reference, self.beta, self.nll_weight = reference, beta, nll_weight
         self.ref_cache: dict[int, torch.Tensor] = {}     # train pair index -> (ref_c, ref_r) on the device
         self.val_ref: torch.Tensor | None = None          # (2, n_val)
 
@@ -98,15 +112,12 @@ class DPOJob:
             return pair_logps(self.reference, pairs, self.pad_id, self.rt.device)
 
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        B, W = self.cfg.batch_size, self.rt.world_size
-        start = ((step * self.cfg.grad_accum + micro) * W + self.rt.rank) * B
-        index = stream_indices(len(self.train), start, B, self.cfg.seed)
+        index = self.indices(len(self.train), step, micro)
         missing = sorted(set(index) - set(self.ref_cache))
         if missing:
             for i, ref in zip(missing, self.reference_logps([self.train[i] for i in missing]).T):
                 self.ref_cache[i] = ref
-        batch = {k: v.to(self.rt.device, non_blocking=True)
-                 for k, v in pair_batch([self.train[i] for i in index], self.pad_id).items()}
+        batch = self.on_device(pair_batch([self.train[i] for i in index], self.pad_id))
         batch["ref"] = torch.stack([self.ref_cache[i] for i in index], dim=1)        # (2, B)
         return batch
 
@@ -121,11 +132,8 @@ class DPOJob:
         nll = -logps[0].sum() / (batch["y"][:logps.shape[1]] != IGNORE).sum()
         return loss + self.nll_weight * nll, {**metrics, "dpo_loss": loss.detach(), "chosen_nll": nll.detach()}
 
-    def tokens(self, batch) -> int:
-        return batch["x"].numel()
-
     def evaluate(self, model: GPT) -> dict[str, float]:
-        metrics = tasks.exact_match(model, self.tok, self.test_tasks, self.cfg.batch_size)
+        metrics = self.exact_match(model)
         if self.val:
             chunks = [self.val[i:i + self.cfg.batch_size] for i in range(0, len(self.val), self.cfg.batch_size)]
             if self.val_ref is None:
@@ -137,9 +145,6 @@ class DPOJob:
                 chosen, rejected = implicit_rewards(policy[0], policy[1], self.val_ref[0], self.val_ref[1], self.beta)
                 metrics.update(accuracy_by_kind((chosen > rejected).tolist(), self.val_kinds))
         return metrics
-
-    def sample(self, model: GPT) -> str:
-        return task_sample(model, self.tok, self.test_tasks[0])
 
 
 def task_pairs(task_list: list[tasks.Task], model: GPT, tok, rejected: str, seed: int, rt: Runtime,
@@ -153,7 +158,7 @@ def task_pairs(task_list: list[tasks.Task], model: GPT, tok, rejected: str, seed
     with rt.autocast():
         for k in range(samples):
             # A prime stride keeps each round's seeds apart (replies() adds length * 1000 + start to the seed).
-            for t, w in zip(task_list, tasks.sampled_rejections(model, tok, task_list, seed + k * 7919)):
+            for t, w in zip(task_list, evaluate.sampled_rejections(model, tok, task_list, seed + k * 7919)):
                 pairs.setdefault((t.prompt, w), tasks.dpo_record(t, w))
     if rt.is_main:
         builtin = {(t.prompt, t.wrong) for t in task_list}
@@ -163,50 +168,34 @@ def task_pairs(task_list: list[tasks.Task], model: GPT, tok, rejected: str, seed
     return list(pairs.values())
 
 
-def build(args: argparse.Namespace, rt: Runtime) -> tuple[DPOJob, GPT]:
-    policy, tok = load_init(args, rt)
+def build(cfg: DPOConfig, rt: Runtime) -> tuple[DPOJob, GPT]:
+    policy, tok = load_init(cfg, rt)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    cfg = config_from(args)
-    test_tasks = tasks.make_tasks("test", cfg.eval_tokens, args.task_seed)
-    if args.data == "tasks":
-        train_records = task_pairs(tasks.make_tasks("train", args.n_train, args.task_seed), reference, tok,
-                                   args.rejected, cfg.seed, rt, args.samples)
-        val_records = task_pairs(test_tasks, reference, tok, args.rejected, cfg.seed + 1, rt)
+    test_tasks = held_out_tasks(cfg)
+    if cfg.data == "tasks":
+        train_records = task_pairs(tasks.make_tasks("train", cfg.n_train, cfg.task_seed), reference, tok,
+                                   cfg.rejected, cfg.seed, rt, cfg.samples)
+        val_records = task_pairs(test_tasks, reference, tok, cfg.rejected, cfg.seed + 1, rt)
     else:
-        train_records, val_records = holdout(load_dpo(args.data), cfg.eval_tokens)
+        train_records, val_records = holdout(load_dpo(cfg.data), cfg.eval_examples)
     block = policy.cfg.block_size
     train, dropped = encode_pairs(train_records, tok, block)
     val, _ = encode_pairs(val_records, tok, block)
     if not train:
-        raise SystemExit(f"no preference pair of {args.data} fits in block_size {block} tokens")
+        raise SystemExit(f"no preference pair of {cfg.data} fits in block_size {block} tokens")
     if rt.is_main:
-        print(f"data: {args.data}  {len(train)} train pairs ({dropped} longer than block_size dropped), "
-              f"{len(val)} held-out pairs, {len(test_tasks)} test tasks, beta={args.beta}")
+        print(f"data: {cfg.data}  {len(train)} train pairs ({dropped} longer than block_size dropped), "
+              f"{len(val)} held-out pairs, {len(test_tasks)} test tasks, beta={cfg.beta}")
     # Per-kind accuracy needs one held-out pair per test task; a block_size too small for some drops them.
-    kinds = [t.kind for t in test_tasks] if args.data == "tasks" and len(val) == len(test_tasks) else None
-    return DPOJob(train, val, test_tasks, tok, reference, args.beta, cfg, rt, args.nll_weight, kinds), policy
+    kinds = [t.kind for t in test_tasks] if cfg.data == "tasks" and len(val) == len(test_tasks) else None
+    return DPOJob(train, val, test_tasks, tok, reference, cfg.beta, cfg, rt, cfg.nll_weight, kinds), policy
 
 
-def build_parser(cuda: bool) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train.dpo", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_post_args(parser, n_train=8000)
-    parser.add_argument("--beta", type=float, default=0.1,
-                        help="strength of the pull towards the reference (the KL penalty's inverse temperature)")
-    parser.add_argument("--nll-weight", type=float, default=1.0,
-                        help="add this times the chosen responses' mean per-token NLL to the loss (0: plain DPO)")
-    parser.add_argument("--rejected", choices=("sampled", "rule"), default="sampled",
-                        help="with --data tasks: rejected = the --init model's own wrong sample (sampled) "
-                             "or a built-in plausible wrong answer (rule)")
-    parser.add_argument("--samples", type=positive_int, default=4,
-                        help="with --rejected sampled: replies sampled per training prompt; each distinct "
-                             "wrong one is a pair (held-out pairs always take one sample)")
-    add_args(parser, CUDA_DEFAULTS if cuda else CPU_DEFAULTS)
-    return parser
+STAGE = Stage("dpo", __doc__, CPU_DEFAULTS, CUDA_DEFAULTS, build, finish=report)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_post("dpo", build_parser, build, argv)
+    return run(STAGE, argv)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,17 @@
-"""What every training entry point does around the loop: arguments (and resumed configs), the
-runtime, the kernel backends, the run directory, the opening and closing summary."""
+"""What every training entry point does around the loop: the config (once, from the command line or a
+resumed run), the runtime, the kernel backends, the run directory, the opening and closing summary.
+
+A stage (train/pretrain.py, train/sft.py, train/dpo.py) is its name, its defaults per device, a
+`build` that turns the config into a job and a model, and optionally a `finish` that reports on the
+result while the runtime is still up.
+"""
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import gc
-import json
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -14,26 +20,26 @@ import torch.distributed as dist
 
 import kernels
 from model import GPT
-from train import runtime
-from train.loop import Job, config_from, explicit_args, fit
+from train import cli, runtime
+from train.config import TrainConfig
+from train.loop import Job, fit
 from train.runtime import Runtime
 
-Build = Callable[[argparse.Namespace, Runtime], tuple[Job, GPT]]
 
+@dataclass(frozen=True)
+class Stage:
+    name: str                                                  # python -m train.<name>
+    description: str                                           # the --help text
+    cpu_defaults: TrainConfig                                  # a zero-argument run on CPU ...
+    cuda_defaults: TrainConfig                                 # ... and on CUDA
+    build: Callable[[TrainConfig, Runtime], tuple[Job, GPT]]
+    finish: Callable[[TrainConfig, dict, Runtime], dict] | None = None   # the result -> the result, extended
 
-def resolve_args(name: str, parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parsed flags; with --resume, the run's saved flags overridden by the ones typed now."""
-    args = parser.parse_args(argv)
-    if not args.resume:
-        return args
-    config_path = Path(args.resume) / "config.json"
-    if not config_path.exists():
-        raise SystemExit(f"--resume {args.resume}: no config.json there; pass the run directory a job created")
-    saved = json.loads(config_path.read_text())
-    if saved.get("job") != name:
-        raise SystemExit(f"--resume {args.resume}: that is a {saved.get('job')} run, not {name}; "
-                         f"use python -m train.{saved.get('job')} --resume {args.resume}")
-    return argparse.Namespace(**{**saved["args"], **explicit_args(parser, argv), "out": args.resume})
+    def parse(self, argv: list[str] | None = None) -> TrainConfig:
+        """This stage's config from argv (default sys.argv[1:]), with the defaults of its device."""
+        argv = sys.argv[1:] if argv is None else argv
+        defaults = self.cuda_defaults if cli.cuda_requested(argv) else self.cpu_defaults
+        return cli.parse(self.name, self.description, defaults, argv)
 
 
 def run_dir_for(name: str, out: str, rt: Runtime) -> Path:
@@ -44,39 +50,52 @@ def run_dir_for(name: str, out: str, rt: Runtime) -> Path:
     return Path(names[0])
 
 
-def run(name: str, parser: argparse.ArgumentParser, build: Build, argv: list[str] | None = None) -> dict:
-    """Parse, set up, build the job and model, train, and print the summary; returns fit()'s result."""
-    args = resolve_args(name, parser, argv)
-    cfg = config_from(args)
+def print_opening(name: str, cfg: TrainConfig, model: GPT, active: dict[str, str], rt: Runtime) -> None:
+    print(f"{name}: {cfg.out}  device={rt.device}  world_size={rt.world_size}  "
+          f"autocast={rt.amp_dtype or 'off'}  compile={cfg.compile}")
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters  "
+          + "  ".join(f"{k}={v}" for k, v in model.cfg.to_dict().items() if k != "extra"))
+    print("kernels: " + "  ".join(f"{op}={backend}" for op, backend in active.items()))
+    print("training: " + "  ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+
+
+def print_closing(name: str, cfg: TrainConfig, result: dict) -> None:
+    print(f"done at step {result.get('step')}: " + "  ".join(
+        f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
+    if result.get("sample"):
+        print(f"sample:\n{result['sample']}")
+    print(f"run directory: {cfg.out}")
+    if result["stopped_early"]:
+        print(f"stopped early at {result['stopped_early']}; the learning-rate schedule is not finished. "
+              f"Continue with: python -m train.{name} --resume {cfg.out}")
+
+
+def run(stage: Stage, argv: list[str] | None = None) -> dict:
+    """Parse, set up, build the job and model, train, print the summary and finish; returns fit()'s
+    result (extended by the stage's finish)."""
+    cfg = stage.parse(argv)
     rt = runtime.setup(cfg.device, cfg.dtype)
     try:
         kernels.use(cfg.kernels)
         torch.manual_seed(cfg.seed)
-        run_dir = run_dir_for(name, cfg.out, rt)
+        run_dir = run_dir_for(stage.name, cfg.out, rt)
         if not cfg.resume and (run_dir / "checkpoints").exists():
             raise SystemExit(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                              f"or choose another --out")
-        args.out = cfg.out = str(run_dir)
-        job, model = build(args, rt)
+        cfg = dataclasses.replace(cfg, out=str(run_dir))
+        job, model = stage.build(cfg, rt)
         active = kernels.active(rt.device)
         if rt.is_main:
-            print(f"{name}: {run_dir}  device={rt.device}  world_size={rt.world_size}  "
-                  f"autocast={rt.amp_dtype or 'off'}  compile={cfg.compile}")
-            print(f"model: {model.num_params() / 1e6:.2f}M parameters  "
-                  + "  ".join(f"{k}={v}" for k, v in model.cfg.to_dict().items() if k != "extra"))
-            print("kernels: " + "  ".join(f"{op}={backend}" for op, backend in active.items()))
-            print("training: " + "  ".join(f"{k}={v}" for k, v in vars(cfg).items()))
-        record = {"job": name, "args": vars(args), "model_config": model.cfg.to_dict(), "kernels": active}
-        result = fit(cfg, job, model, rt, run_dir, record)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            job.tokenizer.save(run_dir / "tokenizer.json")
+            print_opening(stage.name, cfg, model, active, rt)
+        record = {"job": stage.name, "args": dataclasses.asdict(cfg), "model_config": model.cfg.to_dict(),
+                  "kernels": active}
+        result = fit(cfg, job, model, rt, record)
         if rt.is_main:
-            print(f"done at step {result.get('step')}: " + "  ".join(
-                f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
-            if result.get("sample"):
-                print(f"sample:\n{result['sample']}")
-            print(f"run directory: {run_dir}")
-            if result["stopped_early"]:
-                print(f"stopped early at {result['stopped_early']}; the learning-rate schedule is not finished. "
-                      f"Continue with: python -m train.{name} --resume {run_dir}")
+            print_closing(stage.name, cfg, result)
+        if stage.finish:
+            result = stage.finish(cfg, result, rt)
         # Free the model (FSDP keeps collective handles in it) while the process group is alive,
         # and let no rank take the group down while rank 0 still writes.
         del job, model

@@ -9,13 +9,10 @@ optimizer and the RNG states.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import copy
-import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -23,9 +20,10 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm.auto import tqdm
 
-import kernels
 from model import GPT
+from model import checkpoint as saved
 from train import checkpoint
+from train.config import TrainConfig
 from train.runlog import RunLog
 from train.runtime import Runtime, wrap
 
@@ -33,113 +31,10 @@ from train.runtime import Runtime, wrap
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
 
-@dataclass
-class TrainConfig:
-    out: str = ""
-    resume: str = ""
-    device: str = "auto"
-    dtype: str = "auto"
-    kernels: str = "auto"
-    compile: bool = False
-    fsdp: bool = False
-    batch_size: int = 16
-    grad_accum: int = 1
-    max_steps: int = 1000
-    max_tokens: int = 0
-    max_minutes: float = 0.0
-    stop_after: int = 0
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_interval: int = 100
-    eval_tokens: int = 65536
-    ckpt_interval: int = 500
-    log_interval: int = 10
-    seed: int = 0
-    profile: bool = False
-
-
-HELP = {
-    "out": "run directory (default: runs/<job>-<date>-<time>)",
-    "resume": "continue the run in this directory from its last checkpoint (its config is reused; "
-              "flags given on the command line override it)",
-    "device": "auto (cuda when present, else cpu), cpu, cuda or cuda:N",
-    "dtype": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16 autocast",
-    "kernels": "backends of the hot ops: auto, triton, torch, or per op like 'torch,rms_norm=triton' "
-               f"(ops: {', '.join(kernels.OPS)})",
-    "compile": "wrap the model in torch.compile",
-    "fsdp": "shard with FSDP2 instead of DDP when launched with torchrun",
-    "batch_size": "sequences per micro-batch on each process",
-    "grad_accum": "micro-batches per optimizer step",
-    "max_steps": "optimizer steps in the whole run (the length of the LR schedule)",
-    "max_tokens": "if > 0, the run length in tokens instead of --max-steps",
-    "max_minutes": "if > 0, stop (with a checkpoint) after this many minutes of training",
-    "stop_after": "if > 0, stop after this many steps in this invocation, keeping the schedule; resume later",
-    "lr": "peak learning rate",
-    "min_lr": "learning rate at the end of the cosine decay",
-    "warmup_steps": "steps of linear warm-up from 0 to --lr",
-    "weight_decay": "AdamW weight decay for matrices (never for norm weights)",
-    "grad_clip": "clip the global gradient norm to this (0 disables)",
-    "eval_interval": "evaluate every this many steps (0: only at the end)",
-    "eval_tokens": "tokens (or examples, for SFT/DPO) per evaluation",
-    "ckpt_interval": "save a checkpoint every this many steps (and always at the end)",
-    "log_interval": "log metrics every this many steps (each log costs one host sync)",
-    "seed": "seed for initialisation and data order",
-    "profile": "trace a few steps with torch.profiler into the run directory and print the top operators",
-}
-
-
-def add_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
-    """One --flag per TrainConfig field, with the job's defaults and help on each."""
-    group = parser.add_argument_group("training")
-    for f in dataclasses.fields(TrainConfig):
-        default, flag = getattr(defaults, f.name), "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP[f.name])
-        elif f.name == "kernels":
-            group.add_argument(flag, type=kernel_spec, default=default, help=HELP[f.name])
-        else:
-            group.add_argument(flag, type=type(default), default=default, help=HELP[f.name])
-
-
-def kernel_spec(text: str) -> str:
-    """argparse type of --kernels: the spec unchanged, or a usage error naming the valid choices."""
-    try:
-        kernels.parse_spec(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
-def positive_int(text: str) -> int:
-    """argparse type of a count that must be at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def explicit_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
-    """Only the flags the user actually typed (used to override a resumed run's saved config)."""
-    quiet = copy.deepcopy(parser)
-    for action in quiet._actions:
-        action.default = argparse.SUPPRESS
-    return vars(quiet.parse_args(argv))
-
-
-def config_from(args: argparse.Namespace | dict) -> TrainConfig:
-    values = vars(args) if isinstance(args, argparse.Namespace) else args
-    return TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig) if f.name in values})
-
-
 class Job(Protocol):
     """What a training job gives the loop. Batches are dicts of tensors on the device."""
     name: str
+    tokenizer: object           # saved into the run directory (by train/launch.py)
 
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         """This rank's micro-batch `micro` of optimizer step `step` (a pure function of both)."""
@@ -180,7 +75,7 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
-class _Profiler:
+class Profiler:
     """torch.profiler over steps 1-5 (wait 1, warm-up 1, record 3), then a trace and a table."""
 
     def __init__(self, enabled: bool, run_dir: Path, is_main: bool):
@@ -202,9 +97,11 @@ class _Profiler:
                                                schedule=torch.profiler.schedule(wait=1, warmup=1, active=3))
             self.prof.start()
 
-    def step(self) -> None:
+    def step(self, steps_this_run: int) -> None:
         if self.prof is not None:
             self.prof.step()
+            if steps_this_run == 5:
+                self.stop()
 
     def stop(self) -> None:
         if self.prof is not None:
@@ -212,121 +109,149 @@ class _Profiler:
             self.prof = None
 
 
+
+
+@dataclass
+class Window:
+    """What the optimizer steps since the last log line measured (a fresh one after each log)."""
+    losses: list[torch.Tensor] = field(default_factory=list)
+    metrics: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    grad_norms: list[torch.Tensor] = field(default_factory=list)
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def summary(self, rt: Runtime) -> dict[str, float]:
+        """Mean loss (over ranks too), grad norm and job metrics, and the tokens/s of the window."""
+        record = {"train_loss": rt.all_mean(torch.stack(self.losses).mean()).item(),
+                  "grad_norm": torch.stack(self.grad_norms).mean().item(),
+                  "tokens_per_s": self.tokens / (time.perf_counter() - self.started)}
+        record.update({k: rt.all_mean(torch.stack(v).mean()).item() for k, v in self.metrics.items()})
+        return record
+
+
 def total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:
     return max(1, cfg.max_tokens // tokens_per_step) if cfg.max_tokens else cfg.max_steps
 
 
-def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, run_dir: Path, config_record: dict) -> dict:
-    """Train model (the bare module, already on rt.device) on job; returns the last logged metrics
-    and, under "sample", the last generated sample."""
+def resume(ckpt_path: str, model: GPT, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """Load weights, optimizer and RNG states from the run's latest checkpoint; -> (step, tokens)."""
+    ckpt = saved.resolve(ckpt_path)
+    state, resumed = saved.load_state(ckpt), checkpoint.load_optimizer(ckpt)
+    weights = saved.read_weights(ckpt, model.state_dict())
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=resumed["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+    checkpoint.set_rng_state(resumed["rng"])
+    return state["step"], state["tokens"]
+
+
+def train_step(cfg: TrainConfig, job: Job, trained: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer,
+               rt: Runtime, step: int, lr: float, window: Window) -> None:
+    """One optimizer step at learning rate lr: grad_accum micro-batches, clipping, the update."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for micro in range(cfg.grad_accum):
+        batch = job.batch(step, micro)
+        skip_sync = micro < cfg.grad_accum - 1 and hasattr(trained, "no_sync")  # DDP: reduce once per step
+        with trained.no_sync() if skip_sync else contextlib.nullcontext(), rt.autocast():
+            loss, metrics = job.loss(trained, batch)
+            (loss / cfg.grad_accum).backward()
+        window.losses.append(loss.detach())
+        for k, v in metrics.items():
+            window.metrics.setdefault(k, []).append(v.detach().float())
+        window.tokens += job.tokens(batch) * rt.world_size
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    window.grad_norms.append(norm.detach())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def evaluate(job: Job, model: GPT, rt: Runtime, log: RunLog | None, step: int) -> tuple[dict[str, float], str | None]:
+    """The job's validation metrics and a sample (written to samples.txt), in eval mode without
+    gradients; -> (metrics, sample)."""
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        metrics = job.evaluate(model)
+        sample = job.sample(model)     # on every rank: FSDP's forward gathers from all of them
+    model.train()
+    if log:
+        log.sample(step, sample)
+    return metrics, sample
+
+
+def save(run_dir: Path, step: int, tokens: int, job: Job, model: GPT, optimizer: torch.optim.Optimizer,
+         rt: Runtime) -> None:
+    """A checkpoint of the full (unsharded) weights and optimizer state, written by rank 0."""
+    model_state, optim_state = get_state_dict(model, optimizer,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rt.is_main:
+        checkpoint.save(run_dir, step, model_state, optim_state,
+                        {"tokens": tokens, "job": job.name, "model_config": model.cfg.to_dict()})
+
+
+def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, config_record: dict) -> dict:
+    """Train model (the bare module, already on rt.device) on job into the run directory cfg.out;
+    returns the last logged metrics, the last sample under "sample", and under "stopped_early" why
+    the run ended before its last step ("" when it did not)."""
+    run_dir = Path(cfg.out)
     log = RunLog(run_dir) if rt.is_main else None
     trained = wrap(model, rt, cfg.fsdp, cfg.compile)
     optimizer = make_optimizer(model, cfg, rt.device)
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    step, tokens_seen = 0, 0
-    if cfg.resume:
-        ckpt = checkpoint.resolve(cfg.resume)
-        state, saved = checkpoint.load_state(ckpt), checkpoint.load_optimizer(ckpt)
-        weights = checkpoint.read_weights(ckpt, model.state_dict())
-        set_state_dict(model, optimizer, model_state_dict=weights,
-                       optim_state_dict=saved["optimizer"], options=StateDictOptions(full_state_dict=True))
-        checkpoint.set_rng_state(saved["rng"])
-        step, tokens_seen = state["step"], state["tokens"]
-        if log:
-            log.truncate_after(step)
+    step, tokens_seen = resume(cfg.resume, model, optimizer) if cfg.resume else (0, 0)
     if log:
+        if cfg.resume:
+            log.truncate_after(step)     # records a killed run logged after its last checkpoint
         log.write_config(config_record)
-
-    def save() -> None:
-        model_state, optim_state = get_state_dict(model, optimizer, options=full)
-        if rt.is_main:
-            checkpoint.save(run_dir, step, model_state, optim_state,
-                            {"tokens": tokens_seen, "job": job.name, "model_config": model.cfg.to_dict()})
-
-    last_sample = None
-
-    def evaluate() -> dict[str, float]:
-        nonlocal last_sample
-        model.eval()
-        with torch.no_grad(), rt.autocast():
-            metrics = job.evaluate(model)
-            last_sample = job.sample(model)   # on every rank: FSDP's forward gathers from all of them
-        model.train()
-        if log:
-            log.sample(step, last_sample)
-        return metrics
-
     tokens_per_step = job.tokens(job.batch(step, 0)) * cfg.grad_accum * rt.world_size
     n_steps = total_steps(cfg, tokens_per_step)
-    peak = peak_flops(rt.device)
-    flops_per_token = model.flops_per_token()
-    profiler = _Profiler(cfg.profile, run_dir, rt.is_main)
+    peak, flops_per_token = peak_flops(rt.device), model.flops_per_token()
+    profiler = Profiler(cfg.profile, run_dir, rt.is_main)
     bar = tqdm(total=n_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True, desc=job.name)
-    window_loss, window_metrics, window_norm, window_start, window_tokens = [], {}, [], time.perf_counter(), 0
-    started, steps_this_run, final = time.perf_counter(), 0, {}
+    started, steps_this_run, record, sample = time.perf_counter(), 0, {}, None
+
     if step == 0:
-        initial = {"step": 0, "tokens": 0, **evaluate()}
+        metrics, sample = evaluate(job, model, rt, log, step)
         if log:
-            log.log(initial)
-            print(" ".join(f"{k}={v:.4g}" for k, v in initial.items()))
-    model.train()
+            log.log({"step": 0, "tokens": 0, **metrics})
+            print(" ".join(f"{k}={v:.4g}" for k, v in {"step": 0, "tokens": 0, **metrics}.items()))
+    window = Window()
     while step < n_steps:
         lr = lr_at(step, cfg, n_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(cfg.grad_accum):
-            batch = job.batch(step, micro)
-            skip_sync = micro < cfg.grad_accum - 1 and hasattr(trained, "no_sync")  # DDP: reduce once per step
-            with trained.no_sync() if skip_sync else contextlib.nullcontext(), rt.autocast():
-                loss, metrics = job.loss(trained, batch)
-                (loss / cfg.grad_accum).backward()
-            window_loss.append(loss.detach())
-            for k, v in metrics.items():
-                window_metrics.setdefault(k, []).append(v.detach().float())
-            window_tokens += job.tokens(batch) * rt.world_size
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        window_norm.append(norm.detach())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_this_run += 1
-        tokens_seen += tokens_per_step
-        profiler.step()
-        if steps_this_run == 5:
-            profiler.stop()
+        train_step(cfg, job, trained, model, optimizer, rt, step, lr, window)
+        step, steps_this_run, tokens_seen = step + 1, steps_this_run + 1, tokens_seen + tokens_per_step
+        profiler.step(steps_this_run)
         bar.update(1)
 
         out_of_time = cfg.max_minutes > 0 and time.perf_counter() - started > 60 * cfg.max_minutes
-        stop = rt.any(out_of_time or (cfg.stop_after > 0 and steps_this_run >= cfg.stop_after))
+        stop = rt.any(out_of_time or 0 < cfg.stop_after <= steps_this_run)
         last = step == n_steps or stop
         if step % cfg.log_interval == 0 or last:
-            elapsed = time.perf_counter() - window_start
-            record = {"step": step, "tokens": tokens_seen, "lr": lr,
-                      "train_loss": rt.all_mean(torch.stack(window_loss).mean()).item(),
-                      "grad_norm": torch.stack(window_norm).mean().item(),
-                      "tokens_per_s": window_tokens / elapsed}
-            record.update({k: rt.all_mean(torch.stack(v).mean()).item() for k, v in window_metrics.items()})
+            record = {"step": step, "tokens": tokens_seen, "lr": lr, **window.summary(rt)}
             if peak:
                 record["mfu"] = flops_per_token * record["tokens_per_s"] / (peak * rt.world_size)
             if cfg.eval_interval and step % cfg.eval_interval == 0 or last:
-                record.update(evaluate())
-            final = record
+                metrics, sample = evaluate(job, model, rt, log, step)
+                record.update(metrics)
             if log:
                 log.log(record)
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
-            window_loss, window_metrics, window_norm, window_start, window_tokens = [], {}, [], time.perf_counter(), 0
+            window = Window()
         if step % cfg.ckpt_interval == 0 or last:
-            save()
+            save(run_dir, step, tokens_seen, job, model, optimizer, rt)
         if stop:
             break
+
     bar.close()
     profiler.stop()
     if log:
         log.plot()
-    stopped_early = ""
-    if step < n_steps:
-        why = (f"--stop-after {cfg.stop_after}" if cfg.stop_after > 0 and steps_this_run >= cfg.stop_after
-               else f"--max-minutes {cfg.max_minutes:g} reached")
-        stopped_early = f"step {step} of {n_steps} ({why})"
-    return {**final, "sample": last_sample, "stopped_early": stopped_early}
+    return {**record, "sample": sample, "stopped_early": stopped_early(cfg, step, n_steps, steps_this_run)}
+
+
+def stopped_early(cfg: TrainConfig, step: int, n_steps: int, steps_this_run: int) -> str:
+    """"step S of N (why)" for a run that ended before its last step, else ""."""
+    if step >= n_steps:
+        return ""
+    why = (f"--stop-after {cfg.stop_after}" if 0 < cfg.stop_after <= steps_this_run
+           else f"--max-minutes {cfg.max_minutes:g} reached")
+    return f"step {step} of {n_steps} ({why})"

@@ -6,35 +6,62 @@ with next-token cross-entropy through the shared loop in train/loop.py.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
-import sys
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from model import GPT, ModelConfig
 from model.config import PRESETS
 from model.generate import generate
+from train.config import TrainConfig, greater_than, option, positive
 from train.data import PreparedData, eval_batches, prepare, sample_batch
-from train.launch import run
-from train.loop import TrainConfig, add_args, config_from
+from train.launch import Stage, run
 from train.runtime import Runtime
 
-# Defaults per device: what a zero-argument run does.
-CPU_DEFAULTS = TrainConfig(batch_size=16, max_steps=1200, max_minutes=12.0, lr=2e-3, min_lr=2e-4, warmup_steps=30,
-                           eval_interval=100, eval_tokens=32768, ckpt_interval=400)
-CUDA_DEFAULTS = TrainConfig(batch_size=32, grad_accum=2, max_steps=5000, lr=6e-4, min_lr=6e-5, warmup_steps=200,
-                            eval_interval=250, eval_tokens=262144, ckpt_interval=1000)
-MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "block_size", "rope_theta")
+MODEL_OVERRIDES = "model overrides (default: the preset's values)"
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    preset: str = option("tiny", "model size preset (tiny: CPU; small: GPT-2-small class; medium)",
+                         choices=tuple(PRESETS))
+    data: str = option("stdlib", "corpus: stdlib (built in, offline), a directory/file/glob of text, "
+                                 "hf:NAME[:split], or a directory made by python -m train.data")
+    vocab_size: int = option(4096, "BPE vocabulary size when the data still has to be prepared", positive)
+    sample_prompt: str = option("def ", "prompt of the samples written at each evaluation")
+    eval_tokens: int = option(65536, "validation tokens per evaluation", positive)
+    n_layer: int | None = option(None, "override n_layer", positive, int, group=MODEL_OVERRIDES)
+    n_head: int | None = option(None, "override n_head", positive, int, group=MODEL_OVERRIDES)
+    n_kv_head: int | None = option(None, "override n_kv_head", positive, int, group=MODEL_OVERRIDES)
+    n_embd: int | None = option(None, "override n_embd", positive, int, group=MODEL_OVERRIDES)
+    mlp_hidden: int | None = option(None, "override mlp_hidden", positive, int, group=MODEL_OVERRIDES)
+    block_size: int | None = option(None, "override block_size", positive, int, group=MODEL_OVERRIDES)
+    rope_theta: float | None = option(None, "override rope_theta", greater_than(0), float, group=MODEL_OVERRIDES)
+
+    def model_overrides(self) -> dict:
+        """The ModelConfig fields given on the command line."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata["group"] == MODEL_OVERRIDES and getattr(self, f.name) is not None}
+
+
+# What a zero-argument run does, per device.
+CPU_DEFAULTS = PretrainConfig(preset="tiny", vocab_size=4096, batch_size=16, max_steps=1200, max_minutes=12.0,
+                              lr=2e-3, min_lr=2e-4, warmup_steps=30, eval_interval=100, eval_tokens=32768,
+                              ckpt_interval=400)
+CUDA_DEFAULTS = PretrainConfig(preset="small", vocab_size=16384, batch_size=32, grad_accum=2, max_steps=5000,
+                               lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_interval=250, eval_tokens=262144,
+                               ckpt_interval=1000)
 
 
 class PretrainJob:
     """Next-token prediction on windows sampled from the training tokens."""
     name = "pretrain"
 
-    def __init__(self, data: PreparedData, cfg: TrainConfig, block_size: int, rt: Runtime, prompt: str):
-        self.data, self.cfg, self.block_size, self.rt, self.prompt = data, cfg, block_size, rt, prompt
+    def __init__(self, data: PreparedData, cfg: PretrainConfig, block_size: int, rt: Runtime):
+        self.data, self.cfg, self.block_size, self.rt = data, cfg, block_size, rt
+        self.tokenizer = data.tokenizer
 
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         # Sample the global batch and keep this rank's rows, so the data (and the losses) do not
@@ -61,30 +88,10 @@ class PretrainJob:
 
     def sample(self, model: GPT) -> str:
         tok = self.data.tokenizer
-        prompt = torch.tensor([tok.encode(self.prompt) or [tok.eot_id]], device=self.rt.device)
+        prompt = torch.tensor([tok.encode(self.cfg.sample_prompt) or [tok.eot_id]], device=self.rt.device)
         out = generate(model, prompt, max_new_tokens=96, temperature=0.8, top_k=50, seed=self.cfg.seed,
                        stop_tokens=[tok.eot_id])
         return tok.decode(out[0].tolist())
-
-
-def build_parser(device: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    on_cuda = device == "cuda"
-    parser.add_argument("--preset", default="small" if on_cuda else "tiny", choices=list(PRESETS),
-                        help="model size preset (tiny: CPU; small: GPT-2-small class; medium)")
-    parser.add_argument("--data", default="stdlib",
-                        help="corpus: stdlib (built in, offline), a directory/file/glob of text, "
-                             "hf:NAME[:split], or a directory made by python -m train.data")
-    parser.add_argument("--vocab-size", type=int, default=16384 if on_cuda else 4096,
-                        help="BPE vocabulary size when the data still has to be prepared")
-    parser.add_argument("--sample-prompt", default="def ", help="prompt of the samples written at each evaluation")
-    model_group = parser.add_argument_group("model overrides (default: the preset's values)")
-    for name in MODEL_FLAGS:
-        kind = float if name == "rope_theta" else int
-        model_group.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"override {name}")
-    add_args(parser, CUDA_DEFAULTS if on_cuda else CPU_DEFAULTS)
-    return parser
 
 
 def load_data(source: str, vocab_size: int, rt: Runtime) -> PreparedData:
@@ -97,25 +104,19 @@ def load_data(source: str, vocab_size: int, rt: Runtime) -> PreparedData:
     return PreparedData(path)
 
 
-def build(args: argparse.Namespace, rt: Runtime) -> tuple[PretrainJob, GPT]:
-    data = load_data(args.data, args.vocab_size, rt)
-    overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
-    cfg = ModelConfig.preset(args.preset, vocab_size=data.tokenizer.n_vocab, **overrides)
-    model = GPT(cfg).to(rt.device)
+def build(cfg: PretrainConfig, rt: Runtime) -> tuple[PretrainJob, GPT]:
+    data = load_data(cfg.data, cfg.vocab_size, rt)
+    model_cfg = ModelConfig.preset(cfg.preset, vocab_size=data.tokenizer.n_vocab, **cfg.model_overrides())
     if rt.is_main:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        data.tokenizer.save(Path(args.out) / "tokenizer.json")
         print(f"data: {data.manifest['args']['source']}  train {len(data.train):,} tokens  val {len(data.val):,} tokens")
-    return PretrainJob(data, config_from(args), cfg.block_size, rt, args.sample_prompt), model
+    return PretrainJob(data, cfg, model_cfg.block_size, rt), GPT(model_cfg).to(rt.device)
+
+
+STAGE = Stage("pretrain", __doc__, CPU_DEFAULTS, CUDA_DEFAULTS, build)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    device_probe = argparse.ArgumentParser(add_help=False)
-    device_probe.add_argument("--device", default="auto")
-    device = device_probe.parse_known_args(argv)[0].device
-    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return run("pretrain", build_parser("cuda" if on_cuda else "cpu"), build, argv)
+    return run(STAGE, argv)
 
 
 if __name__ == "__main__":

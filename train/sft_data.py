@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from train.chat_format import check_messages, render
+from model.chat_format import check_messages, render
 
 IGNORE = -100
 
@@ -125,7 +125,7 @@ def encode_pairs(pairs: list[dict[str, str]], tok, block_size: int) -> tuple[lis
     return kept, len(encoded) - len(kept)
 
 
-def _rows(examples: list[Example], capacity: int) -> list[Example]:
+def pack_rows(examples: list[Example], capacity: int) -> list[Example]:
     """Pack whole examples into rows of at most capacity tokens, first fit, longest first."""
     rows: list[Example] = []
     for e in sorted(examples, key=len, reverse=True):
@@ -142,7 +142,7 @@ def collate(examples: list[Example], pad_id: int, pack_to: int = 0) -> dict[str,
     """Examples -> {"x": inputs (R, L), "y": targets (R, L)} with IGNORE where the mask is off and
     on padding. pack_to > 0 packs several examples per row (rows of up to pack_to + 1 tokens);
     each starts with <|endoftext|>, so a packed example begins the way a document does."""
-    rows = _rows(examples, pack_to + 1) if pack_to else examples
+    rows = pack_rows(examples, pack_to + 1) if pack_to else examples
     L = max(len(r) for r in rows) - 1
     x = torch.full((len(rows), L), pad_id, dtype=torch.int64)
     y = torch.full((len(rows), L), IGNORE, dtype=torch.int64)

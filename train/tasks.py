@@ -13,16 +13,10 @@ import argparse
 import hashlib
 import json
 import random
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from model import GPT
-from model.generate import generate
-from train.chat_format import ChatTokens, render_prompt, reply_text
-from train.files import atomic_write_text
+from model.files import atomic_write_text
 
 KINDS = ("add", "sub", "reverse", "sort", "count", "upper", "copy")
 TEST_PERCENT = 10
@@ -141,61 +135,6 @@ def dpo_record(task: Task, rejected: str | None = None) -> dict:
 
 def write_jsonl(path: str | Path, records: list[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-
-
-@torch.no_grad()
-def replies(model: GPT, tok, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
-            seed: int | None = None, batch_size: int = 64) -> list[str]:
-    """The model's reply to each single-turn prompt, through generate() with the KV cache.
-
-    Prompts are batched by token length, so no row needs padding (generate has no attention mask).
-    """
-    stop = ChatTokens.of(tok).stop
-    device = next(model.parameters()).device
-    by_length: dict[int, list[int]] = defaultdict(list)
-    encoded = [render_prompt([{"role": "user", "content": p}], tok) for p in prompts]
-    for i, ids in enumerate(encoded):
-        by_length[len(ids)].append(i)
-    out: list[str] = [""] * len(prompts)
-    for length, rows in sorted(by_length.items()):
-        new = min(max_new_tokens, model.cfg.block_size - length)
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            idx = torch.tensor([encoded[i] for i in chunk], device=device)          # (b, length)
-            gen = generate(model, idx, new, temperature=temperature, stop_tokens=stop,
-                           seed=None if seed is None else seed + length * 1000 + start)
-            for i, row in zip(chunk, gen[:, length:].tolist()):
-                out[i] = reply_text(row, tok).strip()
-    return out
-
-
-def answer_budget(tok, tasks: list[Task]) -> int:
-    """Generation budget: twice the longest answer in tokens plus the end token and some slack."""
-    return 2 * max(len(tok.encode(t.answer)) for t in tasks) + 4
-
-
-def exact_match(model: GPT, tok, tasks: list[Task], batch_size: int = 64) -> dict[str, float]:
-    """Fraction of tasks whose greedy reply equals the answer exactly: overall and per kind."""
-    was_training = model.training
-    model.eval()
-    got = replies(model, tok, [t.prompt for t in tasks], answer_budget(tok, tasks), batch_size=batch_size)
-    model.train(was_training)
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for task, reply in zip(tasks, got):
-        hits[task.kind].append(reply == task.answer)
-    metrics = {"exact_match": sum(map(sum, hits.values())) / max(1, len(tasks))}
-    metrics.update({f"em_{kind}": sum(h) / len(h) for kind, h in hits.items()})
-    return metrics
-
-
-def sampled_rejections(model: GPT, tok, tasks: list[Task], seed: int, temperature: float = 1.0) -> list[str]:
-    """For each task, the model's own sampled reply when it is wrong (the mistakes DPO should push
-    down), else the built-in plausible wrong answer."""
-    was_training = model.training
-    model.eval()
-    got = replies(model, tok, [t.prompt for t in tasks], answer_budget(tok, tasks), temperature=temperature, seed=seed)
-    model.train(was_training)
-    return [reply if reply != task.answer else task.wrong for task, reply in zip(tasks, got)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,13 +44,16 @@ from typing import Iterable
 import regex
 import tiktoken
 
-from train.files import atomic_write_text
+from model.chat_format import SPECIALS
+from model.files import atomic_write_text
 
 # Digits split one per chunk, as LLaMA's tokenizer does: with GPT-4's groups of up to 3, BPE made 67 of
 # the numbers 0..99 one token and the rest two, and a small model learns no arithmetic over that.
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
                  r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
-DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>")
+# What every tokenizer trained here carries: the chat template's tokens, <|endoftext|> (the document
+# separator) first.
+DEFAULT_SPECIAL_TOKENS = SPECIALS
 FORMAT, VERSION = "tritongpt-bpe", 1
 _SURROGATES = re.compile("([\ud800-\udfff])")
 _PAIR_SHIFT = 32                      # pair (a, b) is the int a << 32 | b: hashes faster than a tuple

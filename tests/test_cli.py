@@ -1,0 +1,99 @@
+"""The training command line, generated from the config dataclasses: every field a flag with help,
+range checks at parse time and on every config, and --resume overriding only what is typed."""
+import dataclasses
+import json
+
+import pytest
+
+from train import cli, dpo, pretrain, sft
+from train.config import TrainConfig
+
+STAGES = [pretrain.STAGE, sft.STAGE, dpo.STAGE]
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
+def test_every_field_is_a_flag_with_help_and_the_stage_default(stage):
+    parser = cli.build_parser(f"python -m train.{stage.name}", stage.description, stage.cpu_defaults)
+    text = parser.format_help()
+    for f in dataclasses.fields(stage.cpu_defaults):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        assert f.metadata["help"], f"{f.name} has no help"
+    assert stage.parse(["--device", "cpu"]) == dataclasses.replace(stage.cpu_defaults, device="cpu")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--grad-accum", "-1"], "argument --grad-accum: must be at least 1, got -1"),
+    (["--max-steps", "0"], "argument --max-steps: must be at least 1, got 0"),
+    (["--ckpt-interval", "0"], "argument --ckpt-interval: must be at least 1, got 0"),
+    (["--log-interval", "0"], "argument --log-interval: must be at least 1, got 0"),
+    (["--max-tokens", "-1"], "argument --max-tokens: must be at least 0, got -1"),
+    (["--warmup-steps", "-1"], "argument --warmup-steps: must be at least 0, got -1"),
+    (["--lr", "0"], "argument --lr: must be greater than 0, got 0.0"),
+    (["--max-steps", "ten"], "argument --max-steps: expected a whole number, got 'ten'"),
+    (["--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
+    (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    (["--kernels", "rms_norm=cuda"], "valid backends are auto, triton, torch"),
+    (["--n-layer", "0"], "argument --n-layer: must be at least 1, got 0"),
+])
+def test_bad_flags_are_usage_errors_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.STAGE.parse(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_post_training_flags_are_checked_too(capsys):
+    for stage, argv, message in [(sft.STAGE, ["--eval-examples", "0"], "--eval-examples: must be at least 1"),
+                                 (dpo.STAGE, ["--samples", "0"], "--samples: must be at least 1, got 0"),
+                                 (dpo.STAGE, ["--rejected", "any"], "--rejected: invalid choice")]:
+        with pytest.raises(SystemExit):
+            stage.parse(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_configs_made_in_code_are_checked():
+    with pytest.raises(ValueError, match="batch_size: must be at least 1, got 0"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="eval_examples: must be at least 1"):
+        sft.SFTConfig(eval_examples=0)
+
+
+def write_run(run_dir, job, **args):
+    run_dir.mkdir()
+    saved = dataclasses.asdict(dataclasses.replace(sft.CPU_DEFAULTS, out=str(run_dir), **args))
+    (run_dir / "config.json").write_text(json.dumps({"job": job, "args": saved}))
+
+
+def test_resume_keeps_the_saved_config_and_overrides_only_typed_flags(tmp_path):
+    run_dir = tmp_path / "run"
+    write_run(run_dir, "sft", init="base", batch_size=5, lr=0.01, pack=True)
+    cfg = sft.STAGE.parse(["--resume", str(run_dir), "--lr", "0.02", "--no-pack"])
+    assert (cfg.batch_size, cfg.lr, cfg.pack, cfg.init) == (5, 0.02, False, "base")
+    assert cfg.out == str(run_dir) and cfg.resume == str(run_dir)
+    # A flag typed with the stage's default value still overrides the saved one.
+    assert sft.STAGE.parse(["--resume", str(run_dir), "--batch-size", "32"]).batch_size == 32
+
+
+def test_resume_of_another_job_or_no_run_is_explained(tmp_path):
+    run_dir = tmp_path / "run"
+    write_run(run_dir, "dpo")
+    with pytest.raises(SystemExit, match=f"that is a dpo run, not sft; use python -m train.dpo --resume {run_dir}"):
+        sft.STAGE.parse(["--resume", str(run_dir)])
+    with pytest.raises(SystemExit, match="no config.json there"):
+        sft.STAGE.parse(["--resume", str(tmp_path / "nowhere")])
+
+
+def test_resume_of_a_config_edited_out_of_range_is_a_usage_error(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    write_run(run_dir, "sft")
+    config = json.loads((run_dir / "config.json").read_text())
+    config["args"]["batch_size"] = 0
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit):
+        sft.STAGE.parse(["--resume", str(run_dir)])
+    assert "batch_size: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_cuda_defaults_are_picked_by_the_device_flag():
+    assert cli.cuda_requested(["--device", "cuda:1"]) and not cli.cuda_requested(["--device", "cpu"])
