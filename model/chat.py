@@ -16,9 +16,10 @@ import torch
 
 import kernels
 from model import GPT
-from model.generate import generate
 from model.chat_format import ChatTokens, render_prompt, reply_text
 from model.checkpoint import load_model, load_tokenizer
+from model.command import DEBUG_HELP, run_command
+from model.generate import generate
 
 
 class Chat:
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     parser.add_argument("--kernels", type=kernels.spec_type, default="auto",
                         help="kernel backends, as for training (auto, triton, torch, ...)")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return parser
 
 
@@ -133,4 +135,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

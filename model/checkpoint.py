@@ -39,6 +39,12 @@ def resolve(path: str | Path) -> Path:
                      f"or a checkpoint directory with model.safetensors")
 
 
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's checkpoint directories that hold weights, newest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted((p for p in root.glob("step_*") if (p / "model.safetensors").is_file()), reverse=True)
+
+
 def load_state(ckpt: Path) -> dict:
     try:
         return json.loads((Path(ckpt) / "state.json").read_text())
@@ -82,10 +88,23 @@ def run_dir_of(path: str | Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
 
 
-def load_tokenizer(path: str | Path):
-    """The tokenizer a run trained with (saved as tokenizer.json in its run directory)."""
+def check_tokenizer(state: dict, tok: Tokenizer | None, ckpt: Path) -> None:
+    """Refuse a tokenizer other than the one the checkpoint was trained with (by fingerprint)."""
+    trained_with = state.get("tokenizer")
+    if trained_with and tok is not None and tok.fingerprint != trained_with:
+        raise ValueError(f"tokenizer mismatch: {ckpt} was trained with tokenizer {trained_with}, but the "
+                         f"tokenizer given is {tok.fingerprint}; use the tokenizer.json of the run that wrote "
+                         f"the checkpoint (the same vocabulary size is not enough)")
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer a run trained with (saved as tokenizer.json in its run directory), checked
+    against the fingerprint its checkpoint recorded."""
+    ckpt = resolve(path)
     tok_path = run_dir_of(path) / "tokenizer.json"
     if not tok_path.exists():
         raise ValueError(f"no tokenizer.json in {tok_path.parent}; it is written by every training job "
                          f"into its run directory; copy the one of the data the model was trained on there")
-    return Tokenizer.load(tok_path)
+    tok = Tokenizer.load(tok_path)
+    check_tokenizer(load_state(ckpt), tok, ckpt)
+    return tok

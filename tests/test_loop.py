@@ -19,6 +19,7 @@ V, T = 64, 16
 class CountingJob:
     """Learn to continue a fixed arithmetic pattern; batches are a pure function of the step."""
     name = "synthetic"
+    tokenizer = None
 
     def __init__(self, batch_size=4):
         self.batch_size = batch_size

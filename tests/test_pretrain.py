@@ -11,6 +11,7 @@ import pytest
 from test_data import write_corpus
 from train.data import prepare
 from train.pretrain import main
+from train.runlock import RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--n-kv-head", "2", "--block-size", "32"]
@@ -120,3 +121,34 @@ def test_two_ranks_match_one_rank(dataset, tmp_path, sharding):
     # The 2-rank checkpoint continues in a single process with the same global batch.
     main(["--resume", str(two), "--batch-size", "4", "--no-fsdp"])
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+
+
+def test_a_run_directory_in_use_or_left_half_done_is_refused(dataset, tmp_path):
+    busy = tmp_path / "busy"
+    lock = RunLock(busy)
+    lock.acquire()
+    with pytest.raises(SystemExit, match="is in use by a running job"):
+        main(flags(dataset, busy, 2))
+    lock.release()
+    assert not busy.exists()
+    leftover = tmp_path / "leftover"
+    leftover.mkdir()
+    (leftover / "metrics.jsonl").write_text('{"step": 0}\n')
+    with pytest.raises(SystemExit, match="holds files of an earlier run that saved no checkpoint"):
+        main(flags(dataset, leftover, 2))
+    assert (leftover / "metrics.jsonl").read_text() == '{"step": 0}\n'
+    (leftover / "config.json").write_text(json.dumps({"job": "pretrain", "args": {}}))
+    with pytest.raises(SystemExit, match="has no checkpoint yet .*start over with a new --out"):
+        main(["--resume", str(leftover)])
+
+
+def test_resume_falls_back_to_the_older_checkpoint_when_the_latest_is_damaged(dataset, tmp_path, capsys):
+    straight = tmp_path / "straight"
+    main(flags(dataset, straight, 12))
+    split = tmp_path / "split"
+    main(flags(dataset, split, 12, 4, "--stop-after", "6"))       # checkpoints at steps 5 and 6
+    (split / "checkpoints" / "step_000006" / "model.safetensors").write_bytes(b"torn")
+    capsys.readouterr()
+    main(["--resume", str(split), "--stop-after", "0"])
+    assert "step_000006 skipped: corrupt checkpoint" in capsys.readouterr().out
+    assert losses(split) == losses(straight)      # steps 6.. redone from step 5, identically

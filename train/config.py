@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import kernels
+from model.command import DEBUG_HELP
 
 Check = Callable[[Any], None]          # raises ValueError saying what is wrong with the value
 
@@ -73,6 +74,7 @@ class TrainConfig:
     seed: int = option(0, "seed for initialisation and data order")
     profile: bool = option(False, "trace a few steps with torch.profiler into the run directory and print "
                                   "the top operators")
+    debug: bool = option(False, DEBUG_HELP)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

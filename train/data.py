@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.command import DEBUG_HELP, run_command
 from model.files import atomic_write_text
+from model.tokenizer import DEFAULT_SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, check_vocab_size
 from train.filters import DocumentFilter, FilterConfig, Report
 from train.sources import iter_documents, source_fingerprint, source_slug
-from model.tokenizer import DEFAULT_SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, check_vocab_size
 
 FORMAT, VERSION = "tritongpt-data", 1
 MAGIC, HEADER = b"TGPTTOKS", struct.Struct("<8sIIQ")
@@ -353,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer-sample-bytes", type=int, default=8_000_000,
                         help="bytes of training documents the tokenizer is trained on (default: 8000000)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or report")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     group = parser.add_argument_group("filter thresholds")
     defaults = FilterConfig()
     for name, help_text in FilterConfig.HELP.items():
@@ -364,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Path:
     args = vars(build_parser().parse_args(argv))
+    args.pop("debug")
     top = {k: args.pop(k) for k in ("source", "out", "vocab_size", "seed", "val_fraction", "tokenizer_sample_bytes")}
     path = prepare(**top, verbose=not args.pop("quiet"), **args)
     print(path)
@@ -371,4 +374,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT
+from model.command import run_command
 from train import evaluate, tasks
 from train.config import TrainConfig, non_negative, option, positive
 from train.launch import Stage, run
@@ -199,4 +200,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

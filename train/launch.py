@@ -20,9 +20,11 @@ import torch.distributed as dist
 
 import kernels
 from model import GPT
+from model import checkpoint as saved
 from train import cli, runtime
 from train.config import TrainConfig
 from train.loop import Job, fit
+from train.runlock import RunLock
 from train.runtime import Runtime
 
 
@@ -50,6 +52,21 @@ def run_dir_for(name: str, out: str, rt: Runtime) -> Path:
     return Path(names[0])
 
 
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A fresh run needs a directory no run has written to; a resumed one needs a checkpoint."""
+    has_checkpoint = bool(saved.checkpoints(run_dir))
+    if resume and not has_checkpoint:
+        raise SystemExit(f"--resume {run_dir}: the run has no checkpoint yet (it stopped before its first save); "
+                         f"start over with a new --out, or delete {run_dir}")
+    if not resume and has_checkpoint:
+        raise SystemExit(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                         f"or choose another --out")
+    leftovers = [name for name in ("config.json", "metrics.jsonl", "samples.txt") if (run_dir / name).exists()]
+    if not resume and leftovers:
+        raise SystemExit(f"{run_dir} holds files of an earlier run that saved no checkpoint "
+                         f"({', '.join(leftovers)}); delete {run_dir} or choose another --out")
+
+
 def print_opening(name: str, cfg: TrainConfig, model: GPT, active: dict[str, str], rt: Runtime) -> None:
     print(f"{name}: {cfg.out}  device={rt.device}  world_size={rt.world_size}  "
           f"autocast={rt.amp_dtype or 'off'}  compile={cfg.compile}")
@@ -75,13 +92,16 @@ def run(stage: Stage, argv: list[str] | None = None) -> dict:
     result (extended by the stage's finish)."""
     cfg = stage.parse(argv)
     rt = runtime.setup(cfg.device, cfg.dtype)
+    lock = None
     try:
         kernels.use(cfg.kernels)
         torch.manual_seed(cfg.seed)
         run_dir = run_dir_for(stage.name, cfg.out, rt)
-        if not cfg.resume and (run_dir / "checkpoints").exists():
-            raise SystemExit(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                             f"or choose another --out")
+        if rt.is_main:
+            lock = RunLock(run_dir)
+            if note := lock.acquire():
+                print(f"{run_dir}: {note}")
+        check_run_dir(run_dir, bool(cfg.resume))
         cfg = dataclasses.replace(cfg, out=str(run_dir))
         job, model = stage.build(cfg, rt)
         active = kernels.active(rt.device)
@@ -103,4 +123,6 @@ def run(stage: Stage, argv: list[str] | None = None) -> dict:
         rt.barrier()
         return result
     finally:
+        if lock:
+            lock.release()
         runtime.teardown()

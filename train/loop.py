@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from model import GPT
 from model import checkpoint as saved
+from model.tokenizer import Tokenizer
 from train import checkpoint
 from train.config import TrainConfig
 from train.runlog import RunLog
@@ -34,7 +35,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "409
 class Job(Protocol):
     """What a training job gives the loop. Batches are dicts of tensors on the device."""
     name: str
-    tokenizer: object           # saved into the run directory (by train/launch.py)
+    tokenizer: Tokenizer | None  # saved into the run directory; its fingerprint into each checkpoint
 
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         """This rank's micro-batch `micro` of optimizer step `step` (a pure function of both)."""
@@ -133,15 +134,25 @@ def total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:
     return max(1, cfg.max_tokens // tokens_per_step) if cfg.max_tokens else cfg.max_steps
 
 
-def resume(ckpt_path: str, model: GPT, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-    """Load weights, optimizer and RNG states from the run's latest checkpoint; -> (step, tokens)."""
-    ckpt = saved.resolve(ckpt_path)
-    state, resumed = saved.load_state(ckpt), checkpoint.load_optimizer(ckpt)
-    weights = saved.read_weights(ckpt, model.state_dict())
-    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=resumed["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
-    checkpoint.set_rng_state(resumed["rng"])
-    return state["step"], state["tokens"]
+def resume(run_dir: str, model: GPT, optimizer: torch.optim.Optimizer, tokenizer) -> tuple[int, int, list[str]]:
+    """Load weights, optimizer and RNG states from the run's newest intact checkpoint, falling back
+    to an older one when the newest is damaged; -> (step, tokens, what was skipped and why)."""
+    skipped = []
+    for ckpt in saved.checkpoints(run_dir):
+        try:
+            state, resumed = saved.load_state(ckpt), checkpoint.load_optimizer(ckpt)
+            weights = saved.read_weights(ckpt, model.state_dict())
+        except ValueError as e:
+            skipped.append(f"{ckpt.name} skipped: {e}")
+            continue
+        saved.check_tokenizer(state, tokenizer, ckpt)
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=resumed["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+        checkpoint.set_rng_state(resumed["rng"])
+        return state["step"], state["tokens"], skipped
+    raise ValueError(f"--resume {run_dir}: no intact checkpoint to resume from"
+                     + (f" ({'; '.join(skipped)})" if skipped else "")
+                     + "; start over with a new --out")
 
 
 def train_step(cfg: TrainConfig, job: Job, trained: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer,
@@ -185,7 +196,8 @@ def save(run_dir: Path, step: int, tokens: int, job: Job, model: GPT, optimizer:
                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rt.is_main:
         checkpoint.save(run_dir, step, model_state, optim_state,
-                        {"tokens": tokens, "job": job.name, "model_config": model.cfg.to_dict()})
+                        {"tokens": tokens, "job": job.name, "model_config": model.cfg.to_dict(),
+                         "tokenizer": job.tokenizer.fingerprint if job.tokenizer else None})
 
 
 def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, config_record: dict) -> dict:
@@ -196,8 +208,10 @@ def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, config_record: dict
     log = RunLog(run_dir) if rt.is_main else None
     trained = wrap(model, rt, cfg.fsdp, cfg.compile)
     optimizer = make_optimizer(model, cfg, rt.device)
-    step, tokens_seen = resume(cfg.resume, model, optimizer) if cfg.resume else (0, 0)
+    step, tokens_seen, skipped = resume(cfg.resume, model, optimizer, job.tokenizer) if cfg.resume else (0, 0, [])
     if log:
+        for note in skipped:
+            print(f"resume: {note}; taking the next older checkpoint")
         if cfg.resume:
             log.truncate_after(step)     # records a killed run logged after its last checkpoint
         log.write_config(config_record)

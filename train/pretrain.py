@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from model import GPT, ModelConfig
+from model.command import run_command
 from model.config import PRESETS
 from model.generate import generate
 from train.config import TrainConfig, greater_than, option, positive
@@ -120,4 +121,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

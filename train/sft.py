@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from model import GPT
+from model.command import run_command
 from train import tasks
 from train.config import TrainConfig, option
 from train.launch import Stage, run
@@ -95,4 +96,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

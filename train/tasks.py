@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.command import DEBUG_HELP, run_command
 from model.files import atomic_write_text
 
 KINDS = ("add", "sub", "reverse", "sort", "count", "upper", "copy")
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=20000, help="training examples")
     parser.add_argument("--n-test", type=int, default=700, help="held-out examples")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
     for split, n in (("train", args.n_train), ("test", args.n_test)):
         tasks = make_tasks(split, n, args.seed)
@@ -153,4 +155,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

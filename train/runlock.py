@@ -1,0 +1,56 @@
+"""One job per run directory: an exclusive lock held for the life of the run.
+
+The lock is an flock on run_dir/.lock, so the kernel releases it when its process dies, however it
+dies; the file also names the owner's pid, so a second job can say who holds it, and a run that
+finds a dead owner's pid there says it takes over.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+
+class RunLock:
+    """Held from acquire() until release() (or the process's end)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self.file = None
+
+    def acquire(self) -> str:
+        """Take the lock; -> "" or a note about the dead owner it took over. Raises SystemExit when
+        a live job holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            owner = file.read().strip() or "another process"
+            file.close()
+            raise SystemExit(f"{self.path.parent} is in use by a running job ({owner}); wait for it to finish "
+                             f"or choose another --out") from None
+        file.seek(0)
+        previous = file.read().strip()
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        file.flush()
+        self.file = file
+        return f"took over the lock of {previous}, which is no longer running" if previous else ""
+
+    def release(self) -> None:
+        """Unlock; a run directory that holds nothing but the lock (the job failed before writing
+        anything) is removed, so a failed start leaves no trace."""
+        if self.file is None:
+            return
+        self.file.seek(0)
+        self.file.truncate()      # an empty lock file: the last owner exited cleanly
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+        self.file = None
+        if [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
+            self.path.unlink()
+            self.path.parent.rmdir()
