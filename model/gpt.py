@@ -141,7 +141,12 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.cfg.block_size}; "
                              f"crop the input or use a model with a larger block_size")
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]   # (T, D/2)
-        delta, residual = self.embed(idx), None                                     # (B, T, C)
+        try:
+            delta, residual = self.embed(idx), None                                 # (B, T, C)
+        except IndexError:      # CPU; on CUDA an id out of range is a device-side assert
+            raise ValueError(f"token ids {idx.min().item()}..{idx.max().item()} do not fit the vocabulary "
+                             f"0..{self.cfg.vocab_size - 1}; encode with the tokenizer this model was "
+                             f"trained with") from None
         for layer, block in enumerate(self.blocks):
             delta, residual = block(delta, residual, cos, sin, cache, layer)
         h, _ = self.norm(delta, residual)                                            # (B, T, C)

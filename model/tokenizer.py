@@ -103,7 +103,10 @@ class Tokenizer:
         """
         specials = list(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
         check_vocab_size(vocab_size, specials)
-        merges = learn_merges(count_chunks(texts, pattern), vocab_size - 256 - len(specials))
+        chunks = count_chunks(texts, pattern)
+        if not chunks:
+            raise ValueError("Tokenizer.train got no text to learn merges from; pass a non-empty corpus")
+        merges = learn_merges(chunks, vocab_size - 256 - len(specials))
         return cls(merges, {s: 256 + len(merges) + i for i, s in enumerate(specials)}, pattern)
 
     @property
@@ -160,17 +163,21 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        with open(path, encoding="utf-8") as f:
-            try:
+        try:
+            with open(path, encoding="utf-8") as f:
                 payload = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not a tokenizer file: invalid JSON ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a tokenizer file: invalid JSON ({e})") from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"{path} is not a {FORMAT} tokenizer file (written by Tokenizer.save)")
         if payload.get("version") != VERSION:
             raise ValueError(f"{path} has tokenizer format version {payload.get('version')}, this code reads {VERSION}")
-        merges = [(int(a), int(b)) for a, b in payload["merges"]]
-        actual = _fingerprint(payload["pattern"], merges, payload["special_tokens"])
+        try:
+            merges = [(int(a), int(b)) for a, b in payload["merges"]]
+            actual = _fingerprint(payload["pattern"], merges, payload["special_tokens"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} is an incomplete tokenizer file ({type(e).__name__}: {e}); write it again "
+                             f"with Tokenizer.save or copy the run's tokenizer.json") from None
         if actual != payload.get("fingerprint"):
             raise ValueError(f"{path} is corrupt: its contents hash to {actual}, "
                              f"not the stored fingerprint {payload.get('fingerprint')}")

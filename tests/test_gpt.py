@@ -93,3 +93,9 @@ def test_cache_forward_equals_full_forward(tiny):
 def test_too_long_input_is_rejected(tiny):
     with pytest.raises(ValueError, match="exceeds block_size 64"):
         tiny(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_token_ids_outside_the_vocabulary_are_explained():
+    model = GPT(ModelConfig.preset("tiny", vocab_size=300, n_layer=1))
+    with pytest.raises(ValueError, match="token ids 3..300 do not fit the vocabulary 0..299; encode with the tokenizer"):
+        model(torch.tensor([[3, 300]]))

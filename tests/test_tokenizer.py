@@ -203,6 +203,20 @@ def test_load_rejects_bad_files(tok, tmp_path):
     with pytest.raises(ValueError, match="is not a tokenizer file: invalid JSON"):
         Tokenizer.load(path)
 
+    path.write_bytes(bytes(range(256)))                                   # a binary file
+    with pytest.raises(ValueError, match="is not a tokenizer file: invalid JSON"):
+        Tokenizer.load(path)
+    path.write_text(json.dumps({"format": "tritongpt-bpe", "version": 1, "pattern": SPLIT_PATTERN}))
+    with pytest.raises(ValueError, match="is an incomplete tokenizer file \\(KeyError: 'merges'\\)"):
+        Tokenizer.load(path)
+
+
+def test_training_on_no_text_is_refused():
+    with pytest.raises(ValueError, match="got no text to learn merges from"):
+        Tokenizer.train([], vocab_size=300)
+    with pytest.raises(ValueError, match="got no text"):
+        Tokenizer.train(["", ""], vocab_size=300)
+
 
 def test_vocab_smaller_than_bytes_plus_specials():
     with pytest.raises(ValueError, match=r"vocab_size 259 is smaller than the 256 byte tokens \+ 4 special tokens "
