@@ -18,7 +18,7 @@ import kernels
 from model import GPT
 from model.chat_format import ChatTokens, render_prompt, reply_text
 from model.checkpoint import load_model, load_tokenizer
-from model.command import DEBUG_HELP, run_command
+from model.command import DEBUG_HELP, at_least, at_most, flag_type, greater_than, run_command
 from model.generate import generate
 
 
@@ -103,10 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model.chat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="run directory or checkpoint (with tokenizer.json in its run directory)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1: off)")
-    parser.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens")
+    parser.add_argument("--temperature", type=flag_type(float, at_least(0)), default=0.7,
+                        help="sampling temperature; 0 is greedy")
+    parser.add_argument("--top-k", type=flag_type(int, at_least(0)), default=50,
+                        help="sample among the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=flag_type(float, greater_than(0), at_most(1)), default=0.95,
+                        help="nucleus sampling mass (1: off)")
+    parser.add_argument("--max-tokens", type=flag_type(int, at_least(1)), default=256, help="longest reply in tokens")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one per reply)")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     parser.add_argument("--kernels", type=kernels.spec_type, default="auto",

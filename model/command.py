@@ -1,17 +1,58 @@
-"""How every command the user types ends: a mistake in its input as one line, never a traceback.
+"""How every command the user types reads its flags and ends: a mistake as one line, never a traceback.
 
-A command's `main` raises ValueError (bad data, a broken or mismatched file) or OSError (a missing
+Flags are parsed by flag_type(parse, check): a value of the wrong kind or out of range is an
+argparse usage error naming the flag (status 2). A command's `main` raises ValueError (bad data, a broken or mismatched file) or OSError (a missing
 path, no permission) for what the user can fix; run_command prints that as one line on stderr and
 exits with status 1. Usage errors are argparse's (status 2). Anything else is a bug and keeps its
 traceback; `--debug` (or TRITONGPT_DEBUG=1) shows the traceback of every error.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 DEBUG_HELP = "show the full traceback of an error instead of one line"
+Check = Callable[[Any], None]          # raises ValueError saying what is wrong with the value
+EXPECTED = {int: "a whole number", float: "a number"}
+
+
+def at_least(low: float) -> Check:
+    def check(value) -> None:
+        if not value >= low:
+            raise ValueError(f"must be at least {low}, got {value}")
+    return check
+
+
+def greater_than(low: float) -> Check:
+    def check(value) -> None:
+        if not value > low:
+            raise ValueError(f"must be greater than {low:g}, got {value}")
+    return check
+
+
+def at_most(high: float) -> Check:
+    def check(value) -> None:
+        if not value <= high:
+            raise ValueError(f"must be at most {high}, got {value}")
+    return check
+
+
+def flag_type(parse: Callable[[str], Any], *checks: Check) -> Callable[[str], Any]:
+    """argparse type= that parses the text, then checks the value; either failing is a usage error."""
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {EXPECTED.get(parse, 'a valid value')}, got {text!r}") from None
+        for check in checks:
+            try:
+                check(value)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    return convert
 
 
 def debugging(argv: list[str] | None = None) -> bool:
@@ -22,6 +63,13 @@ def run_command(main: Callable[[], object]) -> None:
     """Run main() as the program; exits 1 with one line on stderr for a user's mistake."""
     try:
         main()
+    except SystemExit as e:
+        if not isinstance(e.code, str):       # argparse's usage errors and plain exits keep their status
+            raise
+        if debugging():
+            raise
+        print(f"error: {e.code}", file=sys.stderr)
+        sys.exit(1)
     except (ValueError, OSError) as e:
         if debugging():
             raise

@@ -79,3 +79,16 @@ def test_oldest_turns_are_dropped_when_the_context_is_full():
     with pytest.raises(ValueError, match="message too long"):
         session.reply("word " * 60, io.StringIO())
     assert session.history[-2]["content"] == "Repeat after me: turn 5"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "-1"], "--temperature: must be at least 0, got -1.0"),
+    (["--top-p", "1.5"], "--top-p: must be at most 1, got 1.5"),
+    (["--top-p", "0"], "--top-p: must be greater than 0, got 0.0"),
+    (["--top-k", "-2"], "--top-k: must be at least 0, got -2"),
+    (["--max-tokens", "0"], "--max-tokens: must be at least 1, got 0"),
+])
+def test_sampling_flags_out_of_range_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        chat.build_parser().parse_args(["some/run", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -97,3 +97,9 @@ def test_resume_of_a_config_edited_out_of_range_is_a_usage_error(tmp_path, capsy
 
 def test_cuda_defaults_are_picked_by_the_device_flag():
     assert cli.cuda_requested(["--device", "cuda:1"]) and not cli.cuda_requested(["--device", "cpu"])
+
+
+def test_init_is_kept_absolute_so_a_resume_works_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sft.STAGE.parse(["--init", "runs/base"]).init == str(tmp_path / "runs" / "base")
+    assert sft.STAGE.parse([]).init == ""

@@ -14,8 +14,8 @@ def command(*argv: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["model.chat", "no/such/run"], "error: no checkpoint at no/such/run"),
-    (["train.sft", "--init", "no/such/run"], "error: no checkpoint at no/such/run"),
+    (["model.chat", "no/such/run"], "no/such/run: expected a run directory"),
+    (["train.sft", "--init", "no/such/run"], "no/such/run: expected a run directory"),
     (["train.data", "--source", "no/such/corpus", "--out", "never/written"], "error: corpus source 'no/such/corpus'"),
 ])
 def test_a_mistake_is_one_line_and_status_1(argv, message, tmp_path):

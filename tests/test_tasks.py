@@ -59,3 +59,10 @@ def test_jsonl_files_load_back(tmp_path):
     assert load_dpo(tmp_path / "dpo_test.jsonl") == [{"prompt": t.prompt, "chosen": t.answer, "rejected": t.wrong}
                                                      for t in test]
     assert len(load_sft(tmp_path / "sft_train.jsonl")) == len(load_dpo(tmp_path / "dpo_train.jsonl")) == 21
+
+
+def test_counts_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tasks.main(["--out", str(tmp_path / "t"), "--n-train", "-5"])
+    assert "--n-train: must be at least 1, got -5" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

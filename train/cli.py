@@ -15,26 +15,10 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from model.command import flag_type
 from train.config import TrainConfig, is_loop_field
 
 Config = TypeVar("Config", bound=TrainConfig)
-EXPECTED = {int: "a whole number", float: "a number"}
-
-
-def flag_type(parse: Callable[[str], Any], check: Callable | None) -> Callable[[str], Any]:
-    """argparse type= that parses the text, then checks the value; either failing is a usage error."""
-    def convert(text: str) -> Any:
-        try:
-            value = parse(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {EXPECTED.get(parse, 'a valid value')}, got {text!r}") from None
-        if check is not None:
-            try:
-                check(value)
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
-        return value
-    return convert
 
 
 def build_parser(prog: str, description: str | None, defaults: TrainConfig) -> argparse.ArgumentParser:
@@ -52,7 +36,7 @@ def build_parser(prog: str, description: str | None, defaults: TrainConfig) -> a
             target.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
         else:
             parse = meta["type"] or type(default)
-            target.add_argument(flag, type=flag_type(parse, meta["check"]), default=default,
+            target.add_argument(flag, type=flag_type(parse, *filter(None, [meta["check"]])), default=default,
                                 choices=meta["choices"], help=meta["help"])
     return parser
 

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import kernels
-from model.command import DEBUG_HELP
-
-Check = Callable[[Any], None]          # raises ValueError saying what is wrong with the value
+from model.command import DEBUG_HELP, Check, at_least, greater_than
 
 
 def option(default: Any, help: str, check: Check | None = None, type: Callable | None = None,
@@ -23,20 +21,6 @@ def option(default: Any, help: str, check: Check | None = None, type: Callable |
     check validates the value, group names the --help section it is listed in."""
     return dataclasses.field(default=default, metadata={"help": help, "check": check, "type": type,
                                                         "choices": choices, "group": group})
-
-
-def at_least(low: int) -> Check:
-    def check(value) -> None:
-        if value < low:
-            raise ValueError(f"must be at least {low}, got {value}")
-    return check
-
-
-def greater_than(low: float) -> Check:
-    def check(value) -> None:
-        if not value > low:
-            raise ValueError(f"must be greater than {low:g}, got {value}")
-    return check
 
 
 positive, non_negative = at_least(1), at_least(0)

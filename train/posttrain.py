@@ -4,6 +4,7 @@ tasks, and the before/after table printed when a run ends."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,9 +19,14 @@ from train.runtime import Runtime
 from train.sft_data import stream_indices
 
 
+def absolute_path(text: str) -> str:
+    return str(Path(text).resolve()) if text else text
+
+
 @dataclass
 class PostConfig(TrainConfig):
-    init: str = option("", "run directory or checkpoint to start from (required)")
+    init: str = option("", "run directory or checkpoint to start from (required; kept as an absolute path, "
+                           "so --resume works from any directory)", type=absolute_path)
     data: str = option("tasks", "'tasks' (the built-in verifiable tasks) or a JSONL file")
     n_train: int = option(20000, "built-in training tasks (with --data tasks)", positive)
     task_seed: int = option(0, "seed of the built-in task sets; keep it equal across SFT and DPO so the test "

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.command import DEBUG_HELP, run_command
+from model.command import DEBUG_HELP, at_least, flag_type, run_command
 from model.files import atomic_write_text
 
 KINDS = ("add", "sub", "reverse", "sort", "count", "upper", "copy")
@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.tasks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/tasks", help="directory for the JSONL files")
-    parser.add_argument("--n-train", type=int, default=20000, help="training examples")
-    parser.add_argument("--n-test", type=int, default=700, help="held-out examples")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-train", type=flag_type(int, at_least(1)), default=20000, help="training examples")
+    parser.add_argument("--n-test", type=flag_type(int, at_least(1)), default=700, help="held-out examples")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task generator")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
     for split, n in (("train", args.n_train), ("test", args.n_test)):
