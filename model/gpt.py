@@ -36,8 +36,10 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of each head vector. x (B, H, T, D); cos, sin (T, D/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)                                 # (B, H, T, D/2) each
+    """Rotate the two halves of each head vector. x (B, T, H, D); cos, sin (T, D/2).
+    Returns a new contiguous (B, T, H, D) tensor."""
+    cos, sin = cos[:, None, :], sin[:, None, :]                         # (T, 1, D/2): broadcast over heads
+    x1, x2 = x.float().chunk(2, dim=-1)                                 # (B, T, H, D/2) each
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
@@ -69,8 +71,12 @@ class Attention(nn.Module):
                 cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
-        q, k, v = qkv.transpose(1, 2).split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)            # (B, H, T, D), (B, Hkv, T, D)
+        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)       # (B, T, H*, D) views
+        # RoPE writes new tensors and v is copied out, so what attention saves for its backward
+        # does not keep the whole fused projection alive. All three stay in (B, T, H, D) memory
+        # order, so the attention output comes back in it too and its transpose below is free.
+        q, k, v = apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous()
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)              # (B, H*, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v)                               # (B, Hkv, Tk, D)
         y = kernels.causal_attention(q, k, v)                              # (B, H, T, D)

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import kernels
 from model import GPT, ModelConfig
 from model.gpt import KVCache
 
@@ -99,3 +100,24 @@ def test_token_ids_outside_the_vocabulary_are_explained():
     model = GPT(ModelConfig.preset("tiny", vocab_size=300, n_layer=1))
     with pytest.raises(ValueError, match="token ids 3..300 do not fit the vocabulary 0..299; encode with the tokenizer"):
         model(torch.tensor([[3, 300]]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_keeps_no_projection_buffer_and_its_output_transpose_is_free(backend, monkeypatch):
+    """q, k, v each own exactly their storage (attention saving them for backward does not keep
+    the fused qkv projection alive), and the output is laid out (B, T, H, D) in memory, so the
+    model's transpose back to (B, T, C) needs no copy."""
+    model = GPT(ModelConfig.preset("tiny", vocab_size=300, n_layer=1, n_head=4, n_kv_head=2, n_embd=64))
+    seen = []
+    attend = kernels.causal_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q, k, v, attend(q, k, v, **kwargs)))
+        return seen[-1][-1]
+    monkeypatch.setattr(kernels, "causal_attention", spy)
+    with kernels.use(causal_attention=backend):
+        model(torch.randint(0, 300, (2, 9)))
+    (q, k, v, y), = seen
+    for t in (q, k, v):
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    assert y.shape == (2, 4, 9, 16) and y.transpose(1, 2).is_contiguous()
