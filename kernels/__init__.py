@@ -14,6 +14,12 @@ the ``TRITONGPT_KERNELS`` environment variable, or with ``--kernels`` on every t
 point. All three take the same spec: ``"auto"``, ``"triton"``, ``"torch"`` or a comma-separated
 list such as ``"torch,rms_norm=triton"`` (an entry without ``=`` sets every op).
 
+NaN in, NaN out: on both backends alike, a NaN in an input makes NaN every output (and gradient)
+that depends on it, so a diverged run is never hidden. Two rules say what "depends" means, the
+same on both backends: cross-entropy rows whose target is ignore_index are never read (their NaN
+leaves the loss and their logits' gradient at exactly 0), and in causal_attention a NaN at a key
+a query does not attend is not promised to reach it (see causal_attention).
+
 The Triton modules are imported lazily, on the first call that needs them, so ``import kernels``
 stays cheap and never imports triton itself. ``kernels.spec_type`` is the argparse ``type=`` of a
 ``--kernels SPEC`` flag: it rejects a bad spec with parse_spec's message.
@@ -46,6 +52,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import math
+import numbers
 import os
 from typing import Callable
 
@@ -236,6 +244,14 @@ def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) ->
                              f"({ignore_index}); fix the data or the vocabulary size")
 
 
+def _check_eps(eps) -> float:
+    # bool is an int: eps=True is a mistake, not 1.0. NaN fails both comparisons.
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0.0 < eps < math.inf):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}; pass a small positive value such as 1e-6 "
+                         f"(the default), which keeps 1 / sqrt(mean(x^2) + eps) finite")
+    return float(eps)
+
+
 def _check_loss_args(reduction: str, label_smoothing: float, z_loss: float) -> None:
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -251,10 +267,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
              residual: torch.Tensor | None = None):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dim. x (..., D), weight (D,).
 
-    With ``residual=r``: h = x + r, returns (rms_norm(h), h), fusing the residual add.
+    eps must be a finite number > 0 (ValueError otherwise). With ``residual=r``: h = x + r,
+    returns (rms_norm(h), h), fusing the residual add.
     """
     _check_float("x", x)
     _check_float("weight", weight)
+    eps = _check_eps(eps)
     if x.dim() == 0 or weight.shape != (x.shape[-1],):
         raise ValueError(f"weight has shape {tuple(weight.shape)}; expected ({x.shape[-1] if x.dim() else '?'},) "
                          f"to match the last dim of x {tuple(x.shape)}")
@@ -287,6 +305,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Hq % Hkv == 0 (grouped-query attention). Query i sits at absolute position Tk - Tq + i and
     attends keys 0 .. Tk - Tq + i, so Tq == Tk is plain causal attention and Tq == 1 is one
     decoding step against a KV cache. scale defaults to D ** -0.5.
+
+    NaN: output row i is NaN whenever q row i, or k or v at a key it attends, holds a NaN, and the
+    gradients then hold NaN too (dv not for a NaN in v, which dv does not depend on). A NaN at a
+    key that query i does not attend is no part of its result but may still reach it, depending
+    on the backend's tiling (a masked probability is exactly 0, and 0 * NaN in the P @ V product
+    is NaN; SDPA's additive mask keeps a masked NaN score): neither backend promises either way.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(name, t)
@@ -316,6 +340,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     logsumexp of the row. Rows whose target is ignore_index contribute 0 loss and 0 gradient.
     reduction "mean" averages over the non-ignored rows (0.0 when there are none), "sum" adds
     them, "none" returns the (N,) per-row losses. The loss is float32 whatever the logits dtype.
+    A NaN logit in a kept row makes that row's loss and gradient NaN, and so the "sum" and "mean"
+    losses; an ignored row is never read, so its NaN changes nothing (loss 0, gradient exactly 0).
     """
     _check_float("logits", logits)
     if logits.dim() != 2:
@@ -334,7 +360,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """cross_entropy(hidden @ weight.T, targets, ...) without ever holding the (N, V) logits.
 
     hidden (N, D), weight (V, D). Rows are processed in chunks of chunk_size (default: chosen from
-    a memory budget); the result and gradients equal the unfused composition.
+    a memory budget); the result and gradients equal the unfused composition, NaN included: an
+    ignored row's NaN hidden state gives it a zero grad_hidden row but, through the weight
+    gradient's matmul (0 * NaN), NaN in grad_weight.
     """
     _check_float("hidden", hidden)
     _check_float("weight", weight)

@@ -2,7 +2,8 @@
 
 These are the references the Triton kernels are tested against, and the backend used on CPU.
 Inputs arrive already validated by kernels/__init__.py. Each function has the signature of the
-public op in kernels/__init__.py; see there for the semantics.
+public op in kernels/__init__.py; see there for the semantics, NaN propagation included (a NaN
+input gives the same NaN outputs as on the triton backend).
 """
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     Tq, Tk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if Tq == Tk:  # plain causal: SDPA's flash/efficient kernels handle it without a mask
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    if Tq == 1:  # one decoding step sees every cached key
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return out + _nan_taint(q, k).to(out.dtype)
+    if Tq == 1:  # one decoding step sees every cached key; a zero mask keeps NaN (see _nan_taint)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=q.new_zeros(1, 1), scale=scale, enable_gqa=gqa)
     # SDPA's is_causal aligns the diagonal top-left; ours is bottom-right (query i is at Tk - Tq + i).
     offset = Tk - Tq
     rows = torch.arange(Tq, device=q.device)[:, None]
@@ -39,19 +41,68 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+def _nan_taint(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(B, Hq, Tq, 1): 0, or NaN for the query rows where q's row or k's row 0 holds a NaN.
+
+    Without a mask, SDPA's CPU kernel may take a row's max over a block of keys with a NaN-dropping
+    max (its scalar loop does: rows shorter than a SIMD vector) and returns 0 for a row whose max
+    stays -inf, as for a fully masked row: a row of all-NaN scores (a NaN in q row i, or in k row 0
+    for query 0, which sees only key 0) came out 0 instead of NaN. With a mask its max keeps NaN,
+    which is why a decoding step passes a zero mask. Key 0 is in the first block and every query
+    sees it: when score(i, 0) is finite the max is finite and every NaN score flows on through
+    exp(NaN - max). So only q row i or k row 0 can be lost, and adding 0 * their sums restores
+    exactly those NaNs, for O(Tq * D) work and no pass over K or V. Detached: it is 0 wherever a
+    gradient could be finite.
+    """
+    B, Hq, Tq, _ = q.shape
+    Hkv = k.shape[1]
+    rows = q.detach().sum(-1, dtype=torch.float32).view(B, Hkv, -1)                     # (B, Hkv, G * Tq)
+    key0 = k.detach()[:, :, 0].sum(-1, keepdim=True, dtype=torch.float32)               # (B, Hkv, 1)
+    return (rows + key0).mul_(0.0).view(B, Hq, Tq, 1)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Per-row losses (N,) in float32, with the gradient written out (as the Triton kernel has it):
+    dloss/dx_j = p_j * (1 + 2 z lse) - ls / V - (1 - ls) [j == t], p = softmax(x).
+
+    Ignored rows get loss 0 and a gradient of exactly 0, whatever their logits hold: autograd
+    through logsumexp would give them 0 * softmax(x), which is NaN for a NaN logit. The backward
+    also makes fewer (N, V) passes than autograd's, and saves the logits rather than an fp32 copy.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, label_smoothing, z_loss):
+        x = logits.float()                                     # (N, V)
+        lse = torch.logsumexp(x, dim=-1)                       # (N,)
+        kept = targets != ignore_index                         # (N,)
+        safe_targets = targets.masked_fill(~kept, 0)
+        losses = lse - x.gather(1, safe_targets[:, None]).squeeze(1)   # (N,) negative log-likelihood
+        if label_smoothing:
+            losses = (1.0 - label_smoothing) * losses + label_smoothing * (lse - x.mean(dim=-1))
+        if z_loss:
+            losses = losses + z_loss * lse.square()
+        ctx.save_for_backward(logits, safe_targets, kept, lse)
+        ctx.options = (label_smoothing, z_loss)
+        return losses.masked_fill(~kept, 0.0)                 # ignored rows: zero loss
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        logits, safe_targets, kept, lse = ctx.saved_tensors
+        label_smoothing, z_loss = ctx.options
+        row = grad_losses.float()                              # (N,)
+        grad = torch.sub(logits, lse[:, None]).exp_()          # softmax, float32 (N, V)
+        grad.mul_((row * (1.0 + 2.0 * z_loss * lse))[:, None])
+        if label_smoothing:
+            grad.sub_((row * (label_smoothing / logits.shape[1]))[:, None])
+        grad.scatter_add_(1, safe_targets[:, None], (-(1.0 - label_smoothing) * row)[:, None])
+        grad.masked_fill_(~kept[:, None], 0.0)                 # ignored rows: zero gradient
+        return grad.to(logits.dtype), None, None, None, None
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
-    x = logits.float()                                     # (N, V)
-    lse = torch.logsumexp(x, dim=-1)                       # (N,)
-    kept = targets != ignore_index                         # (N,)
-    safe_targets = targets.masked_fill(~kept, 0)
-    losses = lse - x.gather(1, safe_targets[:, None]).squeeze(1)   # (N,) negative log-likelihood
-    if label_smoothing:
-        losses = (1.0 - label_smoothing) * losses + label_smoothing * (lse - x.mean(dim=-1))
-    if z_loss:
-        losses = losses + z_loss * lse.square()
-    losses = losses.masked_fill(~kept, 0.0)                # ignored rows: zero loss, zero gradient
-    return launching.reduce_losses(losses, kept, reduction)
+    losses = _CrossEntropy.apply(logits, targets, ignore_index, label_smoothing, z_loss)   # (N,)
+    return launching.reduce_losses(losses, targets != ignore_index, reduction)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -26,6 +26,12 @@ Head dims that are not powers of two run on a power-of-two tile with masked colu
 are IEEE-exact; fp16/bf16 use tensor cores with fp32 accumulation. On a GPU every kernel is
 autotuned over a few tiles pruned by shared memory and query count; the CPU interpreter
 (TRITON_INTERPRET=1, for tests) uses fixed small tiles.
+
+NaN (the rule of kernels.causal_attention): a NaN in q row i, or in k or v at a key that row
+attends, makes output row i NaN through the online softmax (exp2(NaN - m) is NaN whatever max m
+keeps). Masked scores are replaced by -inf (a select), so a NaN key never reaches a query that
+does not attend it; a NaN value does reach the queries of the tiles that load its key, since
+their masked probabilities are exactly 0 and 0 * NaN is NaN in the P @ V dot.
 """
 from __future__ import annotations
 
