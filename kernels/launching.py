@@ -12,8 +12,12 @@ import torch
 
 # Stands in for the SM count when the interpreter runs the kernels on the CPU.
 INTERPRETER_SMS = 4
-# Bytes of fp32 logits (plus their gradient) one linear_cross_entropy chunk may hold at once.
-LCE_CHUNK_BUDGET_BYTES = 256 * 2**20
+# Bytes of fp32 logits (plus their gradient) one linear_cross_entropy chunk may hold at once. On a
+# GPU 256 MiB keeps every chunk a large GEMM (>= 256 rows even at a 128k vocabulary) while the
+# default CUDA shape's full logits take 2 GiB (32k rows x 16k vocab). On the CPU 32 MiB is below
+# the full logits of the default run (4096 rows x 4096 vocab: 64 MiB of fp32) and fits the chunk's
+# (C, V) block nearer the caches; CPU GEMMs are as fast at a few hundred rows as at thousands.
+LCE_CHUNK_BUDGET_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
 
 
 def interpreting() -> bool:
@@ -58,9 +62,10 @@ def reduce_losses(losses: torch.Tensor, kept: torch.Tensor, reduction: str) -> t
     return total / kept.sum().clamp(min=1)  # count stays on the device: no host sync
 
 
-def default_chunk_rows(n_rows: int, vocab: int) -> int:
-    """Rows per linear_cross_entropy chunk so fp32 logits and their gradient fit the budget."""
-    return max(1, min(n_rows, LCE_CHUNK_BUDGET_BYTES // (8 * vocab)))
+def default_chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
+    """Rows per linear_cross_entropy chunk so fp32 logits and their gradient fit the device's budget."""
+    budget = LCE_CHUNK_BUDGET_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    return max(1, min(n_rows, budget // (8 * vocab)))
 
 
 def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

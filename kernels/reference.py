@@ -61,9 +61,34 @@ def _nan_taint(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (rows + key0).mul_(0.0).view(B, Hq, Tq, 1)
 
 
+def _ce_losses(x: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float,
+               z_loss: float) -> tuple[torch.Tensor, ...]:
+    """Per-row losses of fp32 logits x (N, V), 0 at ignored rows; -> (losses, lse, safe targets, kept)."""
+    lse = torch.logsumexp(x, dim=-1)                       # (N,)
+    kept = targets != ignore_index                         # (N,)
+    safe_targets = targets.masked_fill(~kept, 0)
+    losses = lse - x.gather(1, safe_targets[:, None]).squeeze(1)   # (N,) negative log-likelihood
+    if label_smoothing:
+        losses = (1.0 - label_smoothing) * losses + label_smoothing * (lse - x.mean(dim=-1))
+    if z_loss:
+        losses = losses + z_loss * lse.square()
+    return losses.masked_fill(~kept, 0.0), lse, safe_targets, kept
+
+
+def _ce_grad_(x: torch.Tensor, lse: torch.Tensor, safe_targets: torch.Tensor, kept: torch.Tensor,
+              row: torch.Tensor, label_smoothing: float, z_loss: float) -> torch.Tensor:
+    """Overwrite fp32 logits x (N, V) with row * dloss/dx (row: (N,) upstream gradients), in place:
+    dloss/dx_j = p_j * (1 + 2 z lse) - ls / V - (1 - ls) [j == t], p = softmax(x); 0 at ignored rows."""
+    grad = x.sub_(lse[:, None]).exp_()                     # softmax
+    grad.mul_((row * (1.0 + 2.0 * z_loss * lse))[:, None])
+    if label_smoothing:
+        grad.sub_((row * (label_smoothing / x.shape[1]))[:, None])
+    grad.scatter_add_(1, safe_targets[:, None], (-(1.0 - label_smoothing) * row)[:, None])
+    return grad.masked_fill_(~kept[:, None], 0.0)          # ignored rows: zero gradient, whatever they held
+
+
 class _CrossEntropy(torch.autograd.Function):
-    """Per-row losses (N,) in float32, with the gradient written out (as the Triton kernel has it):
-    dloss/dx_j = p_j * (1 + 2 z lse) - ls / V - (1 - ls) [j == t], p = softmax(x).
+    """Per-row losses (N,) in float32, with the gradient written out (as the Triton kernel has it).
 
     Ignored rows get loss 0 and a gradient of exactly 0, whatever their logits hold: autograd
     through logsumexp would give them 0 * softmax(x), which is NaN for a NaN logit. The backward
@@ -72,30 +97,16 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, label_smoothing, z_loss):
-        x = logits.float()                                     # (N, V)
-        lse = torch.logsumexp(x, dim=-1)                       # (N,)
-        kept = targets != ignore_index                         # (N,)
-        safe_targets = targets.masked_fill(~kept, 0)
-        losses = lse - x.gather(1, safe_targets[:, None]).squeeze(1)   # (N,) negative log-likelihood
-        if label_smoothing:
-            losses = (1.0 - label_smoothing) * losses + label_smoothing * (lse - x.mean(dim=-1))
-        if z_loss:
-            losses = losses + z_loss * lse.square()
+        losses, lse, safe_targets, kept = _ce_losses(logits.float(), targets, ignore_index, label_smoothing, z_loss)
         ctx.save_for_backward(logits, safe_targets, kept, lse)
         ctx.options = (label_smoothing, z_loss)
-        return losses.masked_fill(~kept, 0.0)                 # ignored rows: zero loss
+        return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
         logits, safe_targets, kept, lse = ctx.saved_tensors
-        label_smoothing, z_loss = ctx.options
-        row = grad_losses.float()                              # (N,)
-        grad = torch.sub(logits, lse[:, None]).exp_()          # softmax, float32 (N, V)
-        grad.mul_((row * (1.0 + 2.0 * z_loss * lse))[:, None])
-        if label_smoothing:
-            grad.sub_((row * (label_smoothing / logits.shape[1]))[:, None])
-        grad.scatter_add_(1, safe_targets[:, None], (-(1.0 - label_smoothing) * row)[:, None])
-        grad.masked_fill_(~kept[:, None], 0.0)                 # ignored rows: zero gradient
+        x = logits.float() if logits.dtype != torch.float32 else logits.clone()   # (N, V), overwritten
+        grad = _ce_grad_(x, lse, safe_targets, kept, grad_losses.float(), *ctx.options)
         return grad.to(logits.dtype), None, None, None, None
 
 
@@ -105,53 +116,79 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     return launching.reduce_losses(losses, targets != ignore_index, reduction)
 
 
+def _lce_chunks(hidden: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                label_smoothing: float, z_loss: float, chunk: int, losses: torch.Tensor | None,
+                row_grad: torch.Tensor | None, grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None) -> None:
+    """One sweep over row chunks of logits = hidden @ w.T: writes the losses (when given) and, with
+    row_grad (N,), the chunk's logit gradient times row_grad, turned at once into its grad_hidden
+    rows (grad @ w) and its part of grad_weight (grad.T @ h). One (chunk, V) fp32 block is live."""
+    for start in range(0, hidden.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        h = hidden[rows].to(w.dtype)                                          # (C, D)
+        x = (h @ w.T).float()                                                 # (C, V) fp32 logits
+        chunk_losses, lse, safe_targets, kept = _ce_losses(x, targets[rows], ignore_index, label_smoothing, z_loss)
+        if losses is not None:
+            losses[rows] = chunk_losses
+        if row_grad is None:
+            continue
+        grad = _ce_grad_(x, lse, safe_targets, kept, row_grad[rows], label_smoothing, z_loss).to(w.dtype)
+        if grad_hidden is not None:
+            grad_hidden[rows] = grad @ w
+        if grad_weight is not None:
+            grad_weight += (grad.T @ h).float()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Chunked lm-head + cross-entropy. Forward keeps only the (N,) losses; backward recomputes
-    each chunk's logits, so neither pass ever holds more than one (chunk, V) block of logits."""
+    """Chunked lm-head + cross-entropy that never holds more than one (chunk, V) block of logits.
+
+    For "mean" and "sum" the upstream gradient is a scalar, so the forward computes each chunk's
+    gradient right away (scaled by 1, or 1 / kept rows) and the backward only multiplies by it: one
+    pass over the logits, no recompute (the way the Triton version works). For "none" the per-row
+    upstream gradients are unknown until backward, which recomputes the chunks' logits.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, chunk_size):
         dtype = launching.compute_dtype(hidden, weight)
         n_rows = hidden.shape[0]
-        chunk = chunk_size or launching.default_chunk_rows(n_rows, weight.shape[0])
-        w = weight.to(dtype)                                                  # (V, D)
-        losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, n_rows, chunk):
-                rows = slice(start, start + chunk)
-                logits = hidden[rows].to(dtype) @ w.T                         # (chunk, V)
-                losses[rows] = cross_entropy(logits, targets[rows], ignore_index, "none", label_smoothing, z_loss)
+        chunk = chunk_size or launching.default_chunk_rows(n_rows, weight.shape[0], hidden.device)
         kept = targets != ignore_index
-        ctx.save_for_backward(hidden, weight, targets, kept)
-        ctx.args = (ignore_index, reduction, label_smoothing, z_loss, chunk, dtype)
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        early = reduction != "none" and (need_hidden or need_weight)
+        losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if early and need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if early and need_weight else None
+        row_grad = None
+        if early:   # d(sum)/d(loss_i) = 1; d(mean)/d(loss_i) = 1 / kept rows
+            scale = 1.0 / kept.sum().clamp(min=1) if reduction == "mean" else torch.ones((), device=hidden.device)
+            row_grad = scale.float().expand(n_rows)
+        with torch.autocast(hidden.device.type, enabled=False):
+            _lce_chunks(hidden, weight.to(dtype), targets, ignore_index, label_smoothing, z_loss, chunk, losses,
+                        row_grad, grad_hidden, grad_weight)
+        if early:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        else:
+            ctx.save_for_backward(hidden, weight, targets)
+        ctx.args = (early, ignore_index, label_smoothing, z_loss, chunk, dtype, hidden.dtype, weight.dtype)
         return launching.reduce_losses(losses, kept, reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, targets, kept = ctx.saved_tensors
-        ignore_index, reduction, label_smoothing, z_loss, chunk, dtype = ctx.args
-        n_rows = hidden.shape[0]
-        if reduction == "none":
-            row_grad = grad_loss                                              # (N,)
+        early, ignore_index, label_smoothing, z_loss, chunk, dtype, hidden_dtype, weight_dtype = ctx.args
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        if early:
+            grad_hidden, grad_weight = ctx.saved_tensors
+            grad_hidden = None if grad_hidden is None else (grad_hidden * grad_loss).to(hidden_dtype)
+            grad_weight = None if grad_weight is None else (grad_weight * grad_loss).to(weight_dtype)
         else:
-            scale = grad_loss if reduction == "sum" else grad_loss / kept.sum().clamp(min=1)
-            row_grad = scale.expand(n_rows)
-        w = weight.to(dtype)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, n_rows, chunk):
-                rows = slice(start, start + chunk)
-                h = hidden[rows].to(dtype)                                    # (chunk, D)
-                logits = (h @ w.T).requires_grad_()                           # (chunk, V)
-                with torch.enable_grad():
-                    losses = cross_entropy(logits, targets[rows], ignore_index, "none", label_smoothing, z_loss)
-                (grad_logits,) = torch.autograd.grad(losses, logits, row_grad[rows])
-                if grad_hidden is not None:
-                    grad_hidden[rows] = grad_logits @ w
-                if grad_weight is not None:
-                    grad_weight += (grad_logits.T @ h).float()
-        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+            hidden, weight, targets = ctx.saved_tensors
+            grad_hidden = torch.empty_like(hidden, dtype=dtype) if need_hidden else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+            with torch.autocast(hidden.device.type, enabled=False):
+                _lce_chunks(hidden, weight.to(dtype), targets, ignore_index, label_smoothing, z_loss, chunk, None,
+                            grad_loss.float(), grad_hidden, grad_weight)
+            grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden_dtype)
+            grad_weight = None if grad_weight is None else grad_weight.to(weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 

@@ -209,6 +209,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     grad_on = torch.is_grad_enabled()
     loss, *_ = _linear_cross_entropy_op(
         hidden, weight, targets, ignore_index, reduction, float(label_smoothing), float(z_loss),
-        chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0]), compute_dtype(hidden, weight),
+        chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.device), compute_dtype(hidden, weight),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
     return loss
