@@ -3,16 +3,19 @@ a clear error for every bad input class."""
 import json
 import os
 import random
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from model.command import run_command
 from train import data as data_mod
-from train.data import (HEADER, MAGIC, PreparedData, build_parser, eval_batches, main, prepare, read_shard,
-                        sample_batch, shard_dtype, write_shard)
+from train.data import HEADER, MAGIC, PreparedData, build_parser, main, prepare, read_shard, shard_dtype, write_shard
+from train.pretrain import eval_batches, sample_batch
 from train.sources import iter_documents, local_files, source_fingerprint, source_slug
 
 VOCAB = 320
@@ -249,6 +252,118 @@ def test_cli(corpus, tmp_path, capsys):
     parser = build_parser()
     flags = {a.option_strings[-1]: a.help for a in parser._actions if a.option_strings and a.dest != "help"}
     assert all(flags.values())
-    assert set(flags) == {"--source", "--out", "--vocab-size", "--seed", "--val-fraction", "--tokenizer-sample-bytes",
-                          "--min-chars", "--max-dup-line-frac", "--max-top-ngram-frac", "--min-alnum-frac",
-                          "--max-markup-frac", "--near-dup-threshold", "--quiet"}
+    assert set(flags) == {"--source", "--out", "--data-dir", "--vocab-size", "--seed", "--val-fraction",
+                          "--tokenizer-sample-bytes", "--min-chars", "--max-dup-line-frac", "--max-top-ngram-frac",
+                          "--min-alnum-frac", "--max-markup-frac", "--near-dup-threshold", "--max-replacement-frac",
+                          "--max-control-frac", "--quiet", "--debug"}
+
+
+def write_binaries(root):
+    """Files named like text that are not UTF-8 text: random bytes, a PNG, UTF-16."""
+    rng = random.Random(3)
+    root.mkdir(parents=True, exist_ok=True)
+    noise = bytes(rng.randrange(256) for _ in range(3000))
+    (root / "random.txt").write_bytes(noise)
+    (root / "image.md").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + noise)
+    (root / "notes.txt").write_bytes(document(rng).encode("utf-16"))
+    return root
+
+
+def snapshot(root):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_binary_files_are_removed_and_counted_text_in_any_script_is_kept(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", n_files=8)
+    write_binaries(corpus / "bin")
+    (corpus / "zh.md").write_text("机器学习模型需要大量的训练数据。\n我们在这里测试普通的中文文本。\n" + document(random.Random(4)))
+    cookie = "# -*- coding: latin-1 -*-\n# caf\u00e9 cr\u00e8me br\u00fbl\u00e9e\n"
+    (corpus / "latin1.py").write_bytes(cookie.encode("latin-1") + document(random.Random(5)).encode())
+    data = PreparedData(prepare(str(corpus), out=tmp_path / "ds", vocab_size=VOCAB, verbose=False))
+    report = data.manifest["filters"]
+    assert report["removed"]["binary"]["docs"] == 3 and data.manifest["args"]["filters"]["max_control_frac"] == 0.05
+    assert report["kept"]["docs"] == 8 + 5 + 2                 # every text file, the jsonl rows, zh.md, latin1.py
+    text = data.tokenizer.decode(np.concatenate([data.train, data.val]).tolist())
+    assert "\ufffd" not in text and "\x00" not in text
+    assert "我们在这里测试普通的中文文本" in text and "caf\u00e9 cr\u00e8me" in text     # the coding cookie is honoured
+
+
+def test_a_corpus_of_binary_files_fails_in_one_line_and_leaves_nothing(tmp_path):
+    corpus = write_binaries(tmp_path / "bin")
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"all 3 documents were removed \(binary 3\); they are binary or not") as e:
+        prepare(str(corpus), data_dir=tmp_path / "data", vocab_size=VOCAB, verbose=False)
+    assert "\n" not in str(e.value)
+    assert snapshot(tmp_path) == before and not (tmp_path / "data").exists()
+
+
+def test_the_same_source_spelled_any_way_is_reused_and_others_never_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a, b = (write_corpus(tmp_path / side / "corpus", n_files=6, seed=i) for i, side in enumerate("AB"))
+    first = prepare(str(a), data_dir="data", vocab_size=VOCAB, verbose=False)
+    assert first.parent == Path("data") and re.fullmatch(rf"corpus-v{VOCAB}-[0-9a-f]{{8}}", first.name)
+    other = prepare("B/corpus", data_dir="data", vocab_size=VOCAB, verbose=False)     # same folder name
+    assert other != first and other.parent == first.parent
+    assert PreparedData(other).manifest["args"]["source"] == str(b.resolve())
+    (tmp_path / "link").symlink_to(a)
+    kept = snapshot(first)
+    monkeypatch.setattr(data_mod, "_build", lambda *a: pytest.fail("rebuilt a dataset that exists"))
+    for spelling in ("A/corpus", "./A/corpus/", "A/../A/corpus", "link"):
+        assert prepare(spelling, data_dir="data", vocab_size=VOCAB, verbose=False) == first
+    assert snapshot(first) == kept
+    assert data_mod.dataset_name({**PreparedData(first).manifest["args"], "seed": 1}) != first.name
+    os.utime(a / "doc0.txt", ns=(0, 0))                              # the source changed since
+    with pytest.raises(ValueError, match=f"before its files changed.*name data/corpus-v{VOCAB}-.* itself as the data"):
+        prepare("A/corpus", data_dir="data", vocab_size=VOCAB, verbose=False)
+    assert snapshot(first) == kept
+
+
+def test_a_data_dir_that_is_a_file_is_refused(tmp_path, corpus):
+    (tmp_path / "data").write_text("not a folder")
+    with pytest.raises(ValueError, match="data is a file, not a directory.*--data-dir"):
+        prepare(str(corpus), data_dir=tmp_path / "data" / "sub", vocab_size=VOCAB, verbose=False)
+    assert (tmp_path / "data").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokenizer-sample-bytes", "0"], "argument --tokenizer-sample-bytes: must be at least 1, got 0"),
+    (["--vocab-size", "100"], "argument --vocab-size: vocab_size 100 is smaller than the 256 byte tokens + 4 special"),
+    (["--val-fraction", "0"], "argument --val-fraction: must be in (0, 0.5], got 0"),
+    (["--val-fraction", "1"], "argument --val-fraction: must be in (0, 0.5], got 1"),
+    (["--val-fraction", "-0.1"], "argument --val-fraction: must be in (0, 0.5], got -0.1"),
+    (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+    (["--min-chars", "-1"], "argument --min-chars: min_chars must be >= 0, got -1"),
+    (["--max-replacement-frac", "2"], "argument --max-replacement-frac: max_replacement_frac must be a fraction"),
+    (["--data-dir", ""], "argument --data-dir: must name a directory"),
+])
+def test_cli_range_checks_are_usage_errors(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["--source", "nowhere", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_default_out_is_keyed_by_source_and_arguments(corpus, tmp_path, capsys):
+    common = ["--data-dir", str(tmp_path / "d"), "--vocab-size", str(VOCAB), "--quiet"]
+    out = main(["--source", str(corpus), *common])
+    assert out.parent == tmp_path / "d" and re.fullmatch(rf"{corpus.name}-v{VOCAB}-[0-9a-f]{{8}}", out.name)
+    again = main(["--source", str(corpus) + "/", *common])
+    seeded = main(["--source", str(corpus), *common, "--seed", "1"])
+    assert again == out and seeded != out and sorted(os.listdir(tmp_path / "d")) == sorted([out.name, seeded.name])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: root / "missing", "error: corpus source '.*missing': no such file or directory"),
+    (lambda root: (root / "empty").mkdir() or root / "empty", "error: corpus directory .*empty holds no text files"),
+    (lambda root: write_binaries(root / "bin"), r"error: the corpus .* \(binary 3\)"),
+])
+def test_cli_bad_sources_end_in_one_line(make, message, tmp_path, monkeypatch, capsys):
+    source = make(tmp_path)
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run_command(lambda: main(["--source", str(source), "--vocab-size", str(VOCAB), "--quiet"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1 and re.match(message, err)
+    assert snapshot(tmp_path) == before and not (tmp_path / "data").exists()

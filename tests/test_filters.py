@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from train.filters import (FILTERS, DocumentFilter, FilterConfig, MinHashLSH, alnum_fraction, clean, codepoints,
-                           dup_line_fraction, markup_fraction, top_ngram_fraction, word_hashes)
+from train.filters import (FILTERS, DocumentFilter, FilterConfig, MinHashLSH, alnum_fraction, binary_fractions, clean,
+                           codepoints, dup_line_fraction, markup_fraction, top_ngram_fraction, word_hashes)
 
 FEW = settings(max_examples=20, deadline=None)
 WORDS = ("model token layer kernel python gradient batch vector matrix softmax attention value query key "
@@ -149,3 +149,63 @@ def test_filter_config_errors():
         FilterConfig(near_dup_threshold=0)
     with pytest.raises(ValueError, match="min_chars must be >= 0, got -1"):
         FilterConfig(min_chars=-1)
+
+
+def binary_samples() -> dict[str, str]:
+    """Files that are not UTF-8 text, decoded the way train/sources.py reads them."""
+    rng = random.Random(0)
+    noise = bytes(rng.randrange(256) for _ in range(4000))
+    english = prose(20)
+    raw = {"random bytes": noise, "png": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + noise,
+           "utf-16": english.encode("utf-16"), "utf-16-be": english.encode("utf-16-be"),
+           "utf-32": english.encode("utf-32"),
+           "cp1251 russian": ("Обычный русский текст для проверки. " * 60).encode("cp1251")}
+    return {name: data.decode("utf-8", errors="replace") for name, data in raw.items()}
+
+
+TEXTS = {   # UTF-8 text that must pass: other scripts (with their joiners and marks), code with tabs, CR, form feeds
+    "chinese": "机器学习模型需要大量的训练数据。\n我们在这里测试普通的中文文本，包括标点符号和数字 2024。\n北京是中国的首都。\n",
+    "japanese": "これは日本語の文章です。カタカナ、ひらがな、漢字が混ざっています。\n東京は大きな都市です。\n",
+    "arabic": "هذا نص عربي عادي لاختبار المرشح، ويحتوي على علامات الترقيم والأرقام ١٢٣.\nمی‌خواهم با نیم‌فاصله بنویسم.\n",
+    "hindi": "यह एक सामान्य हिंदी पाठ है जिसमें संयुक्ताक्षर और मात्राएँ हैं। क्‍ष और त्‍र।\n",
+    "greek+emoji": "Καλημέρα κόσμε, αυτό είναι ελληνικό κείμενο.\n👩‍💻 🏳️‍🌈 👍🏽 café naïve résumé Ελλάδα\n",
+    "code": "def f(x):\r\n\treturn x  # tab, CRLF\r\n\x0c\nclass A:\n\tpass\n" + prose(21, 60),
+}
+
+
+def test_binary_and_mis_decoded_files_are_removed_and_counted():
+    f = DocumentFilter(FilterConfig())
+    samples = binary_samples()
+    assert all(f(text) is None for text in samples.values())
+    assert f.report.removed["binary"][0] == len(samples) and f.report.kept[0] == 0
+    assert "binary" in f.report.table()
+    assert f.report.docs_in == len(samples)
+    assert f.report.bytes_in == f.report.cleaned_bytes + sum(b for _, b in f.report.removed.values())
+
+
+def test_text_in_any_script_and_code_passes_the_binary_filter():
+    def as_read(text, **thresholds):                           # the binary filter sees the text before cleaning
+        return DocumentFilter(FilterConfig(**thresholds)).reason(clean(text), text)
+
+    for name, text in TEXTS.items():
+        assert binary_fractions(text) == (0.0, 0.0), name
+        assert as_read(text, min_chars=10) is None, name
+    assert as_read(prose(22) + "\ufffd\x00\x1b") is None         # one of each in ~2000 characters is still text
+    assert as_read("x" * 50 + "\ufffd" * 2, min_chars=10) == "binary"        # 4% U+FFFD
+    assert as_read(prose(23) + "\x00" * 200) == "binary"                      # 9% NUL
+    assert as_read(prose(23) + "\x00" * 200, max_control_frac=1.0) is None
+
+
+def test_no_stdlib_source_is_binary():
+    from train.sources import iter_documents
+    cfg = FilterConfig()
+    worst = {doc_id: binary_fractions(text) for doc_id, text in iter_documents("stdlib") if len(text) >= cfg.min_chars}
+    assert max(r for r, _ in worst.values()) < cfg.max_replacement_frac / 10     # room to spare
+    assert max(c for _, c in worst.values()) < cfg.max_control_frac / 10
+
+
+def test_binary_thresholds_are_checked():
+    with pytest.raises(ValueError, match=r"max_replacement_frac must be a fraction in \[0, 1\], got 1.5"):
+        FilterConfig(max_replacement_frac=1.5)
+    with pytest.raises(ValueError, match=r"max_control_frac must be a fraction in \[0, 1\], got -0.1"):
+        FilterConfig(max_control_frac=-0.1)

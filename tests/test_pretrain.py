@@ -2,12 +2,15 @@
 kernel parity (torch vs Triton), and 2 gloo ranks (DDP and FSDP2) against 1 rank."""
 import json
 import os
+import random
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from model.command import run_command
 from test_data import write_corpus
 from train.data import prepare
 from train.pretrain import main
@@ -152,3 +155,80 @@ def test_resume_falls_back_to_the_older_checkpoint_when_the_latest_is_damaged(da
     main(["--resume", str(split), "--stop-after", "0"])
     assert "step_000006 skipped: corrupt checkpoint" in capsys.readouterr().out
     assert losses(split) == losses(straight)      # steps 6.. redone from step 5, identically
+
+
+def tree(root):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def bad_data(root: Path, kind: str) -> Path:
+    rng = random.Random(0)
+    if kind == "missing":
+        return root / "nowhere"
+    (root / kind).mkdir()
+    if kind == "no text files":
+        (root / kind / "a.bin").write_bytes(b"\x00\x01")
+        (root / kind / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    elif kind == "binary":
+        (root / kind / "random.txt").write_bytes(bytes(rng.randrange(256) for _ in range(2000)))
+        (root / kind / "utf16.md").write_bytes(("plain words in UTF-16 " * 20).encode("utf-16"))
+    elif kind == "too short":
+        (root / kind / "a.py").write_text("x = 1\n")
+    return root / kind
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "corpus source '.*nowhere': no such file or directory"),
+    ("empty", "corpus directory .*empty holds no text files"),
+    ("no text files", "corpus directory .*no text files holds no text files"),
+    ("binary", r"the corpus .* all 2 documents were removed \(binary 2\); they are binary or not UTF-8"),
+    ("too short", r"the corpus .* all 1 documents were removed \(too_short 1\); .*loosen the thresholds"),
+])
+def test_bad_data_ends_in_one_line_and_leaves_nothing(kind, message, tmp_path, capsys):
+    data = bad_data(tmp_path, kind)
+    before = tree(tmp_path)
+    argv = flags(data, tmp_path / "run", 1, 4, "--data-dir", str(tmp_path / "data"))
+    with pytest.raises(SystemExit) as e:
+        run_command(lambda: main(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and re.match("error: " + message, err[-1]), err
+    assert tree(tmp_path) == before and not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
+def test_bad_data_exit_status_through_the_command(tmp_path):
+    data = bad_data(tmp_path, "binary")
+    done = subprocess.run([sys.executable, "-m", "train.pretrain", "--data", str(data), "--device", "cpu",
+                           "--out", str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: the corpus ")
+    assert sorted(os.listdir(tmp_path)) == ["binary"]                 # no data/, no run directory
+
+
+def test_data_dir_keeps_one_dataset_per_source_found_by_any_spelling(tmp_path, monkeypatch, capsys):
+    class Built(Exception):
+        pass
+
+    def stop(cfg, job, model, rt, record):                  # the data and the model are built: enough here
+        raise Built(job.data.path)
+
+    monkeypatch.setattr("train.launch.fit", stop)
+    corpus = write_corpus(tmp_path / "corpus", n_files=12)
+    monkeypatch.chdir(tmp_path)
+    common = ["--data-dir", "prepared", "--vocab-size", "300"]
+    with pytest.raises(Built):
+        main(flags(corpus, tmp_path / "one", 1, 4, *common))
+    (dataset,) = (tmp_path / "prepared").iterdir()
+    assert re.fullmatch(r"corpus-v300-[0-9a-f]{8}", dataset.name)
+    kept = tree(dataset)
+    capsys.readouterr()
+    with pytest.raises(Built, match=f"prepared/{dataset.name}"):
+        main(flags("./corpus/", tmp_path / "two", 1, 4, *common))
+    assert f"data: reusing prepared/{dataset.name}" in capsys.readouterr().out
+    assert tree(dataset) == kept and os.listdir(tmp_path / "prepared") == [dataset.name]
+
+
+def test_vocab_size_below_the_byte_tokens_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--vocab-size", "100", "--out", str(tmp_path / "run")])
+    assert e.value.code == 2 and "--vocab-size: must be at least 260, got 100" in capsys.readouterr().err

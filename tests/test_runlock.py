@@ -35,10 +35,10 @@ def test_a_dead_owner_is_taken_over_with_a_note(tmp_path):
 
 
 def test_a_failed_start_leaves_no_directory(tmp_path):
-    lock = RunLock(tmp_path / "run")
+    lock = RunLock(tmp_path / "runs" / "run")
     lock.acquire()
     lock.release()
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "runs").exists()
 
 
 def test_another_process_holding_the_lock_is_named(tmp_path):

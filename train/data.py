@@ -1,9 +1,10 @@
-"""Data pipeline: corpus -> cleaning and dedup -> BPE tokenizer -> token shards -> training batches.
+"""Data pipeline: corpus -> cleaning and dedup -> BPE tokenizer -> token shards (batches: train/pretrain.py).
 
     python -m train.data                                   # the Python stdlib corpus, vocabulary 4096
     python -m train.data --source docs/ --vocab-size 8192 --out data/docs
 
-prepare() makes a dataset directory:
+prepare() makes a dataset directory, by default DATA_DIR/<source>-v<vocab size>-<hash of the resolved
+source (any spelling of a path gives one) and the arguments> (train/sources.py dataset_name):
   manifest.json   arguments, source fingerprint, filter report, tokenizer hash, token counts
   tokenizer.json  the BPE tokenizer trained on a sample of the training documents
   train.bin       uint16 tokens when the vocabulary fits, else uint32, after a 24-byte header
@@ -17,29 +18,48 @@ so a dataset directory either is complete or does not exist; re-running with the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import struct
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from model.command import DEBUG_HELP, run_command
 from model.files import atomic_write_text
 from model.tokenizer import DEFAULT_SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, check_vocab_size
+from train.cli import flag_type
+from train.config import at_least, non_negative
 from train.filters import DocumentFilter, FilterConfig, Report
-from train.sources import iter_documents, source_fingerprint, source_slug
+from train.sources import dataset_name, iter_documents, resolve_source, source_fingerprint
 
 FORMAT, VERSION = "tritongpt-data", 1
+MIN_VOCAB = 256 + len(DEFAULT_SPECIAL_TOKENS)
 MAGIC, HEADER = b"TGPTTOKS", struct.Struct("<8sIIQ")
 ENCODE_BATCH_BYTES = 4 << 20          # text handed to tiktoken's threads at a time
+
+
+def _val_fraction(value: float) -> None:
+    if not 0.0 < value <= 0.5:
+        raise ValueError(f"must be in (0, 0.5], got {value:g}")
+
+
+def non_empty(value: str) -> None:
+    """The check of a directory flag: not empty."""
+    if not value.strip():
+        raise ValueError("must name a directory, got an empty string")
+
+
+CHECKS = {"vocab_size": lambda v: check_vocab_size(v, DEFAULT_SPECIAL_TOKENS), "seed": non_negative,
+          "val_fraction": _val_fraction, "tokenizer_sample_bytes": at_least(1), "data_dir": non_empty}
 
 
 class Doc(NamedTuple):
@@ -51,39 +71,63 @@ class Doc(NamedTuple):
 
 def prepare(source: str = "stdlib", out: str | Path | None = None, vocab_size: int = 4096, seed: int = 0,
             val_fraction: float = 0.01, tokenizer_sample_bytes: int = 8_000_000, verbose: bool = True,
-            **filter_thresholds) -> Path:
-    """Prepare (or reuse) the dataset of source in out (default data/<source-slug>-v<vocab_size>); its path."""
+            data_dir: str | Path = "data", **filter_thresholds) -> Path:
+    """Prepare (or reuse) the dataset of source in out (default: data_dir/dataset_name(...)); its path."""
     source = str(source)
     if (Path(source) / "manifest.json").is_file():            # already a prepared dataset directory
         PreparedData(source)
         return Path(source)
     filters = FilterConfig.from_kwargs(**filter_thresholds)
     check_vocab_size(vocab_size, DEFAULT_SPECIAL_TOKENS)
-    if not 0.0 < val_fraction <= 0.5:
-        raise ValueError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    out = Path(out) if out is not None else Path("data") / f"{source_slug(source)}-v{vocab_size}"
-    args = {"source": source, "vocab_size": vocab_size, "seed": seed, "val_fraction": val_fraction,
+    for name, value in dict(seed=seed, val_fraction=val_fraction, tokenizer_sample_bytes=tokenizer_sample_bytes).items():
+        try:
+            CHECKS[name](value)
+        except ValueError as e:
+            raise ValueError(f"{name} {e}") from None
+    fingerprint = source_fingerprint(source)           # first: a missing or empty source fails in its own words
+    args = {"source": resolve_source(source), "vocab_size": vocab_size, "seed": seed, "val_fraction": val_fraction,
             "tokenizer_sample_bytes": tokenizer_sample_bytes, "split_pattern": SPLIT_PATTERN,
             "filters": filters.as_dict(),
-            "source_fingerprint": source_fingerprint(source)}
+            "source_fingerprint": fingerprint}
+    out = Path(out) if out is not None else Path(data_dir) / dataset_name(args)
+    blocker = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
+    if not blocker.is_dir():
+        raise ValueError(f"{blocker} is a file, not a directory, so the dataset cannot be made in {out.parent}; "
+                         f"choose another data directory (--data-dir) or --out")
     if _reusable(out, args, verbose):
         return out
+    new_parent = not out.parent.exists()                     # removed again (if empty) when the build fails
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_builds(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    done = False
     try:
+        if verbose:
+            print(f"data: preparing {args['source']} into {out}")
         _build(tmp, args, filters, verbose)
         try:
             os.rename(tmp, out)
         except OSError:
             if not _reusable(out, args, verbose):    # another process finished the same dataset first
                 raise
+        done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if new_parent and not done:
+            with contextlib.suppress(OSError):
+                out.parent.rmdir()
     return out
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged (not JSON: {e}); delete {path.parent} and prepare it again") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is damaged (not a JSON object); delete {path.parent} and prepare it again")
+    return manifest
 
 
 def _reusable(out: Path, args: dict, verbose: bool) -> bool:
@@ -94,10 +138,14 @@ def _reusable(out: Path, args: dict, verbose: bool) -> bool:
     if not manifest_path.is_file():
         raise ValueError(f"{out} exists but is not a prepared dataset (no manifest.json); "
                          f"delete it or pass another out")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = _read_manifest(manifest_path)
     if manifest.get("args") != args:
         old = manifest.get("args", {})
         diff = {k: (old.get(k), v) for k, v in args.items() if old.get(k) != v}
+        if list(diff) == ["source_fingerprint"]:
+            raise ValueError(f"{out} was prepared from {args['source']} before its files changed (names, sizes or "
+                             f"modification times differ); delete {out} to prepare it again, or name {out} "
+                             f"itself as the data source to use it as it is")
         raise ValueError(f"{out} was prepared with other arguments or source contents ({{name: (then, now)}}: {diff}); "
                          f"delete it or pass another out")
     if verbose:
@@ -126,6 +174,11 @@ def _build(tmp: Path, args: dict, filters: FilterConfig, verbose: bool) -> None:
     train_docs = [d for d in docs if not d.val]
     sample = _read_docs(docs_path, _tokenizer_sample(train_docs, args["tokenizer_sample_bytes"], args["seed"]))
     tok = Tokenizer.train(sample, args["vocab_size"])
+    if tok.n_vocab < args["vocab_size"]:
+        print(f"data: warning: the tokenizer sample ({sum(len(t.encode('utf-8')) for t in sample):,} bytes) ran out of "
+              f"token pairs: {tok.n_vocab} tokens instead of {args['vocab_size']}; a larger "
+              f"--tokenizer-sample-bytes or corpus, or a smaller --vocab-size, gives the full vocabulary",
+              file=sys.stderr)
     tok.save(tmp / "tokenizer.json")
     t2 = time.perf_counter()
     dtype = shard_dtype(tok.n_vocab)
@@ -171,8 +224,7 @@ def _filter_corpus(source: str, docs_path: Path, filters: FilterConfig, seed: in
     if verbose:
         print(keep.report.table())
     if not docs:
-        raise ValueError(f"the corpus {source!r} is empty after filtering: all {keep.report.docs_in:,} documents "
-                         f"were removed\n{keep.report.table()}\nloosen the thresholds (e.g. --min-chars)")
+        raise ValueError(keep.report.why_empty(source))
     if len(docs) == 1:
         return _split_single(docs_path, docs[0], val_fraction), keep.report
     if not any(d.val for d in docs):                             # val gets at least the lowest-ranked doc
@@ -286,7 +338,7 @@ class PreparedData:
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{self.path} is not a prepared dataset (no manifest.json; an interrupted "
                                     f"prepare leaves none); make one with python -m train.data --out {self.path}")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = _read_manifest(manifest_path)
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise ValueError(f"{manifest_path}: not a {FORMAT} v{VERSION} manifest (format "
                              f"{self.manifest.get('format')!r}, version {self.manifest.get('version')!r})")
@@ -305,69 +357,40 @@ class PreparedData:
         return tokens
 
 
-def sample_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int,
-                 rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) of batch_size windows at uniform random starts, y = x shifted by one; a pure function of
-    (seed, step, rank), so resuming at a step replays the same batches. (B, T) int64 CPU tensors."""
-    if len(tokens) < block_size + 1:
-        raise ValueError(f"{len(tokens):,} tokens are fewer than block_size + 1 = {block_size + 1}")
-    rng = np.random.default_rng([seed, step, rank])
-    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
-    return _split_xy(tokens[starts[:, None] + np.arange(block_size + 1)])
-
-
-def eval_batches(tokens: np.ndarray, batch_size: int, block_size: int,
-                 max_tokens: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive non-overlapping windows from the start, batch_size at a time, until about max_tokens
-    targets (at least one window) or the end of the tokens; the same batches on every call."""
-    windows = (len(tokens) - 1) // block_size
-    if windows == 0:
-        raise ValueError(f"{len(tokens):,} tokens are fewer than block_size + 1 = {block_size + 1}; "
-                         f"evaluate with a smaller block_size or a larger val split")
-    if max_tokens is not None:
-        windows = min(windows, max(1, max_tokens // block_size))
-    for first in range(0, windows, batch_size):
-        rows = np.arange(first, min(first + batch_size, windows))
-        yield _split_xy(tokens[rows[:, None] * block_size + np.arange(block_size + 1)])
-
-
-def _split_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) of (B, T + 1) windows as contiguous int64 tensors (copied in numpy, which is
-    far faster than torch's .contiguous() on CPU here)."""
-    windows = windows.astype(np.int64)
-    return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="stdlib",
                         help="corpus: stdlib (the Python standard library, offline), a file, directory or glob of "
                              "text/code/JSONL, or hf:NAME[:split] (needs the datasets package) (default: stdlib)")
-    parser.add_argument("--out", default=None, help="dataset directory (default: data/<source>-v<vocab-size>)")
-    parser.add_argument("--vocab-size", type=int, default=4096,
-                        help="tokenizer vocabulary, 256 bytes + merges + 4 special tokens (default: 4096)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split, tokenizer sample and MinHash "
-                                                            "(default: 0)")
-    parser.add_argument("--val-fraction", type=float, default=0.01,
-                        help="fraction of documents held out for validation (default: 0.01)")
-    parser.add_argument("--tokenizer-sample-bytes", type=int, default=8_000_000,
-                        help="bytes of training documents the tokenizer is trained on (default: 8000000)")
+    parser.add_argument("--out", default=None, help="dataset directory (default: <data-dir>/<source>-v<vocab-size>-"
+                                                    "<hash of the resolved source and these arguments>)")
+    for flag, default, parse, help_text in (
+            ("data-dir", "data", str, "where the default --out is made"),
+            ("vocab-size", 4096, int, f"tokenizer vocabulary, 256 bytes + merges + {len(DEFAULT_SPECIAL_TOKENS)} "
+                                      f"special tokens, at least {MIN_VOCAB}"),
+            ("seed", 0, int, "seed of the train/val split, tokenizer sample and MinHash, at least 0"),
+            ("val-fraction", 0.01, float, "fraction of documents held out for validation, in (0, 0.5]"),
+            ("tokenizer-sample-bytes", 8_000_000, int, "bytes of training documents the tokenizer is trained on, "
+                                                       "at least 1 (too few learn fewer tokens, with a warning)")):
+        parser.add_argument("--" + flag, type=flag_type(parse, CHECKS[flag.replace("-", "_")]), default=default,
+                            help=f"{help_text} (default: {default})")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or report")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     group = parser.add_argument_group("filter thresholds")
     defaults = FilterConfig()
     for name, help_text in FilterConfig.HELP.items():
         default = getattr(defaults, name)
-        group.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
-                           help=f"{help_text} (default: {default})")
+        group.add_argument("--" + name.replace("_", "-"), type=flag_type(type(default), FilterConfig.check(name)),
+                           default=default, help=f"{help_text} (default: {default})")
     return parser
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = vars(build_parser().parse_args(argv))
     args.pop("debug")
-    top = {k: args.pop(k) for k in ("source", "out", "vocab_size", "seed", "val_fraction", "tokenizer_sample_bytes")}
+    top = {k: args.pop(k) for k in ("source", "out", "data_dir", "vocab_size", "seed", "val_fraction",
+                                    "tokenizer_sample_bytes")}
     path = prepare(**top, verbose=not args.pop("quiet"), **args)
     print(path)
     return path

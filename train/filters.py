@@ -1,7 +1,8 @@
 """Cleaning, quality filters and deduplication of documents, with a report that adds up.
 
 Each document is cleaned (`clean`), then goes through the filters in FILTERS order and is removed
-by the first one it fails: too short, Gopher-style quality rules (duplicate lines, top word n-gram
+by the first one it fails: binary or not UTF-8 (measured on the text as read, before cleaning drops
+its control characters), too short, Gopher-style quality rules (duplicate lines, top word n-gram
 repetition, too few alphanumeric characters, markup/boilerplate), an exact duplicate of an earlier
 document (hash of its whitespace-collapsed text), a near duplicate (MinHash + LSH). The Report
 counts documents and bytes per filter so that bytes in = bytes changed by cleaning + bytes removed
@@ -21,9 +22,10 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-FILTERS = ("too_short", "dup_lines", "top_ngram", "alnum", "markup", "exact_dup", "near_dup")
+FILTERS = ("binary", "too_short", "dup_lines", "top_ngram", "alnum", "markup", "exact_dup", "near_dup")
 NUM_PERM, SHINGLE = 128, 5                         # MinHash permutations; words per shingle
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")   # Cc but \t \n, and lone surrogates
+_NON_TEXT = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ud800-\udfff]")  # the same, less \v \f \r (text has them)
 _MARKUP = re.compile(r"<!--.*?-->"                                     # comment
                      r"|</?[A-Za-z][\w:.-]*(?:\s[^<>]{0,300})?/?>"      # tag with attributes
                      r"|&(?:#\d{1,7}|#x[0-9a-fA-F]{1,6}|[a-zA-Z]{2,8});", re.S)   # entity
@@ -36,13 +38,25 @@ _Q = np.uint64(0x9E3779B97F4A7C15)                 # combines word hashes into n
 
 @dataclass(frozen=True)
 class FilterConfig:
-    """Thresholds; a document is removed when its measure is past one (set a bound loose to disable)."""
+    """Thresholds; a document is removed when its measure is past one (set a bound loose to disable).
+
+    The binary thresholds (see binary_fractions), measured on files decoded as UTF-8 with
+    errors="replace" (train/sources.py): the Python stdlib sources and UTF-8 text in any script have
+    no control characters and at most 0.05% U+FFFD (a test of decoding errors); ANSI colour codes in
+    a terminal log come to 2-3% control characters. Random bytes, PNG, gzip, ELF and .pyc files give
+    7-45% U+FFFD and 10-57% control characters, UTF-16 and UTF-32 text 50-75% NULs. Text in another
+    encoding gets a U+FFFD per non-ASCII character: nearly all of Cyrillic (cp1251, KOI8-R) or
+    Japanese (Shift-JIS) text, a few to 15% of French or German in Latin-1: removed. English with
+    a stray cp1252 quote or sign (under 1%) is kept, its U+FFFDs and all.
+    """
     min_chars: int = 64
     max_dup_line_frac: float = 0.5
     max_top_ngram_frac: float = 0.25
     min_alnum_frac: float = 0.3
     max_markup_frac: float = 0.3
     near_dup_threshold: float = 0.8
+    max_replacement_frac: float = 0.01
+    max_control_frac: float = 0.05
 
     HELP = {
         "min_chars": "remove documents with fewer characters than this (after cleaning, whitespace stripped)",
@@ -56,10 +70,16 @@ class FilterConfig:
                            "entities or boilerplate lines (copyright, cookies, sign up...)",
         "near_dup_threshold": "remove a document whose estimated Jaccard similarity (MinHash of word 5-grams, LSH) "
                               "to an earlier kept one is at least this; 1.0 removes only near-identical copies",
+        "max_replacement_frac": "remove documents (binary or not UTF-8) where more than this fraction of the "
+                                "characters is U+FFFD, the replacement character of undecodable bytes",
+        "max_control_frac": "remove documents (binary, UTF-16) where more than this fraction of the characters is "
+                            "NUL or another control character (tab, newline, CR, form feed and vertical tab "
+                            "excepted)",
     }
 
     def __post_init__(self):
-        for name in ("max_dup_line_frac", "max_top_ngram_frac", "min_alnum_frac", "max_markup_frac"):
+        for name in ("max_replacement_frac", "max_control_frac", "max_dup_line_frac", "max_top_ngram_frac",
+                     "min_alnum_frac", "max_markup_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(self, name)}")
         if not 0.0 < self.near_dup_threshold <= 1.0:
@@ -78,6 +98,11 @@ class FilterConfig:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def check(cls, name: str):
+        """The range check of one threshold (raises ValueError), for its command-line flag."""
+        return lambda value: cls(**{name: value}) and None
+
 
 def clean(text: str) -> str:
     """NFC-normalise, turn \\r\\n and \\r into \\n, drop control characters (but tab and newline)."""
@@ -87,6 +112,16 @@ def clean(text: str) -> str:
 
 def codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def binary_fractions(text: str) -> tuple[float, float]:
+    """(fraction of U+FFFD, fraction of control characters but tab, newline, CR, FF and VT) of the
+    characters of a text as read: what undecodable bytes and NULs leave when a binary or non-UTF-8
+    file is decoded as UTF-8 with errors="replace"."""
+    if not text:
+        return 0.0, 0.0
+    controls = sum(1 for _ in _NON_TEXT.finditer(text))
+    return text.count("\ufffd") / len(text), controls / len(text)
 
 
 def dup_line_fraction(text: str) -> float:
@@ -234,6 +269,19 @@ class Report:
                 "removed": {k: {"docs": d, "bytes": b} for k, (d, b) in self.removed.items()},
                 "kept": {"docs": self.kept[0], "bytes": self.kept[1]}}
 
+    def why_empty(self, source: str) -> str:
+        """One line for a corpus that kept no document: how many each filter removed, and what to do."""
+        removed = sorted(((d, name) for name, (d, _) in self.removed.items() if d), key=lambda x: -x[0])
+        if [name for _, name in removed] == ["binary"]:
+            fix = ("they are binary or not UTF-8 text (past --max-replacement-frac or --max-control-frac); convert "
+                   "them to UTF-8 or name other files")
+        else:
+            fix = ("name other files, or loosen the thresholds that removed them with python -m train.data (e.g. "
+                   "--min-chars 16; --help lists them) and train on the directory it prints (--data DIR)")
+        by = ", ".join(f"{name} {d:,}" for d, name in removed) or "no document was read"
+        return (f"the corpus {source!r} is empty after filtering: all {self.docs_in:,} documents were removed "
+                f"({by}); {fix}")
+
     def table(self) -> str:
         rows = [("input", self.docs_in, self.bytes_in), ("cleaning", 0, self.cleaned_bytes)]
         rows += [(name, d, b) for name, (d, b) in self.removed.items()] + [("kept", *self.kept)]
@@ -260,7 +308,7 @@ class DocumentFilter:
         self.report.docs_in += 1
         self.report.bytes_in += raw_bytes
         self.report.cleaned_bytes += raw_bytes - nbytes
-        reason = self.reason(text)
+        reason = self.reason(text, raw)
         if reason is None:
             self.report.kept[0] += 1
             self.report.kept[1] += nbytes
@@ -269,9 +317,13 @@ class DocumentFilter:
         self.report.removed[reason][1] += nbytes
         return None
 
-    def reason(self, text: str) -> str | None:
-        """The first filter the cleaned text fails, or None; a kept text enters the dedup state."""
+    def reason(self, text: str, raw: str | None = None) -> str | None:
+        """The first filter the cleaned text fails, or None; a kept text enters the dedup state. The
+        binary filter measures raw, the text before cleaning (default: text)."""
         cfg = self.cfg
+        replacement, control = binary_fractions(text if raw is None else raw)
+        if replacement > cfg.max_replacement_frac or control > cfg.max_control_frac:
+            return "binary"
         if len(text.strip()) < cfg.min_chars:
             return "too_short"
         if dup_line_fraction(text) > cfg.max_dup_line_frac:

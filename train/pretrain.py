@@ -9,15 +9,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
+import numpy as np
 import torch
 
 from model import GPT, ModelConfig
 from model.command import run_command
 from model.config import PRESETS
 from model.generate import generate
-from train.config import TrainConfig, greater_than, option, positive
-from train.data import PreparedData, eval_batches, prepare, sample_batch
+from train.config import TrainConfig, at_least, greater_than, option, positive
+from train.data import MIN_VOCAB, PreparedData, non_empty, prepare
 from train.launch import Stage, run
 from train.runtime import Runtime
 
@@ -30,7 +32,11 @@ class PretrainConfig(TrainConfig):
                          choices=tuple(PRESETS))
     data: str = option("stdlib", "corpus: stdlib (built in, offline), a directory/file/glob of text, "
                                  "hf:NAME[:split], or a directory made by python -m train.data")
-    vocab_size: int = option(4096, "BPE vocabulary size when the data still has to be prepared", positive)
+    data_dir: str = option("data", "where prepared datasets are kept: --data is prepared once into "
+                                   "DATA_DIR/<name>-v<vocab size>-<hash of the resolved source and the arguments> "
+                                   "and found there again", non_empty)
+    vocab_size: int = option(4096, "BPE vocabulary size when the data still has to be prepared "
+                                   f"(at least {MIN_VOCAB})", at_least(MIN_VOCAB))
     sample_prompt: str = option("def ", "prompt of the samples written at each evaluation")
     eval_tokens: int = option(65536, "validation tokens per evaluation", positive)
     n_layer: int | None = option(None, "override n_layer", positive, int, group=MODEL_OVERRIDES)
@@ -95,18 +101,51 @@ class PretrainJob:
         return tok.decode(out[0].tolist())
 
 
-def load_data(source: str, vocab_size: int, rt: Runtime) -> PreparedData:
-    """The prepared dataset for source: rank 0 prepares it (or reuses it), the others wait."""
+def sample_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int,
+                 rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of batch_size windows at uniform random starts, y = x shifted by one; a pure function of
+    (seed, step, rank), so resuming at a step replays the same batches. (B, T) int64 CPU tensors."""
+    if len(tokens) < block_size + 1:
+        raise ValueError(f"{len(tokens):,} tokens are fewer than block_size + 1 = {block_size + 1}")
+    rng = np.random.default_rng([seed, step, rank])
+    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
+    return _split_xy(tokens[starts[:, None] + np.arange(block_size + 1)])
+
+
+def eval_batches(tokens: np.ndarray, batch_size: int, block_size: int,
+                 max_tokens: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive non-overlapping windows from the start, batch_size at a time, until about max_tokens
+    targets (at least one window) or the end of the tokens; the same batches on every call."""
+    windows = (len(tokens) - 1) // block_size
+    if windows == 0:
+        raise ValueError(f"{len(tokens):,} tokens are fewer than block_size + 1 = {block_size + 1}; "
+                         f"evaluate with a smaller block_size or a larger val split")
+    if max_tokens is not None:
+        windows = min(windows, max(1, max_tokens // block_size))
+    for first in range(0, windows, batch_size):
+        rows = np.arange(first, min(first + batch_size, windows))
+        yield _split_xy(tokens[rows[:, None] * block_size + np.arange(block_size + 1)])
+
+
+def _split_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of (B, T + 1) windows as contiguous int64 tensors (copied in numpy, which is
+    far faster than torch's .contiguous() on CPU here)."""
+    windows = windows.astype(np.int64)
+    return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
+
+
+def load_data(source: str, vocab_size: int, rt: Runtime, data_dir: str = "data") -> PreparedData:
+    """The prepared dataset for source (kept under data_dir): rank 0 prepares it (or reuses it), the others wait."""
     if rt.is_main:
-        path = prepare(source, vocab_size=vocab_size)
+        path = prepare(source, vocab_size=vocab_size, data_dir=data_dir)
     rt.barrier()
     if not rt.is_main:
-        path = prepare(source, vocab_size=vocab_size)   # now a reuse: nothing is rebuilt
+        path = prepare(source, vocab_size=vocab_size, data_dir=data_dir, verbose=False)   # a reuse: nothing is rebuilt
     return PreparedData(path)
 
 
 def build(cfg: PretrainConfig, rt: Runtime) -> tuple[PretrainJob, GPT]:
-    data = load_data(cfg.data, cfg.vocab_size, rt)
+    data = load_data(cfg.data, cfg.vocab_size, rt, cfg.data_dir)
     model_cfg = ModelConfig.preset(cfg.preset, vocab_size=data.tokenizer.n_vocab, **cfg.model_overrides())
     if rt.is_main:
         print(f"data: {data.manifest['args']['source']}  train {len(data.train):,} tokens  val {len(data.val):,} tokens")

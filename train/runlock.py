@@ -18,11 +18,14 @@ class RunLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / ".lock"
         self.file = None
+        self.created: list[Path] = []      # directories acquire() made, innermost first
 
     def acquire(self) -> str:
         """Take the lock; -> "" or a note about the dead owner it took over. Raises SystemExit when
         a live job holds it."""
+        missing = [d for d in [self.path.parent, *self.path.parent.parents] if not d.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = missing
         file = open(self.path, "a+")
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -43,7 +46,7 @@ class RunLock:
 
     def release(self) -> None:
         """Unlock; a run directory that holds nothing but the lock (the job failed before writing
-        anything) is removed, so a failed start leaves no trace."""
+        anything) is removed with the parents acquire() made, so a failed start leaves no trace."""
         if self.file is None:
             return
         self.file.seek(0)
@@ -53,4 +56,7 @@ class RunLock:
         self.file = None
         if [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
             self.path.unlink()
-            self.path.parent.rmdir()
+            for directory in self.created:          # runs/ too, when this job made it
+                if any(directory.iterdir()):
+                    break
+                directory.rmdir()
