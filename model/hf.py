@@ -1,0 +1,128 @@
+"""Our GPT as Hugging Face transformers' LlamaForCausalLM: the config and weight mapping.
+
+The architectures are the same network: pre-norm RMSNorm blocks, grouped-query attention with
+rotary embeddings, a SwiGLU MLP, a final RMSNorm and an LM head tied to the embedding. Only the
+names differ, plus one layout: our attention has one fused projection whose output rows are
+[q heads..., k heads..., v heads...] (head_dim rows each), which splits into q_proj, k_proj and
+v_proj.
+
+RoPE needs no permutation. Our apply_rope rotates the two halves of each head vector,
+(x1 cos - x2 sin, x2 cos + x1 sin), with frequency i on dims i and i + head_dim/2; transformers'
+apply_rotary_pos_emb computes x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1) and
+cos, sin of the frequencies repeated twice, which is the same formula. (The q/k permutation in
+transformers' Meta-checkpoint converter exists only for Meta's interleaved-pairs convention.)
+
+transformers is the optional `hf` extra, imported inside the functions that need it.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+
+import torch
+
+from model.config import ModelConfig
+from model.gpt import GPT
+
+INSTALL_HINT = 'transformers is not installed; install the extra with `pip install -e ".[hf]"`'
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+    return transformers
+
+
+def _no_init_weights():
+    """transformers' context that skips weight init (transformers.initialization from 5.0,
+    transformers.modeling_utils before), or a no-op where neither has it."""
+    for where in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            return getattr(importlib.import_module(where), "no_init_weights")()
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext()
+
+
+def llama_config(cfg: ModelConfig, **overrides):
+    """The transformers.LlamaConfig of the same network as GPT(cfg).
+
+    Token ids (bos, eos, pad) are left unset: they belong to the tokenizer, not to the model, so an
+    exporter passes them in overrides, which go to LlamaConfig as they are.
+    """
+    transformers = _transformers()
+    fields = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
+        intermediate_size=cfg.mlp_hidden,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg.block_size,
+        rms_norm_eps=cfg.norm_eps,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    # transformers 5 takes RoPE settings as rope_parameters; 4.x as rope_theta (and rope_scaling).
+    if "rope_parameters" in inspect.signature(transformers.LlamaConfig.__init__).parameters:
+        fields["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    else:
+        fields.update(rope_theta=cfg.rope_theta, rope_scaling=None)
+    return transformers.LlamaConfig(**{**fields, **overrides})
+
+
+def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """model's weights under LlamaForCausalLM's names, for load_state_dict(strict=True).
+
+    The tensors are detached views of model's parameters (no copy; q/k/v_proj are row slices of
+    the fused qkv weight). lm_head.weight is the same tensor as model.embed_tokens.weight, as in a
+    tied LlamaForCausalLM's own state_dict; drop it (and clone the views) before writing a
+    safetensors file, which refuses shared storage.
+    """
+    cfg = model.cfg
+    q_rows, kv_rows = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    embed = model.embed.weight.detach()
+    out = {"model.embed_tokens.weight": embed}
+    for i, block in enumerate(model.blocks):
+        prefix = f"model.layers.{i}."
+        q, k, v = block.attn.qkv.weight.detach().split([q_rows, kv_rows, kv_rows], dim=0)
+        out.update({
+            prefix + "input_layernorm.weight": block.attn_norm.weight.detach(),
+            prefix + "self_attn.q_proj.weight": q,
+            prefix + "self_attn.k_proj.weight": k,
+            prefix + "self_attn.v_proj.weight": v,
+            prefix + "self_attn.o_proj.weight": block.attn.out.weight.detach(),
+            prefix + "post_attention_layernorm.weight": block.mlp_norm.weight.detach(),
+            prefix + "mlp.gate_proj.weight": block.mlp.gate.weight.detach(),
+            prefix + "mlp.up_proj.weight": block.mlp.up.weight.detach(),
+            prefix + "mlp.down_proj.weight": block.mlp.out.weight.detach(),
+        })
+    out["model.norm.weight"] = model.norm.weight.detach()
+    out["lm_head.weight"] = embed
+    return out
+
+
+def llama_model(model: GPT, attn_implementation: str = "sdpa"):
+    """A transformers.LlamaForCausalLM holding a copy of model's weights, on model's device and
+    dtype, in eval mode (call .train() to train it)."""
+    transformers = _transformers()
+    weight = model.embed.weight
+    with _no_init_weights():    # every weight is overwritten below: skip the random init (seconds)
+        llama = transformers.LlamaForCausalLM(llama_config(model.cfg, attn_implementation=attn_implementation))
+    llama.tie_weights()         # post_init ties lm_head to the embedding inside the init just skipped
+    if llama.lm_head.weight is not llama.model.embed_tokens.weight:
+        raise RuntimeError("transformers did not tie lm_head.weight to model.embed_tokens.weight")
+    llama.to(device=weight.device, dtype=weight.dtype)
+    llama.load_state_dict(llama_state_dict(model), strict=True)
+    return llama.eval()
