@@ -11,7 +11,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -36,7 +36,7 @@ def build_parser(prog: str, description: str | None, defaults: TrainConfig) -> a
             target.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
         else:
             parse = meta["type"] or type(default)
-            target.add_argument(flag, type=flag_type(parse, *filter(None, [meta["check"]])), default=default,
+            target.add_argument(flag, type=flag_type(parse, *([meta["check"]] if meta["check"] else [])), default=default,
                                 choices=meta["choices"], help=meta["help"])
     return parser
 
