@@ -1,13 +1,16 @@
 """Linear cross-entropy (lm head + mean loss): forward, backward and both, in TFLOP/s, with peak memory.
 
-GPU: N = 16384 rows in bf16 at (V, D) = (32000, 2048) and (128256, 4096). Rows: triton (the fused
-kernel), torch (the chunked reference), compile (torch.compile of it) and unfused (the (N, V)
-logits materialised, upcast to fp32 and fed to F.cross_entropy: the path the fused op replaces).
+GPU: N = 16384 rows in bf16 at (V, D) = (32000, 2048) and (128256, 4096) (only the latter with
+TRITONGPT_BENCH_QUICK=1). Rows: triton (the fused kernel), torch (the chunked reference), compile
+(torch.compile of it), liger (Liger-Kernel's fused linear cross-entropy, where it imports) and
+unfused (the (N, V) logits materialised, upcast to fp32 and fed to F.cross_entropy: the path the
+fused op replaces).
 CPU: torch and unfused on one small shape, plus each one's peak RSS above its inputs, measured
 in a fresh subprocess at a larger shape (peak_rss_MiB in extra_info) to show the chunking saving.
 FLOPs count the nominal matmuls: forward 2 N V D, backward 4 N V D (whatever a backend recomputes).
 The triton op computes the gradients inside a forward that requires grad, so its bwd row is only
-their rescale and its fwd row (run without grad) only the loss: compare backends on fwdbwd.
+their rescale and its fwd row (run without grad) only the loss; Liger's computes them in every
+forward: compare backends on fwdbwd.
 """
 from __future__ import annotations
 
@@ -21,10 +24,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.conftest import BACKENDS, DEVICE, DTYPE, ON_GPU, PASSES, implementation, measure, timed_pass
+from bench.conftest import BACKENDS, DEVICE, DTYPE, ON_GPU, PASSES, QUICK, implementation, measure, timed_pass
 
 N = 16384 if ON_GPU else 256
-SHAPES = ((32000, 2048), (128256, 4096)) if ON_GPU else ((4096, 64),)            # (V, D)
+SHAPES = ((((128256, 4096),) if QUICK else ((32000, 2048), (128256, 4096))) if ON_GPU
+          else ((4096, 64),))                                                   # (V, D)
 MATMULS = {"fwd": 1, "bwd": 2, "fwdbwd": 3}
 RSS_SHAPE = dict(n=2048, vocab=16384, dim=64, chunk=256)   # fp32 logits 128 MiB; chunks of 16 MiB
 
@@ -77,7 +81,7 @@ def peak_rss_mib() -> dict[str, float]:
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"V={s[0]},D={s[1]}")
 @pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("backend", BACKENDS + ("unfused",))
+@pytest.mark.parametrize("backend", [*BACKENDS, "liger", "unfused"])
 def test_linear_cross_entropy(benchmark, backend, pass_, shape):
     vocab, dim = shape
     fn = unfused if backend == "unfused" else implementation("linear_cross_entropy", backend)

@@ -1,6 +1,8 @@
 """RMSNorm, plain and with the fused residual add: forward, backward and both, in GB/s.
 
-GPU: M = 16384 rows, hidden 1024 to 8192, bf16. CPU: the torch reference on one small shape.
+GPU: M = 16384 rows, hidden 1024 to 8192 (4096 and 8192 with TRITONGPT_BENCH_QUICK=1), bf16,
+plus Liger-Kernel's RMSNorm (plain only: it has no fused residual add) where it imports. CPU: the
+torch reference on one small shape.
 GB/s counts each input read once and each output written once (the fp32 rstd the Triton forward
 keeps for its backward is not counted): forward x (and r), weight; y (and h). timed_pass feeds
 the gradient of the first output only, so the backward of both variants reads dy, the normalised
@@ -9,10 +11,10 @@ input and the weight and writes dx and dweight.
 import pytest
 import torch
 
-from bench.conftest import BACKENDS, DEVICE, DTYPE, ON_GPU, PASSES, implementation, measure, timed_pass
+from bench.conftest import BACKENDS, DEVICE, DTYPE, ON_GPU, PASSES, QUICK, implementation, measure, timed_pass
 
 M = 16384 if ON_GPU else 512
-HIDDEN = (1024, 2048, 4096, 8192) if ON_GPU else (768,)
+HIDDEN = ((4096, 8192) if QUICK else (1024, 2048, 4096, 8192)) if ON_GPU else (768,)
 EPS = 1e-6
 
 
@@ -27,8 +29,10 @@ def traffic(pass_: str, D: int, residual: bool) -> float:
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("D", HIDDEN)
 @pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "liger"])
 def test_rms_norm(benchmark, backend, pass_, D, residual):
+    if backend == "liger" and residual:
+        pytest.skip("Liger-Kernel's RMSNorm has no fused residual add")
     fn = implementation("rms_norm", backend)
     x = torch.randn(M, D, device=DEVICE, dtype=DTYPE, requires_grad=True)
     weight = (1.0 + 0.1 * torch.randn(D, device=DEVICE)).to(DTYPE).requires_grad_()

@@ -119,3 +119,85 @@ def test_command_line(results_file):
     result = subprocess.run([sys.executable, "-c", code, str(results_file)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("# Benchmark report (results.json)")
+
+
+def write(path: Path, benchmarks: list[dict], **meta) -> Path:
+    path.write_text(json.dumps({"benchmarks": benchmarks, **meta}))
+    return path
+
+
+def test_sdpa_and_liger_backends(tmp_path, capsys):
+    """Pinned SDPA backends and Liger get their own columns, and triton a speed-up over each kind:
+    over the faster of sdpa_flash and sdpa_cudnn, and over Liger."""
+    shape = "B=1 H=16 T=16384 D=128"
+    path = write(tmp_path / "gpu.json", [
+        bench("causal_attention", "fwd", "triton", 2.0, shape=shape, **{"TFLOP/s": 500.0}),
+        bench("causal_attention", "fwd", "sdpa_cudnn", 2.4, shape=shape, **{"TFLOP/s": 416.7}),
+        bench("causal_attention", "fwd", "sdpa_flash", 3.0, shape=shape, **{"TFLOP/s": 333.3}),
+        bench("causal_attention", "fwd", "naive", 9.0, shape=shape),
+        bench("rms_norm", "fwd", "triton", 0.5, **{"GB/s": 800.0}),
+        bench("rms_norm", "fwd", "liger", 0.6, **{"GB/s": 666.7}),
+        bench("rms_norm", "fwd", "torch", 1.5, **{"GB/s": 266.7}),
+    ])
+    report.main([str(path)])
+    rows = table(capsys.readouterr().out)
+    attention, norm = rows["causal_attention", "fwd"], rows["rms_norm", "fwd"]
+    assert [c for c in attention if c.endswith(" ms")] == [  # known backends in order, then the rest
+        "triton ms", "torch ms", "sdpa_flash ms", "sdpa_cudnn ms", "liger ms", "naive ms"]
+    assert list(attention)[-4:] == ["triton vs torch eager", "triton vs torch.compile", "triton vs best SDPA", "triton vs Liger"]
+    assert (attention["sdpa_flash ms"], attention["sdpa_cudnn rate"]) == ("3.00", "417 TFLOP/s")
+    assert attention["triton vs best SDPA"] == "1.20x"          # against cudnn, the faster one
+    assert (attention["triton vs Liger"], attention["triton vs torch eager"]) == ("", "")
+    assert (norm["triton vs Liger"], norm["triton vs torch eager"], norm["triton vs best SDPA"]) == ("1.20x", "3.00x", "")
+
+
+def test_ceilings_and_mfu_peak(tmp_path, capsys):
+    """--ceilings shows each rate as a fraction of the measured ceiling; MFU names its peak."""
+    path = write(tmp_path / "gpu.json", [
+        bench("rms_norm", "fwd", "triton", 0.5, **{"GB/s": 800.0}),
+        bench("causal_attention", "fwd", "triton", 2.0, shape="T=4096", **{"TFLOP/s": 450.0}),
+        bench("train_step", "fwdbwd", "triton", 200.0, shape="small", **{"tokens/s": 40960.0, "MFU": 0.3, "MFU_peak": "nominal"}),
+    ])
+    ceilings = tmp_path / "env.json"
+    ceilings.write_text(json.dumps({"gpu": "NVIDIA H200", report.COPY_KEY: 4000.0, report.MATMUL_KEY: 750.0}))
+    report.main([str(path), "--ceilings", str(ceilings)])
+    markdown = capsys.readouterr().out
+    assert "Measured ceilings (NVIDIA H200): copy 4,000 GB/s, bf16 matmul 750 TFLOP/s" in markdown
+    rows = table(markdown)
+    assert rows["rms_norm", "fwd"]["triton rate"] == "800 GB/s (20% of copy)"
+    assert rows["causal_attention", "fwd"]["triton rate"] == "450 TFLOP/s (60% of matmul)"
+    assert rows["train_step", "fwdbwd"]["triton rate"] == "40,960 tokens/s, 30.0% MFU (nominal peak)"
+
+
+def test_ceilings_file_without_ceilings(tmp_path, capsys):
+    path = write(tmp_path / "gpu.json", [bench("swiglu", "fwd", "torch", 2.0)])
+    ceilings = tmp_path / "env.json"
+    ceilings.write_text(json.dumps({"gpu": "NVIDIA H200"}))
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(path), "--ceilings", str(ceilings)])
+    assert exit_info.value.code == 2
+    assert f"{ceilings} holds no {report.COPY_KEY}" in capsys.readouterr().err
+
+
+def test_several_files_merged(tmp_path, capsys):
+    """Files are read as one report, and --json writes them as one pytest-benchmark file."""
+    first = write(tmp_path / "rms_norm.json", [bench("rms_norm", "fwd", "triton", 0.5)], datetime="2026-01-02", version="5.2.3")
+    second = write(tmp_path / "swiglu.json", [bench("swiglu", "fwd", "torch", 2.0)], datetime="2026-01-03")
+    merged = tmp_path / "bench.json"
+    report.main([str(first), str(second), "--json", str(merged)])
+    markdown = capsys.readouterr().out
+    assert markdown.startswith("# Benchmark report (rms_norm.json, swiglu.json)")
+    assert "run 2026-01-02" in markdown and "2026-01-03" not in markdown     # the first file's metadata
+    assert list(table(markdown)) == [("rms_norm", "fwd"), ("swiglu", "fwd")]
+    doc = json.loads(merged.read_text())
+    assert [b["extra_info"]["op"] for b in doc["benchmarks"]] == ["rms_norm", "swiglu"]
+    assert report.load(merged).measurements[1].median_ms == 2.0
+
+
+def test_merge_names_the_bad_file(tmp_path, capsys):
+    good = write(tmp_path / "good.json", [bench("swiglu", "fwd", "torch", 2.0)])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"benchmarks": [{"name": "x"}]}')
+    with pytest.raises(SystemExit):
+        report.main([str(good), str(bad)])
+    assert f"{bad} is not a pytest-benchmark JSON file (benchmark 0 has no stats.median" in capsys.readouterr().err
