@@ -30,8 +30,12 @@ Layout of a Triton op (every ``kernels/triton_<op>.py`` follows it, in this orde
 2. Triton kernels ``_<op>_fwd_kernel`` and ``_<op>_bwd_kernel``; further kernels are named
    ``_<op>_<what>_kernel`` (``_causal_attention_dkdv_kernel``); ``@triton.jit`` helpers are
    ``_``-prefixed with descriptive names.
-3. Launchers: public ``forward(...)`` and ``backward(...)`` that take tensors, pick the grid and
-   configs and launch (tests and benchmarks call them directly).
+3. Launchers: public ``plan_forward(...)`` and ``plan_backward(...)`` that take the tensors
+   (inputs and outputs, allocated) and a ``launching.Gpu`` and return the launch plan, a list of
+   ``launching.Launch`` (grid, arguments, candidate configs), as a plain function of shapes,
+   dtypes and the target; then public ``forward(...)`` and ``backward(...)`` that allocate, plan
+   for the tensors' device and run the plan (tests and benchmarks call them directly;
+   ``python -m bench.compiled`` compiles the plans ahead of time).
 4. Torch custom ops ``tritongpt::<op>`` and ``tritongpt::<op>_backward``, defined with
    ``@torch.library.custom_op`` as python handles ``_<op>_op`` and ``_<op>_backward_op``, fakes
    by ``@handle.register_fake``, then ``_setup_context(ctx, inputs, output)``, ``_backward(ctx,
@@ -44,7 +48,7 @@ triton_linear_cross_entropy.py has no kernels of its own: its launchers run the 
 around the launchers of triton_cross_entropy.py.
 
 Shared launcher helpers live in ``kernels/launching.py``: ``interpreting()`` (the one test for
-the Triton interpreter), ``sm_count``, ``as_rows``, ``reduce_losses``, ``default_chunk_rows``,
+the Triton interpreter), ``Gpu``/``gpu_of``, ``Launch``/``run``, ``as_rows``, ``reduce_losses``, ``default_chunk_rows``,
 ``compute_dtype``. ``kernels/reference.py`` holds only the torch references.
 """
 from __future__ import annotations

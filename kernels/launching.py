@@ -1,20 +1,100 @@
-"""Helpers the launchers share: interpreter detection, SM count, row views, loss plumbing.
+"""Helpers the launchers share: launch plans, the GPU they plan for, row views, loss plumbing.
+
+A launcher does not call its kernels directly: it builds a plan, a list of ``Launch`` values
+(kernel, grid, arguments, the candidate configs), from its tensors and a ``Gpu``, and runs it.
+bench/compiled.py builds the same plans from meta tensors and a compile target's ``Gpu`` and
+compiles them ahead of time, so what it reports is what a launch would run, without a GPU.
 
 Nothing here imports triton, so kernels/__init__.py and kernels/reference.py can use it while
 ``import kernels`` stays cheap.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from typing import Any, Callable
 
 import torch
 
 # Stands in for the SM count when the interpreter runs the kernels on the CPU.
 INTERPRETER_SMS = 4
-# Bytes of fp32 logits (plus their gradient) one linear_cross_entropy chunk may hold at once. On a
-# GPU 256 MiB keeps every chunk a large GEMM (>= 256 rows even at a 128k vocabulary) while the
-# default CUDA shape's full logits take 2 GiB (32k rows x 16k vocab). On the CPU 32 MiB is below
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    """What a launch plan knows of the GPU it plans for: a real device or a compile target."""
+    sms: int                  # streaming multiprocessors
+    smem_per_block: int       # bytes of shared memory one program may opt in to
+    capability: int = 0       # compute capability as major * 10 + minor (90: Hopper); 0: interpreter
+
+
+# The interpreter has no shared-memory limit; its plans use fixed small tiles anyway.
+INTERPRETER_GPU = Gpu(sms=INTERPRETER_SMS, smem_per_block=2**30)
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch as a plain value.
+
+    configs are the candidate meta-parameters, each a dict of constexprs plus num_warps and
+    num_stages; there is exactly one unless ``tuner`` (a triton autotuner over the same kernel)
+    picks among them by measurement at run time. grid maps the chosen meta-parameters (constexprs
+    and config together) to the launch grid. prepare, when set, adjusts the arguments to a config
+    before it runs (it is also the autotuner's pre-hook): it gets the kernel's arguments by name
+    with the constexprs and the config.
+    """
+    kernel: Any
+    grid: Callable[[dict], tuple[int, ...]]
+    args: tuple
+    constexprs: dict
+    configs: list[dict]
+    tuner: Any = None
+    prepare: Callable[[dict], None] | None = None
+
+    def named(self, config: dict) -> dict:
+        """The kernel's arguments by name, with the constexprs and config, after prepare."""
+        named = {**dict(zip(self.kernel.arg_names, self.args)), **self.constexprs, **config}
+        if self.prepare is not None:
+            self.prepare(named)
+        return named
+
+    @classmethod
+    def fixed(cls, kernel: Any, grid: tuple[int, ...], args: tuple, num_warps: int, num_stages: int = 3,
+              **constexprs: Any) -> Launch:
+        """A launch with one config and a grid that does not depend on it."""
+        return cls(kernel, lambda meta: grid, args, constexprs, [{"num_warps": num_warps, "num_stages": num_stages}])
+
+    def __call__(self) -> None:
+        if self.tuner is not None:
+            self.tuner[self.grid](*self.args, **self.constexprs)
+            return
+        (config,) = self.configs
+        self.named(config)
+        self.kernel[self.grid({**self.constexprs, **config})](*self.args, **self.constexprs, **config)
+
+
+def run(plan: list[Launch]) -> None:
+    for launch in plan:
+        launch()
+
+
+def gpu_of(device: torch.device) -> Gpu:
+    """The Gpu of a tensor's device: INTERPRETER_GPU in the interpreter or off CUDA."""
+    if interpreting() or device.type != "cuda":
+        return INTERPRETER_GPU
+    return _cuda_gpu(device)
+
+
+@functools.cache
+def _cuda_gpu(device: torch.device) -> Gpu:
+    props = torch.cuda.get_device_properties(device)
+    return Gpu(sms=props.multi_processor_count, smem_per_block=props.shared_memory_per_block_optin,
+               capability=props.major * 10 + props.minor)
+# Bytes of logits (and their gradient) one linear_cross_entropy chunk may hold at once. On a GPU
+# 256 MiB keeps every chunk a large GEMM (>= 1024 rows of bf16 logits even at a 128k vocabulary,
+# about 8 waves of the cross-entropy kernel's one-row programs on 132 SMs) while the default CUDA
+# shape's full logits take 2 GiB (32k rows x 16k vocab). On the CPU 32 MiB is below
 # the full logits of the default run (4096 rows x 4096 vocab: 64 MiB of fp32) and fits the chunk's
 # (C, V) block nearer the caches; CPU GEMMs are as fast at a few hundred rows as at thousands.
 LCE_CHUNK_BUDGET_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
@@ -30,18 +110,6 @@ def interpreting() -> bool:
     attention launchers) calls this at import too, so both agree.
     """
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; INTERPRETER_SMS in the interpreter or off CUDA."""
-    if interpreting() or device.type != "cuda":
-        return INTERPRETER_SMS
-    return _cuda_sm_count(device)
-
-
-@functools.cache
-def _cuda_sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -62,10 +130,12 @@ def reduce_losses(losses: torch.Tensor, kept: torch.Tensor, reduction: str) -> t
     return total / kept.sum().clamp(min=1)  # count stays on the device: no host sync
 
 
-def default_chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
-    """Rows per linear_cross_entropy chunk so fp32 logits and their gradient fit the device's budget."""
+def default_chunk_rows(n_rows: int, vocab: int, device: torch.device, bytes_per_logit: int) -> int:
+    """Rows per linear_cross_entropy chunk whose logits fit the device's budget, at bytes_per_logit
+    (the torch path: 8, fp32 logits and their gradient; the Triton path: the compute dtype's
+    size, as it overwrites its one buffer of logits with their gradient)."""
     budget = LCE_CHUNK_BUDGET_BYTES["cuda" if device.type == "cuda" else "cpu"]
-    return max(1, min(n_rows, budget // (8 * vocab)))
+    return max(1, min(n_rows, budget // (bytes_per_logit * vocab)))
 
 
 def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

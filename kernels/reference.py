@@ -151,7 +151,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, chunk_size):
         dtype = launching.compute_dtype(hidden, weight)
         n_rows = hidden.shape[0]
-        chunk = chunk_size or launching.default_chunk_rows(n_rows, weight.shape[0], hidden.device)
+        chunk = chunk_size or launching.default_chunk_rows(n_rows, weight.shape[0], hidden.device, 8)
         kept = targets != ignore_index
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         early = reduction != "none" and (need_hidden or need_weight)

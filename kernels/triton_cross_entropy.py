@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launching import as_rows, reduce_losses
+from kernels.launching import Gpu, Launch, as_rows, gpu_of, reduce_losses, run
 
 MAX_BLOCK_V = 8192
 
@@ -128,9 +128,30 @@ def _cross_entropy_bwd_kernel(X, stride_x, T, LSE, GRAD_T, G, stride_g, SCALE, s
 # ----------------------------------------------------------------------------- launchers
 
 def _launch_config(vocab: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps): blocks of up to 8k logits, ~16 per thread, enough bytes in flight per SM."""
+    """(BLOCK_V, num_warps): blocks of up to 8k logits, 8 per thread (16 bytes of bf16), so an 8k
+    block takes 32 warps. (At 16 warps the gradient-writing forward needs about 69 registers: one
+    program per SM.)"""
     block = min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
-    return block, max(1, min(16, block // 512))
+    return block, max(1, min(32, block // 256))
+
+
+def _scale_stride(scale: torch.Tensor) -> int:
+    return scale.stride(0) if scale.numel() > 1 else 0      # one entry serves every row
+
+
+def plan_forward(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, lse: torch.Tensor,
+                 grad_target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                 grad: torch.Tensor | None, scale: torch.Tensor | None, gpu: Gpu) -> list[Launch]:
+    """The launch of forward (below) on non-empty logits with unit column stride and contiguous targets."""
+    n_rows, vocab = logits.shape
+    block, warps = _launch_config(vocab)
+    write_grad = grad is not None
+    g = grad if write_grad else logits          # the pointer is unused without WRITE_GRAD
+    s = scale if write_grad else losses
+    return [Launch.fixed(_cross_entropy_fwd_kernel, (n_rows,),
+                         (logits, logits.stride(0), targets, losses, lse, grad_target, g, g.stride(0), s,
+                          _scale_stride(s), vocab, ignore_index, label_smoothing, z_loss),
+                         warps, BLOCK_V=block, WRITE_GRAD=write_grad)]
 
 
 def forward(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, lse: torch.Tensor,
@@ -141,18 +162,21 @@ def forward(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, l
     With grad (N, V), also write scale * dloss/dlogits into it; grad may be logits itself. scale is
     a float tensor of N entries or one entry (any stride), read on the device.
     """
+    if logits.shape[0]:
+        run(plan_forward(as_rows(logits), targets.contiguous(), losses, lse, grad_target, ignore_index,
+                         label_smoothing, z_loss, grad, scale, gpu_of(logits.device)))
+
+
+def plan_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_target: torch.Tensor,
+                  scale: torch.Tensor, grad: torch.Tensor, ignore_index: int, label_smoothing: float,
+                  z_loss: float, gpu: Gpu) -> list[Launch]:
+    """The launch of backward (below) on non-empty logits with unit column stride and contiguous targets."""
     n_rows, vocab = logits.shape
-    if n_rows == 0:
-        return
-    logits = as_rows(logits)
     block, warps = _launch_config(vocab)
-    write_grad = grad is not None
-    g = grad if write_grad else logits          # the pointer is unused without WRITE_GRAD
-    s = scale if write_grad else losses
-    _cross_entropy_fwd_kernel[(n_rows,)](
-        logits, logits.stride(0), targets.contiguous(), losses, lse, grad_target, g, g.stride(0),
-        s, s.stride(0) if s.numel() > 1 else 0, vocab, ignore_index, label_smoothing, z_loss,
-        BLOCK_V=block, WRITE_GRAD=write_grad, num_warps=warps)
+    return [Launch.fixed(_cross_entropy_bwd_kernel, (n_rows,),
+                         (logits, logits.stride(0), targets, lse, grad_target, grad, grad.stride(0), scale,
+                          _scale_stride(scale), vocab, ignore_index, label_smoothing, z_loss),
+                         warps, BLOCK_V=block)]
 
 
 def backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_target: torch.Tensor,
@@ -162,15 +186,9 @@ def backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, gra
 
     grad may be logits itself; scale as in forward.
     """
-    n_rows, vocab = logits.shape
-    if n_rows == 0:
-        return
-    logits = as_rows(logits)
-    block, warps = _launch_config(vocab)
-    _cross_entropy_bwd_kernel[(n_rows,)](
-        logits, logits.stride(0), targets.contiguous(), lse, grad_target, grad, grad.stride(0),
-        scale, scale.stride(0) if scale.numel() > 1 else 0, vocab, ignore_index, label_smoothing, z_loss,
-        BLOCK_V=block, num_warps=warps)
+    if logits.shape[0]:
+        run(plan_backward(as_rows(logits), targets.contiguous(), lse, grad_target, scale, grad, ignore_index,
+                          label_smoothing, z_loss, gpu_of(logits.device)))
 
 
 # ----------------------------------------------------------------------------- torch custom ops

@@ -1,7 +1,7 @@
 """Fused linear cross-entropy: cross_entropy(hidden @ weight.T, targets) without the (N, V) logits.
 
 The rows are processed in chunks of C rows (default: kernels.launching.default_chunk_rows, from a
-memory budget; chunk_size overrides). Per chunk, with D the hidden size:
+memory budget on the one (C, V) buffer; chunk_size overrides). Per chunk, with D the hidden size:
 
     logits = hidden[chunk] @ weight.T              (C, V) in the compute dtype, one private buffer
     forward kernel of kernels/triton_cross_entropy.py: per-row losses, and with WRITE_GRAD the
@@ -207,8 +207,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
                          chunk_size: int | None = None) -> torch.Tensor:
     grad_on = torch.is_grad_enabled()
+    dtype = compute_dtype(hidden, weight)
+    chunk = chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.device, dtype.itemsize)
     loss, *_ = _linear_cross_entropy_op(
-        hidden, weight, targets, ignore_index, reduction, float(label_smoothing), float(z_loss),
-        chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.device), compute_dtype(hidden, weight),
+        hidden, weight, targets, ignore_index, reduction, float(label_smoothing), float(z_loss), chunk, dtype,
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
     return loss

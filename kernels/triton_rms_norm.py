@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launching import as_rows, sm_count
+from kernels.launching import Gpu, Launch, as_rows, gpu_of, run
 
 # Widest row kept in registers by one program; wider rows are processed in blocks of this size.
 MAX_BLOCK = 8192
@@ -158,12 +158,26 @@ def _rms_norm_bwd_kernel(
 def _tile_config(D: int) -> tuple[int, int, int, bool]:
     """(ROWS, BLOCK, num_warps, single block) for rows of D elements.
 
-    Narrow rows are batched ROWS to a tile of about TILE elements; a tile gets about 8 elements
-    (16 bytes of bf16) per thread, up to 16 warps, so a single 8192-wide block has 16 per thread.
+    Narrow rows are batched ROWS to a tile of about TILE elements; a tile gets 8 elements (16 bytes
+    of bf16) per thread, so an 8192-wide block takes 32 warps. (At 16 warps, 16 elements per thread,
+    the backward needs about 116 registers: one program per SM where its grid plans two.)
     """
     block = min(max(triton.next_power_of_2(D), 16), MAX_BLOCK)
     rows = max(1, TILE // block)
-    return rows, block, min(max(rows * block // 256, 1), 16), D <= block
+    return rows, block, min(max(rows * block // 256, 1), 32), D <= block
+
+
+def plan_forward(x2: torch.Tensor, weight: torch.Tensor, y2: torch.Tensor, rstd: torch.Tensor, eps: float,
+                 r2: torch.Tensor | None, h2: torch.Tensor | None, gpu: Gpu) -> list[Launch]:
+    """The launch writing y2 (M, D), rstd (M,) and, with the residual r2, h2 = x2 + r2 (all rows by
+    stride, unit column stride; weight contiguous)."""
+    M, D = x2.shape
+    rows, block, num_warps, single = _tile_config(D)
+    has_residual = r2 is not None
+    r2, h2 = (r2, h2) if has_residual else (x2, x2)     # unused pointers without the residual
+    return [Launch.fixed(_rms_norm_fwd_kernel, (triton.cdiv(M, rows),),
+                   (x2, r2, h2, weight, y2, rstd, x2.stride(0), r2.stride(0), h2.stride(0), y2.stride(0), M, D, eps),
+                   num_warps, HAS_RESIDUAL=has_residual, ROWS=rows, BLOCK=block, SINGLE_BLOCK=single)]
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
@@ -176,19 +190,32 @@ def forward(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return y, h, rstd.fill_(eps ** -0.5)
-    x2 = as_rows(x)                                                            # (M, D)
-    r2 = x2 if residual is None else as_rows(residual)                         # (M, D)
-    h2 = x2 if h is None else h.view(-1, D)                                    # (M, D)
-    y2 = y.view(-1, D)                                                         # (M, D)
-    M = x2.shape[0]
-    rows, block, num_warps, single = _tile_config(D)
-    _rms_norm_fwd_kernel[(triton.cdiv(M, rows),)](
-        x2, r2, h2, weight, y2, rstd,
-        x2.stride(0), r2.stride(0), h2.stride(0), y2.stride(0),
-        M, D, eps,
-        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=block, SINGLE_BLOCK=single, num_warps=num_warps,
-    )
+    run(plan_forward(as_rows(x), weight, y.view(-1, D), rstd, eps, None if residual is None else as_rows(residual),
+                     None if h is None else h.view(-1, D), gpu_of(x.device)))
     return y, h, rstd
+
+
+def backward_programs(M: int, D: int, gpu: Gpu) -> tuple[int, int]:
+    """(programs, rows per program) of the backward's fixed grid."""
+    rows, _, num_warps, _ = _tile_config(D)
+    # Several programs per SM hide the latency of each tile's load -> reduce -> store chain.
+    programs = min(triton.cdiv(M, rows), gpu.sms * max(1, 32 // num_warps))
+    rows_per_program = triton.cdiv(triton.cdiv(M, programs), rows) * rows
+    return triton.cdiv(M, rows_per_program), rows_per_program
+
+
+def plan_backward(dy2: torch.Tensor, h2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                  dh2: torch.Tensor | None, dx2: torch.Tensor, partial: torch.Tensor, gpu: Gpu) -> list[Launch]:
+    """The launch writing dx2 (M, D) and the dw partial sums (backward_programs(M, D)[0], D) fp32,
+    which must be zero on entry unless D fits one block."""
+    M, D = h2.shape
+    rows, block, num_warps, single = _tile_config(D)
+    programs, rows_per_program = backward_programs(M, D, gpu)
+    dh = dy2 if dh2 is None else dh2
+    return [Launch.fixed(_rms_norm_bwd_kernel, (programs,),
+                   (dy2, h2, weight, rstd, dh, dx2, partial, dy2.stride(0), h2.stride(0), dh.stride(0), dx2.stride(0),
+                    M, D, rows_per_program),
+                   num_warps, HAS_DH=dh2 is not None, ROWS=rows, BLOCK=block, SINGLE_BLOCK=single)]
 
 
 def backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
@@ -199,22 +226,13 @@ def backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torc
     dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     if h.numel() == 0:
         return dx, torch.zeros_like(weight)
-    dy2, h2, dx2 = as_rows(dy), as_rows(h), dx.view(-1, D)                     # (M, D) each
-    dh2 = dy2 if dh is None else as_rows(dh)                                   # (M, D)
-    M = h2.shape[0]
-    rows, block, num_warps, single = _tile_config(D)
-    # Several programs per SM hide the latency of each tile's load -> reduce -> store chain.
-    programs = min(triton.cdiv(M, rows), sm_count(h.device) * max(1, 32 // num_warps))
-    rows_per_program = triton.cdiv(triton.cdiv(M, programs), rows) * rows
-    programs = triton.cdiv(M, rows_per_program)
+    h2 = as_rows(h)                                                            # (M, D)
+    gpu = gpu_of(h.device)
+    programs, _ = backward_programs(h2.shape[0], D, gpu)
     # One block per row overwrites its whole partial row; the block loop accumulates into it.
-    partial = (torch.empty if single else torch.zeros)((programs, D), dtype=torch.float32, device=h.device)
-    _rms_norm_bwd_kernel[(programs,)](
-        dy2, h2, weight, rstd, dh2, dx2, partial,
-        dy2.stride(0), h2.stride(0), dh2.stride(0), dx2.stride(0),
-        M, D, rows_per_program,
-        HAS_DH=dh is not None, ROWS=rows, BLOCK=block, SINGLE_BLOCK=single, num_warps=num_warps,
-    )
+    partial = (torch.empty if D <= MAX_BLOCK else torch.zeros)((programs, D), dtype=torch.float32, device=h.device)
+    run(plan_backward(as_rows(dy), h2, weight, rstd, None if dh is None else as_rows(dh), dx.view(-1, D),
+                      partial, gpu))
     return dx, partial.sum(0).to(weight.dtype)
 
 

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launching import Gpu, Launch, gpu_of, run
+
 # Elements per program; with NUM_WARPS warps each thread handles 8 (16 bytes of bf16).
 BLOCK = 1024
 NUM_WARPS = 4
@@ -51,14 +53,27 @@ def _grid(n: int) -> tuple[int]:
     return (triton.cdiv(n, BLOCK),)
 
 
+def plan_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, gpu: Gpu) -> list[Launch]:
+    """The launch writing out = silu(gate) * up; all three contiguous, non-empty."""
+    return [Launch.fixed(_swiglu_fwd_kernel, _grid(gate.numel()), (gate, up, out, gate.numel()), NUM_WARPS,
+                         BLOCK=BLOCK)]
+
+
 def forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """out = silu(gate) * up, contiguous, in gate's dtype."""
     # Flat indexing needs dense inputs; contiguous() is free when they already are.
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
     if gate.numel():
-        _swiglu_fwd_kernel[_grid(gate.numel())](gate, up, out, gate.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        run(plan_forward(gate, up, out, gpu_of(gate.device)))
     return out
+
+
+def plan_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dgate: torch.Tensor,
+                  dup: torch.Tensor, gpu: Gpu) -> list[Launch]:
+    """The launch writing dgate and dup; all five contiguous, non-empty."""
+    return [Launch.fixed(_swiglu_bwd_kernel, _grid(gate.numel()), (dout, gate, up, dgate, dup, gate.numel()),
+                         NUM_WARPS, BLOCK=BLOCK)]
 
 
 def backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +81,7 @@ def backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[
     dout, gate, up = dout.contiguous(), gate.contiguous(), up.contiguous()
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
     if gate.numel():
-        _swiglu_bwd_kernel[_grid(gate.numel())](dout, gate, up, dgate, dup, gate.numel(),
-                                                BLOCK=BLOCK, num_warps=NUM_WARPS)
+        run(plan_backward(dout, gate, up, dgate, dup, gpu_of(gate.device)))
     return dgate, dup
 
 

@@ -362,11 +362,11 @@ def test_linear_cross_entropy_default_chunks_stay_under_the_budget():
     """At the default CPU run's shape (4096 rows, vocab 4096) the full fp32 logits (64 MiB) exceed the
     CPU budget, so the default chunking never holds them whole; every device's chunk fits its budget."""
     from kernels import launching
-    rows = launching.default_chunk_rows(4096, 4096, torch.device("cpu"))
+    rows = launching.default_chunk_rows(4096, 4096, torch.device("cpu"), 8)
     assert 8 * rows * 4096 <= launching.LCE_CHUNK_BUDGET_BYTES["cpu"] < 4 * 4096 * 4096 and rows < 4096
     for vocab in (16384, 131072):
-        cuda_rows = launching.default_chunk_rows(32768, vocab, torch.device("cuda"))
-        assert 8 * cuda_rows * vocab <= launching.LCE_CHUNK_BUDGET_BYTES["cuda"] and cuda_rows >= 256
+        cuda_rows = launching.default_chunk_rows(32768, vocab, torch.device("cuda"), 2)
+        assert 2 * cuda_rows * vocab <= launching.LCE_CHUNK_BUDGET_BYTES["cuda"] and cuda_rows >= 1024
     n, d = 4096, 8
     hidden, weight = randn(n, d).requires_grad_(), randn(4096, d).requires_grad_()
     probe = LargestOutput()

@@ -89,6 +89,34 @@ def test_matches_float64(case, dtype):
     check_kernels(*case, dtype=dtype)
 
 
+# Split-key decoding (Tq <= DECODE_MAX_TQ): GQA and MHA, odd key counts, cache offsets, a split
+# holding one key, and rows that see no key of the last split (Tq > the last split's keys).
+DECODE_CASES = [
+    (1, 8, 2, 1, 97, 64, "cache"),            # GQA decode step, odd Tk
+    (2, 3, 3, 3, 50, 32, "cache"),            # MHA, three queries (speculative verification)
+    (1, 4, 1, 16, 129, 16, "cache"),          # MQA, 16 queries: a 64-row packed tile
+    (1, 2, 2, 16, 33, 80, "contiguous"),      # last split holds one key; padded head dim
+    (1, 4, 2, 7, 7, 64, "projection"),        # a short prompt's prefill takes the decode path too
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "B{}-H{}:{}-T{}:{}-D{}-{}".format(*c))
+def test_decode_matches_float64(case, dtype):
+    check_kernels(*case, dtype=dtype)
+
+
+def test_decode_splits_the_keys():
+    """A decode step with few heads spreads one KV head over many programs, each a whole number
+    of key tiles, and the splits cover the keys exactly once."""
+    from kernels.launching import Gpu
+    h200 = Gpu(sms=132, smem_per_block=227 * 1024, capability=90)
+    block_n, splits, split_keys = tca.decode_split(1, 8, 4096, h200)
+    assert 8 * splits >= 2 * 132 and split_keys % block_n == 0
+    assert (splits - 1) * split_keys < 4096 <= splits * split_keys
+    assert tca.decode_split(1, 8, 1, h200)[1:] == (1, block_n)
+
+
 @pytest.mark.parametrize("D", [96, 128, 256])
 def test_wide_head_dims(D):
     check_kernels(1, 2, 1, 33, 40, D, "contiguous", torch.float32)
@@ -105,6 +133,27 @@ def test_other_tilings(case, tiles, monkeypatch):
         monkeypatch.setitem(kernel_tiles, "BLOCK_M", tiles[0])
         monkeypatch.setitem(kernel_tiles, "BLOCK_N", tiles[1])
     check_kernels(*case, dtype=torch.float32)
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the autotuner picks the tiles")
+@pytest.mark.parametrize("case", [(1, 2, 1, 77, 77, 32, "projection"), (1, 4, 2, 30, 95, 80, "cache"),
+                                  (2, 2, 2, 40, 40, 16, "contiguous"),
+                                  (1, 2, 1, 33, 33, 20, "projection")],   # fp16 rows of 40 B: no TMA
+                         ids=lambda c: "B{}-H{}:{}-T{}:{}-D{}-{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_tma_tiles(case, dtype, monkeypatch):
+    """The TMA path (tensor descriptors of the strided views; rows past T and columns past D come
+    back as zeros) gives the pointer path's results, and tensors TMA cannot address fall back."""
+    for kernel_tiles in tca.INTERPRETER_TILES.values():
+        monkeypatch.setitem(kernel_tiles, "USE_TMA", True)
+    check_kernels(*case, dtype=dtype)
+
+
+def test_tma_only_where_the_strides_allow():
+    q, k, v = make_inputs(1, 2, 1, 33, 33, 20, "projection", torch.float16)
+    assert tca._descriptor(k, 32) is None                      # rows of 5 * 20 halves: 200 B
+    q, k, v = make_inputs(1, 2, 1, 33, 33, 32, "projection", torch.float16)
+    assert tca._descriptor(k, 32).block_shape == [1, 1, 16, 32]
 
 
 def test_custom_scale():

@@ -1,0 +1,343 @@
+"""What the GPU will run, without a GPU: every kernel specialization compiled ahead of time.
+
+    python -m bench.compiled [--arch sm_90a|sm_80|sm_100a] [--quick] [--md FILE] [--json FILE]
+
+Method. For each op, pass and benchmark shape of DESIGN.md section 5 (bf16; attention in bf16
+and fp16, plus a decode step), build the launchers' own plan (``plan_forward`` /
+``plan_backward`` of kernels/triton_<op>.py) from meta tensors and the target's ``Gpu``, so the
+grids, the fixed configs and the autotune candidates left after pruning are exactly those of a
+launch. Each launch is bound by triton's own argument binder, so the signature carries the same
+divisibility and constant specializations (16-byte-aligned pointers, strides of 1) as a real
+launch. Every distinct (kernel, specialization, config) is compiled once with ``triton.compile``
+for the target on the CPU, then:
+
+- registers and spill bytes from ``ptxas -v`` (run again on the PTX with triton's flags;
+  cuobjdump's LOCAL column reads 0 because spills land in the stack frame);
+- shared memory from the compiled metadata;
+- programs per SM from registers (allocated per warp in units of 256), shared memory (plus the
+  1 KB each program reserves) and threads, and waves = grid / (SMs * programs per SM), per shape;
+- from the SASS (cuobjdump -sass): warpgroup MMAs (HGMMA, Hopper) against warp MMAs (HMMA),
+  TMA loads (UTMALDG), local-memory traffic (LDL/STL) and the width of every global load.
+
+Compiles run in worker processes (as many as CPUs); results are cached by triton's kernel hash
+under ~/.cache/tritongpt/compiled, so a rerun only compiles what changed. Needs TRITON_INTERPRET
+unset: interpreted kernels cannot be compiled.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import importlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+CACHE = Path(os.environ.get("TRITONGPT_COMPILED_CACHE", Path.home() / ".cache" / "tritongpt" / "compiled"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    arch: str
+    capability: int
+    sms: int
+    smem_per_sm: int          # bytes of shared memory per SM
+    smem_per_block: int       # bytes one program may opt in to
+    regs_per_sm: int = 65536
+    threads_per_sm: int = 2048
+    programs_per_sm: int = 32
+
+
+TARGETS = {
+    "sm_90a": Target("sm_90a", 90, sms=132, smem_per_sm=228 * 1024, smem_per_block=227 * 1024),   # H100/H200 SXM
+    "sm_80": Target("sm_80", 80, sms=108, smem_per_sm=164 * 1024, smem_per_block=163 * 1024),     # A100
+    "sm_100a": Target("sm_100a", 100, sms=148, smem_per_sm=228 * 1024, smem_per_block=227 * 1024),  # B200
+}
+
+
+@dataclasses.dataclass
+class Planned:
+    """One launch of a plan at one shape: what bench.compiled compiles."""
+    op: str
+    shape: str
+    dtype: str
+    launch: Any
+
+
+# ----------------------------------------------------------------------------- the launches
+
+def planned(gpu, quick: bool) -> Iterator[Planned]:
+    """Every launch the launchers plan at the benchmark shapes (quick: one shape per op and pass)."""
+    import torch
+
+    from kernels import triton_causal_attention as att, triton_cross_entropy as ce, triton_rms_norm as rn
+    from kernels import triton_swiglu as sw
+    from kernels.launching import default_chunk_rows
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    f32, i64 = torch.float32, torch.int64
+    M = 16384
+    for D in (4096, 8192) if quick else (1024, 2048, 4096, 8192):
+        x, w, rstd = meta(M, D), meta(D), meta(M, dtype=f32)
+        for residual in (False, True):
+            label = f"M={M} D={D}" + (" +residual" if residual else "")
+            for launch in rn.plan_forward(x, w, meta(M, D), rstd, 1e-6, x if residual else None,
+                                          meta(M, D) if residual else None, gpu):
+                yield Planned("rms_norm fwd", label, "bf16", launch)
+            programs, _ = rn.backward_programs(M, D, gpu)
+            for launch in rn.plan_backward(x, x, w, rstd, x if residual else None, meta(M, D),
+                                           meta(programs, D, dtype=f32), gpu):
+                yield Planned("rms_norm bwd", label, "bf16", launch)
+    for width in (14336,) if quick else (11008, 14336):
+        g = meta(M, width)
+        for launch in sw.plan_forward(g, g, g, gpu):
+            yield Planned("swiglu fwd", f"M={M} F={width}", "bf16", launch)
+        for launch in sw.plan_backward(g, g, g, g, g, gpu):
+            yield Planned("swiglu bwd", f"M={M} F={width}", "bf16", launch)
+
+    def cross_entropy(op, n, vocab, write_grad):
+        logits, t, rows = meta(n, vocab), meta(n, dtype=i64), meta(n, dtype=f32)
+        one = meta(1, dtype=f32)
+        label = f"N={n} V={vocab}"
+        for launch in ce.plan_forward(logits, t, rows, rows, rows, -100, 0.0, 0.0,
+                                      logits if write_grad else None, one if write_grad else None, gpu):
+            yield Planned(f"{op} fwd", label, "bf16", launch)
+        for launch in ce.plan_backward(logits, t, rows, rows, one, logits, -100, 0.0, 0.0, gpu):
+            yield Planned(f"{op} bwd", label, "bf16", launch)
+
+    for vocab in (128256,) if quick else (32000, 128256):
+        yield from cross_entropy("cross_entropy", M, vocab, False)
+        # linear_cross_entropy runs the same kernels on each chunk of rows, writing the gradient
+        yield from cross_entropy("linear_cross_entropy", default_chunk_rows(M, vocab, torch.device("cuda"),
+                                                                    torch.bfloat16.itemsize),
+                                 vocab, True)
+
+    for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16):
+        name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
+        shapes = [(M // T, 2048 // D, 2048 // D, T, T, D) for T in ((4096,) if quick else
+                                                                     (512, 1024, 2048, 4096, 8192, 16384))
+                  for D in (64, 128)]
+        shapes += [(1, 32, 8, 1, 4096, 128), (1, 32, 8, 16, 4096, 128)]        # decode, verification
+        for B, Hq, Hkv, Tq, Tk, D in shapes:
+            q, k = meta(B, Hq, Tq, D, dtype=dtype), meta(B, Hkv, Tk, D, dtype=dtype)
+            lse = meta(B, Hq, Tq, dtype=f32)
+            label = f"B={B} H={Hq}/{Hkv} T={Tq}/{Tk} D={D}"
+            for launch in att.plan_forward(q, k, k, D ** -0.5, meta(B, Hq, Tq, D, dtype=dtype), lse, gpu):
+                yield Planned("causal_attention fwd", label, name, launch)
+            if Tq == Tk:
+                for launch in att.plan_backward(q, q, k, k, q, lse, D ** -0.5, meta(B, Hq, Tq, D, dtype=dtype),
+                                                meta(B, Hkv, Tk, D, dtype=dtype), meta(B, Hkv, Tk, D, dtype=dtype),
+                                                lse, gpu):
+                    yield Planned("causal_attention bwd", label, name, launch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One compile: a kernel, its specialized signature and one config (all plain, picklable data)."""
+    module: str
+    kernel: str
+    signature: tuple
+    constexprs: tuple
+    attrs: tuple
+    num_warps: int
+    num_stages: int
+
+    def label(self) -> str:
+        """The kernel's own constexpr arguments (not the arguments triton specialized to 1)."""
+        declared = {p.name for p in getattr(importlib.import_module(self.module), self.kernel).params
+                    if p.is_constexpr}
+        return " ".join(f"{n}={v}" for n, v in self.constexprs if n in declared)
+
+
+def bind(planned_launch: Planned, target: Target, one_config: bool = False) -> list[tuple[Spec, int]]:
+    """(spec, grid size) for every candidate config of a planned launch (one_config: the first
+    only), through triton's binder."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    launch = planned_launch.launch
+    kernel = launch.kernel
+    backend = make_backend(GPUTarget("cuda", target.capability, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    out = []
+    for config in launch.configs[:1] if one_config else launch.configs:
+        kwargs = {**launch.constexprs, **config}
+        launch.named(config)          # runs launch.prepare: descriptor tiles are part of the signature
+        bound, specialization, options = binder(*launch.args, **kwargs)
+        _, signature, constexprs, attrs = kernel._pack_args(backend, options, bound, specialization, options)
+        names = kernel.arg_names
+        grid = math.prod(launch.grid(kwargs))
+        spec = Spec(kernel.__module__, kernel.__name__, tuple(signature.items()),
+                    tuple((names[k[0]], v) for k, v in sorted(constexprs.items())),
+                    tuple((names[k[0]], tuple(map(tuple, v))) for k, v in sorted(attrs.items()) if v),
+                    config["num_warps"], config["num_stages"])
+        out.append((spec, grid))
+    return out
+
+
+# ----------------------------------------------------------------------------- compiling one spec
+
+def _tool(name: str) -> str:
+    import triton.backends.nvidia as nvidia
+    return str(Path(nvidia.__file__).parent / "bin" / name)
+
+
+def compile_spec(spec: Spec, target: Target) -> dict:
+    """Compile one spec for the target and read its registers, spills, shared memory and SASS."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(spec.module), spec.kernel)
+    names = fn.arg_names
+    source = ASTSource(fn, dict(spec.signature), {(names.index(n),): v for n, v in spec.constexprs},
+                       {(names.index(n),): [list(a) for a in v] for n, v in spec.attrs})
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", target.capability, 32),
+                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    except Exception as error:  # a compile error is a finding of the report, not a crash of it
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return {"error": f"{type(error).__name__}: {lines[-1] if lines else ''}"}
+    key = f"{target.arch}-{compiled.metadata.hash}"
+    cached = CACHE / f"{key}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        ptx.write_text(compiled.asm["ptx"])
+        cubin.write_bytes(compiled.asm["cubin"])
+        log = subprocess.run([get_ptxas(target.capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                              f"--gpu-name={target.arch}", str(ptx), "-o", str(Path(tmp) / "v.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    result = {"registers": _number(r"Used (\d+) registers", log),
+              "spill_stores": _number(r"(\d+) bytes spill stores", log),
+              "spill_loads": _number(r"(\d+) bytes spill loads", log),
+              "stack": _number(r"(\d+) bytes stack frame", log),
+              "shared": compiled.metadata.shared, **sass_facts(sass)}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp_file = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp_file.write_text(json.dumps(result))
+    tmp_file.replace(cached)
+    return result
+
+
+def _number(pattern: str, text: str) -> int:
+    found = re.search(pattern, text)
+    return int(found.group(1)) if found else 0
+
+
+def sass_facts(sass: str) -> dict:
+    """Tensor-core, TMA, local-memory and global-load facts of one kernel's SASS."""
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)
+    loads: dict[str, int] = {}
+    for op in opcodes:
+        if op.startswith("LDG") or op.startswith("LDGSTS"):
+            width = next((w for w in ("128", "64") if f".{w}" in op), "32" if ".U16" not in op and ".S16" not in op
+                         and ".U8" not in op else "16")
+            loads[width] = loads.get(width, 0) + 1
+    return {"hgmma": sum(op.startswith("HGMMA") for op in opcodes),
+            "hmma": sum(op.startswith("HMMA") for op in opcodes),
+            "utmaldg": sum(op.startswith("UTMALDG") for op in opcodes),
+            "local": sum(op.startswith(("LDL", "STL")) for op in opcodes),
+            "loads": dict(sorted(loads.items(), key=lambda kv: -int(kv[0])))}
+
+
+def programs_per_sm(result: dict, spec: Spec, target: Target) -> int:
+    """Resident programs per SM, limited by registers, shared memory and threads."""
+    threads = 32 * spec.num_warps
+    regs_per_warp = math.ceil(max(result["registers"], 1) * 32 / 256) * 256
+    by_regs = (target.regs_per_sm // regs_per_warp) // spec.num_warps
+    by_smem = target.smem_per_sm // (result["shared"] + 1024)
+    return max(0, min(by_regs, by_smem, target.threads_per_sm // threads, target.programs_per_sm))
+
+
+# ----------------------------------------------------------------------------- the report
+
+def build(target: Target, quick: bool, jobs: int, one_config: bool = False) -> list[dict]:
+    """One row per distinct (kernel, specialization, config), with the shapes that launch it."""
+    from kernels.launching import Gpu
+
+    gpu = Gpu(sms=target.sms, smem_per_block=target.smem_per_block, capability=target.capability)
+    rows: dict[Spec, dict] = {}
+    for item in planned(gpu, quick):
+        for spec, grid in bind(item, target, one_config):
+            row = rows.setdefault(spec, {"op": item.op, "dtype": item.dtype, "kernel": spec.kernel,
+                                         "spec": spec.label(), "num_warps": spec.num_warps,
+                                         "num_stages": spec.num_stages, "shapes": {}})
+            row["shapes"][item.shape] = grid
+    specs = list(rows)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        for spec, result in zip(specs, pool.map(compile_spec, specs, [target] * len(specs))):
+            row = rows[spec]
+            row.update(result)
+            if "error" not in result:
+                per_sm = programs_per_sm(result, spec, target)
+                row["programs_per_sm"] = per_sm
+                row["waves"] = {s: g / (target.sms * per_sm) if per_sm else math.inf for s, g in row["shapes"].items()}
+    return list(rows.values())
+
+
+def markdown(rows: list[dict], target: Target) -> str:
+    errors = [r for r in rows if "error" in r]
+    spilling = [r for r in rows if r.get("spill_stores") or r.get("spill_loads")]
+    lines = [f"# Compiled kernels for {target.arch} ({target.sms} SMs)", "",
+             f"Generated by `python -m bench.compiled --arch {target.arch}`: {len(rows)} specializations, "
+             f"{len(rows) - len(errors)} compiled, {len(errors)} failed, {len(spilling)} spill.",
+             "", "| op | dtype | kernel | constexprs | warps/stages | regs | spill B (st/ld) | smem KB | "
+             "programs/SM | waves | MMA | TMA | global loads (bits: count) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['op']} | {r['dtype']} | {r['kernel']} | {r['spec']} | {r['num_warps']}/"
+                         f"{r['num_stages']} | compile error: {r['error']} |||||||")
+            continue
+        waves = sorted(r["waves"].values())
+        wave_text = f"{waves[0]:.2f}" if len(waves) == 1 or waves[0] == waves[-1] else f"{waves[0]:.2f}-{waves[-1]:.2f}"
+        mma = f"HGMMA {r['hgmma']}" if r["hgmma"] else (f"HMMA {r['hmma']}" if r["hmma"] else "-")
+        loads = " ".join(f"{w}:{n}" for w, n in r["loads"].items()) or "-"
+        lines.append(f"| {r['op']} | {r['dtype']} | `{r['kernel']}` | {r['spec']} | {r['num_warps']}/{r['num_stages']}"
+                     f" | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['shared'] / 1024:.1f} | "
+                     f"{r['programs_per_sm']} | {wave_text} | {mma} | {r['utmaldg'] or '-'} | {loads} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compiled", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=sorted(TARGETS), default="sm_90a", help="the GPU target to compile for")
+    parser.add_argument("--quick", action="store_true", help="one benchmark shape per op and pass, bf16 only (CI)")
+    parser.add_argument("--one-config", action="store_true",
+                        help="compile only the first candidate of each launch (does every kernel compile?)")
+    parser.add_argument("--md", type=Path, help="also write the markdown report to this file")
+    parser.add_argument("--json", type=Path, help="write the rows as JSON to this file")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile worker processes")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("error: TRITON_INTERPRET=1 makes the kernels interpreted, so they cannot be compiled; "
+              "unset it and run again", file=sys.stderr)
+        return 2
+    target = TARGETS[args.arch]
+    rows = build(target, args.quick, max(1, args.jobs), args.one_config)
+    text = markdown(rows, target)
+    print(text, end="")
+    for path, content in ((args.md, text), (args.json, json.dumps(rows, indent=1, default=str))):
+        if path is not None:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(content)
+            tmp.replace(path)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
