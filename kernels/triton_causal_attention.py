@@ -445,18 +445,20 @@ class _Tiles:
 
     def __init__(self, kernel, name: str, tiles: dict[int, list[tuple]], smem_rows: Callable[[int, int, int], int],
                  streamed: dict[str, str]):
-        """tiles: for each widest BLOCK_D it serves (ascending), (BLOCK_M, BLOCK_N, warps, stages[, tma])."""
+        """tiles: for each widest BLOCK_D it serves (ascending), (BLOCK_M, BLOCK_N, warps, stages[,
+        kind]); kind "sm90": Hopper or later only, "tma": that and through TMA."""
         self.kernel, self.name, self.smem_rows, self.streamed = kernel, name, smem_rows, streamed
         self.arg_names = [n for n, p in inspect.signature(kernel.fn).parameters.items()
                           if "constexpr" not in str(p.annotation)]              # the run-time arguments
         self.tiles = {d: [{"BLOCK_M": t[0], "BLOCK_N": t[1], "num_warps": t[2], "num_stages": t[3],
-                           "USE_TMA": t[4:] == (True,)} for t in ts] for d, ts in tiles.items()}
+                           "USE_TMA": t[4:] == ("tma",)} for t in ts] for d, ts in tiles.items()}
+        self.hopper_only = {(d, tuple(c.items())) for d, ts in tiles.items() for t, c in zip(ts, self.tiles[d])
+                            if t[4:]}
         every = {tuple(c.items()) for ts in self.tiles.values() for c in ts}
         # Created at import, when triton also decided whether the @triton.jit kernels run interpreted.
         self.tuner = None if interpreting() else triton.autotune(
-            [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "USE_TMA": c["USE_TMA"]},
-                           num_warps=c["num_warps"], num_stages=c["num_stages"], pre_hook=self.prepare)
-             for c in map(dict, sorted(every))],
+            [triton.Config({k: v for k, v in c.items() if not k.startswith("num_")}, num_warps=c["num_warps"],
+                           num_stages=c["num_stages"], pre_hook=self.prepare) for c in map(dict, sorted(every))],
             key=["HEAD_DIM", "Q_BUCKET", "K_BUCKET"], prune_configs_by={"early_config_prune": self._prune})(kernel)
 
     def candidates(self, q: torch.Tensor, block_d: int, q_bucket: int, tma: bool, gpu: Gpu) -> list[dict]:
@@ -467,13 +469,15 @@ class _Tiles:
         if gpu.capability == 0:
             fixed = INTERPRETER_TILES[self.name]
             return [{**fixed, "USE_TMA": fixed.get("USE_TMA", False) and tma, "num_warps": 4, "num_stages": 1}]
-        configs = next((ts for d, ts in self.tiles.items() if block_d <= d), list(self.tiles.values())[-1])
+        dim = next((d for d in self.tiles if block_d <= d), list(self.tiles)[-1])
+        configs = self.tiles[dim]
         row_bytes = q.element_size() * block_d
 
         def smem(c):
             return row_bytes * self.smem_rows(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"])
 
-        usable = [c for c in configs if not c["USE_TMA"] or (tma and gpu.capability >= 90)]
+        usable = [c for c in configs if (gpu.capability >= 90 and (tma or not c["USE_TMA"]))
+                  or (dim, tuple(c.items())) not in self.hopper_only]
         kept = [c for c in usable if smem(c) <= gpu.smem_per_block and c["BLOCK_M"] <= max(16, q_bucket)]
         return kept or [min(usable, key=smem)]
 
@@ -509,24 +513,32 @@ class _Tiles:
 INTERPRETER_TILES = {"fwd": {"BLOCK_M": 32, "BLOCK_N": 16}, "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32},
                      "dq": {"BLOCK_M": 32, "BLOCK_N": 16}}
 
-# Tiles by head dim: bench/compiled.py shows every one compiles for sm_90a without spilling at
-# head dims 64 and 128 (the ones left out spill: a (64, 64)-tile dK/dV with 4 warps holds K, V and
-# the fp32 dK, dV for 64 keys in 128 threads). Shared-memory rows per config: the resident tiles
-# once, the streamed tiles once per pipeline stage.
-# A fifth entry True streams the tiles through TMA (Hopper and later, when the strides allow).
-_FWD_64 = [(16, 64, 4, 3), (16, 128, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4),
-           (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 128, 8, 2, True)]
-FWD_TILES = _Tiles(_causal_attention_fwd_kernel, "fwd", {64: _FWD_64 + [(128, 64, 4, 3)], 256: _FWD_64},
+# Tiles by head dim: bench/compiled.py shows that none spills registers at head dims 64 and 128 on
+# sm_90a, nor the others on sm_80 (the ones left out spill: a (64, 64)-tile dK/dV with 4 warps
+# holds K, V and the fp32 dK, dV for 64 keys in 128 threads). A fifth entry "sm90" keeps a tile to
+# Hopper and later (it spills with sm_80's register-held MMA operands), "tma" also streams its
+# tiles through TMA when the strides allow. (Triton 3.9's warp specialization does not take these
+# loops on sm_90a: the 4-warp forward fails to compile with it, the 8-warp one compiles unchanged.)
+# Shared-memory rows per config: the resident tiles once, the streamed tiles once per stage.
+FWD_TILES = _Tiles(_causal_attention_fwd_kernel, "fwd",
+                   {64: [(16, 64, 4, 3), (16, 128, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4),
+                         (128, 32, 4, 4), (128, 64, 8, 3), (128, 64, 4, 3, "sm90"), (128, 128, 8, 2, "sm90"),
+                         (64, 64, 4, 3, "tma"), (128, 64, 8, 3, "tma"), (128, 128, 8, 2, "tma")],
+                    256: [(16, 64, 4, 3), (16, 128, 4, 2), (64, 32, 4, 2), (64, 32, 4, 4), (64, 64, 4, 3, "sm90"),
+                          (128, 32, 4, 4, "sm90"), (128, 64, 8, 3, "sm90"), (128, 128, 8, 2, "sm90"),
+                          (64, 64, 4, 3, "tma"), (128, 64, 8, 3, "tma"), (128, 128, 8, 2, "tma")]},
                    lambda m, n, s: m + 2 * n * s, {"K_DESC": "BLOCK_N", "V_DESC": "BLOCK_N"})
 DKDV_TILES = _Tiles(_causal_attention_dkdv_kernel, "dkdv",
-                    {64: [(16, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 8, 2),
-                          (64, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3, True), (64, 128, 8, 2, True)],
-                     256: [(16, 64, 4, 2), (32, 64, 4, 3), (32, 64, 8, 2), (16, 128, 8, 2), (32, 128, 8, 3),
-                           (32, 64, 4, 3, True), (32, 128, 8, 3, True)]},
+                    {64: [(16, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 3),
+                          (64, 64, 8, 2, "sm90"), (64, 128, 8, 2, "sm90"), (32, 64, 4, 3, "tma"),
+                          (64, 128, 8, 2, "tma")],
+                     256: [(16, 64, 4, 2), (32, 64, 8, 2), (16, 128, 8, 2), (32, 64, 4, 3, "sm90"),
+                           (32, 128, 8, 3, "sm90"), (32, 64, 4, 3, "tma"), (32, 128, 8, 3, "tma")]},
                     lambda m, n, s: 2 * n + 2 * m * s, {"Q_DESC": "BLOCK_M", "DO_DESC": "BLOCK_M"})
-_DQ_128 = [(16, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3),
-           (64, 32, 4, 2, True), (128, 64, 8, 2, True)]
-DQ_TILES = _Tiles(_causal_attention_dq_kernel, "dq", {64: _DQ_128 + [(64, 64, 4, 2)], 256: _DQ_128},
+_DQ = [(16, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2, "tma"),
+       (128, 64, 8, 2, "tma")]
+DQ_TILES = _Tiles(_causal_attention_dq_kernel, "dq", {64: _DQ + [(64, 64, 4, 2), (128, 64, 8, 2)],
+                                                      256: _DQ + [(128, 64, 8, 2, "sm90")]},
                   lambda m, n, s: 2 * m + 2 * n * s, {"K_DESC": "BLOCK_N", "V_DESC": "BLOCK_N"})
 
 

@@ -156,6 +156,22 @@ def test_tma_only_where_the_strides_allow():
     assert tca._descriptor(k, 32).block_shape == [1, 1, 16, 32]
 
 
+def test_candidates_follow_the_target():
+    """Hopper gets the TMA and Hopper-only tiles, when the tensors allow TMA; Ampere never; a few
+    queries get small query tiles; every candidate fits the GPU's shared memory."""
+    from kernels.launching import Gpu
+    q = torch.empty(1, 16, 4096, 128, dtype=torch.bfloat16, device="meta")
+    h100, a100 = Gpu(132, 227 * 1024, 90), Gpu(108, 163 * 1024, 80)
+    for tiles in (tca.FWD_TILES, tca.DKDV_TILES, tca.DQ_TILES):
+        hopper, ampere = tiles.candidates(q, 128, 4096, True, h100), tiles.candidates(q, 128, 4096, True, a100)
+        assert any(c["USE_TMA"] for c in hopper) and not any(c["USE_TMA"] for c in ampere)
+        assert {tuple(c.items()) for c in ampere} < {tuple(c.items()) for c in hopper}
+        assert not any(c["USE_TMA"] for c in tiles.candidates(q, 128, 4096, False, h100))
+        for c in hopper:
+            assert 2 * 128 * tiles.smem_rows(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) <= h100.smem_per_block
+    assert {c["BLOCK_M"] for c in tca.FWD_TILES.candidates(q, 128, 16, True, h100)} == {16}
+
+
 def test_custom_scale():
     check_kernels(1, 2, 1, 20, 37, 32, "cache", torch.float32, scale=0.37)
 
