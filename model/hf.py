@@ -12,16 +12,31 @@ apply_rotary_pos_emb computes x * cos + rotate_half(x) * sin with rotate_half(x)
 cos, sin of the frequencies repeated twice, which is the same formula. (The q/k permutation in
 transformers' Meta-checkpoint converter exists only for Meta's interleaved-pairs convention.)
 
+Export (`python -m model.hf export RUN_OR_CHECKPOINT OUT_DIR`) writes a directory that
+transformers loads with no custom code: config.json, model.safetensors (Hugging Face names, the
+tied head stored once), generation_config.json, and the tokenizer as tokenizer.json plus
+tokenizer_config.json with the chat template (model/hf_tokenizer.py). The directory is written
+next to OUT_DIR under a temporary name and renamed into place, so a failed export leaves nothing.
+
 transformers is the optional `hf` extra, imported inside the functions that need it.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import inspect
+import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 
+from model import hf_tokenizer
+from model.chat_format import SPECIALS
+from model.checkpoint import load_model, load_tokenizer, resolve
+from model.command import DEBUG_HELP, run_command
 from model.config import ModelConfig
 from model.gpt import GPT
 
@@ -126,3 +141,68 @@ def llama_model(model: GPT, attn_implementation: str = "sdpa"):
     llama.to(device=weight.device, dtype=weight.dtype)
     llama.load_state_dict(llama_state_dict(model), strict=True)
     return llama.eval()
+
+
+def export(path: str | Path, out_dir: str | Path) -> Path:
+    """Write the checkpoint at path (a run directory: its latest checkpoint) as a transformers
+    Llama directory at out_dir, which must not exist or be empty. Returns out_dir."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not an empty directory; choose a new OUT_DIR "
+                         f"or remove it first")
+    ckpt = resolve(path)
+    model, _ = load_model(ckpt)
+    tok = load_tokenizer(ckpt)
+    missing = [s for s in SPECIALS if s not in tok.special_tokens]
+    if missing:
+        raise ValueError(f"the tokenizer of {ckpt} lacks the chat tokens {missing}; transformers needs them "
+                         f"for the bos, eos and pad ids")
+    bos, _, _, end = (tok.special_tokens[s] for s in SPECIALS)
+    ids = dict(bos_token_id=bos, eos_token_id=[end, bos], pad_token_id=bos)
+    llama = llama_model(model, attn_implementation="sdpa")
+    for config in (llama.config, llama.generation_config):
+        for name, value in ids.items():
+            setattr(config, name, value)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        llama.save_pretrained(staging, safe_serialization=True)
+        (staging / "tokenizer.json").write_text(json.dumps(hf_tokenizer.tokenizer_json(tok), ensure_ascii=False),
+                                                encoding="utf-8")
+        (staging / "tokenizer_config.json").write_text(
+            json.dumps(hf_tokenizer.tokenizer_config(tok, model.cfg.block_size), indent=2), encoding="utf-8")
+        staging.chmod(0o755)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m model.hf", description="Hugging Face interop: export a "
+                                     "checkpoint as a transformers Llama directory.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    commands = parser.add_subparsers(dest="command", required=True)
+    exp = commands.add_parser("export", help="write a run or checkpoint as a transformers LlamaForCausalLM directory")
+    exp.add_argument("path", help="run directory (its latest checkpoint) or checkpoint directory")
+    exp.add_argument("out_dir", help="directory to create (must not exist, or be empty)")
+    exp.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        _transformers()
+    except ImportError as e:
+        raise SystemExit(str(e)) from None
+    out = export(args.path, args.out_dir)
+    print(f"exported {resolve(args.path)} to {out} (load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+
+
+if __name__ == "__main__":
+    run_command(main)
