@@ -15,6 +15,9 @@ PRESETS: dict[str, dict] = {
 }
 
 
+LLAMA3_KEYS = {"rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 32768
@@ -26,6 +29,10 @@ class ModelConfig:
     mlp_hidden: int = 0             # SwiGLU width; 0 means 8/3 * n_embd rounded up to a multiple of 64
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    # Llama 3's frequency scaling, as transformers' config writes it: {"rope_type": "llama3",
+    # "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}; None: none
+    rope_scaling: dict | None = None
+    tie_embeddings: bool = True     # the LM head is the embedding matrix; False: a separate head
     init_std: float = 0.02
     extra: dict = field(default_factory=dict)  # free-form notes carried with checkpoints
 
@@ -42,6 +49,10 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "mlp_hidden"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        scaling = self.rope_scaling
+        if scaling is not None and (scaling.get("rope_type") != "llama3" or not LLAMA3_KEYS <= set(scaling)):
+            problems.append(f"rope_scaling must be None or Llama 3's {{'rope_type': 'llama3', "
+                            f"{', '.join(sorted(LLAMA3_KEYS - {'rope_type'}))}}}, got {scaling}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 

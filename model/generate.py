@@ -66,7 +66,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     cache = None
     if use_cache:
         dtype = (torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type)
-                 else model.embed.weight.dtype)
+                 else model.head_weight.dtype)
         cache = KVCache(model.cfg, idx.shape[0], idx.device, dtype)
     out = idx
     for step in range(max_new_tokens):

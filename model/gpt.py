@@ -1,7 +1,8 @@
 """A LLaMA-style decoder-only transformer whose hot ops all go through `kernels.*`.
 
 Token embedding -> n_layer pre-norm blocks (RMSNorm, grouped-query causal attention with rotary
-position embeddings, RMSNorm, SwiGLU MLP) -> final RMSNorm -> LM head tied to the embedding.
+position embeddings, RMSNorm, SwiGLU MLP) -> final RMSNorm -> LM head, tied to the embedding
+unless cfg.tie_embeddings is False (imported checkpoints often have their own head).
 Every residual add is fused into the RMSNorm that follows it (kernels.rms_norm(..., residual=)),
 and the loss goes through kernels.linear_cross_entropy, so training never holds (B*T, V) logits.
 """
@@ -31,8 +32,21 @@ class RMSNorm(nn.Module):
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of position * frequency, each (block_size, head_dim / 2), in fp32."""
     inv_freq = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+    if cfg.rope_scaling is not None:
+        inv_freq = llama3_scaled(inv_freq, cfg.rope_scaling)
     angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
+
+
+def llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3's RoPE frequencies: wavelengths longer than the original context / low_freq_factor
+    are stretched by factor, those shorter than it / high_freq_factor kept, and the band between
+    interpolated linearly in context / wavelength."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)   # 0: stretched, 1: kept
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -121,6 +135,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -135,6 +150,11 @@ class GPT(nn.Module):
                 nn.init.ones_(p)
             else:
                 nn.init.normal_(p, std=residual_std if name.endswith("out.weight") else self.cfg.init_std)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's (V, C) matrix: the embedding's when tied."""
+        return self.embed.weight if self.head is None else self.head.weight
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 reduction: str = "mean", last_only: bool = False) -> torch.Tensor:
@@ -159,19 +179,21 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         if targets is None:
-            return F.linear(h[:, -1:] if last_only else h, self.embed.weight)        # (B, T, V)
-        loss = kernels.linear_cross_entropy(h.reshape(B * T, -1), self.embed.weight, targets.reshape(B * T),
+            return F.linear(h[:, -1:] if last_only else h, self.head_weight)         # (B, T, V)
+        loss = kernels.linear_cross_entropy(h.reshape(B * T, -1), self.head_weight, targets.reshape(B * T),
                                             reduction=reduction)
         return loss.view(B, T) if reduction == "none" else loss
 
     def num_params(self) -> int:
-        """Parameters, counting the tied embedding / LM head matrix once."""
+        """Parameters, counting a tied embedding / LM head matrix once."""
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward): 6N for the matmuls with the N parameters
-        (the tied LM head is one matmul with the embedding matrix; the lookup itself is free)
-        plus 12 * n_layer * n_head * head_dim * T for attention (the PaLM appendix B formula)."""
+        (a tied LM head is one matmul with the embedding matrix; the lookup itself is free, so an
+        untied embedding does not count) plus 12 * n_layer * n_head * head_dim * T for attention
+        (the PaLM appendix B formula)."""
         T = seq_len or self.cfg.block_size
-        norms = sum(p.numel() for n, p in self.named_parameters() if n.endswith("norm.weight"))
-        return 6 * (self.num_params() - norms) + 12 * self.cfg.n_layer * self.cfg.n_head * self.cfg.head_dim * T
+        free = [p for n, p in self.named_parameters()
+                if n.endswith("norm.weight") or (n == "embed.weight" and self.head is not None)]
+        return 6 * (self.num_params() - sum(p.numel() for p in free)) + 12 * self.cfg.n_layer * self.cfg.n_head * self.cfg.head_dim * T

@@ -81,7 +81,7 @@ def llama_config(cfg: ModelConfig, **overrides):
         max_position_embeddings=cfg.block_size,
         rms_norm_eps=cfg.norm_eps,
         initializer_range=cfg.init_std,
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_embeddings,
         attention_bias=False,
         mlp_bias=False,
         attention_dropout=0.0,
@@ -90,10 +90,11 @@ def llama_config(cfg: ModelConfig, **overrides):
         pad_token_id=None,
     )
     # transformers 5 takes RoPE settings as rope_parameters; 4.x as rope_theta (and rope_scaling).
+    scaling = cfg.rope_scaling or {"rope_type": "default"}
     if "rope_parameters" in inspect.signature(transformers.LlamaConfig.__init__).parameters:
-        fields["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        fields["rope_parameters"] = {**scaling, "rope_theta": cfg.rope_theta}
     else:
-        fields.update(rope_theta=cfg.rope_theta, rope_scaling=None)
+        fields.update(rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling)
     return transformers.LlamaConfig(**{**fields, **overrides})
 
 
@@ -101,9 +102,9 @@ def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """model's weights under LlamaForCausalLM's names, for load_state_dict(strict=True).
 
     The tensors are detached views of model's parameters (no copy; q/k/v_proj are row slices of
-    the fused qkv weight). lm_head.weight is the same tensor as model.embed_tokens.weight, as in a
-    tied LlamaForCausalLM's own state_dict; drop it (and clone the views) before writing a
-    safetensors file, which refuses shared storage.
+    the fused qkv weight). With tied embeddings lm_head.weight is the same tensor as
+    model.embed_tokens.weight, as in a tied LlamaForCausalLM's own state_dict; drop it (and clone
+    the views) before writing a safetensors file, which refuses shared storage.
     """
     cfg = model.cfg
     q_rows, kv_rows = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
@@ -124,7 +125,7 @@ def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
             prefix + "mlp.down_proj.weight": block.mlp.out.weight.detach(),
         })
     out["model.norm.weight"] = model.norm.weight.detach()
-    out["lm_head.weight"] = embed
+    out["lm_head.weight"] = model.head_weight.detach()
     return out
 
 
@@ -135,9 +136,10 @@ def llama_model(model: GPT, attn_implementation: str = "sdpa"):
     weight = model.embed.weight
     with _no_init_weights():    # every weight is overwritten below: skip the random init (seconds)
         llama = transformers.LlamaForCausalLM(llama_config(model.cfg, attn_implementation=attn_implementation))
-    llama.tie_weights()         # post_init ties lm_head to the embedding inside the init just skipped
-    if llama.lm_head.weight is not llama.model.embed_tokens.weight:
-        raise RuntimeError("transformers did not tie lm_head.weight to model.embed_tokens.weight")
+    if model.cfg.tie_embeddings:
+        llama.tie_weights()     # post_init ties lm_head to the embedding inside the init just skipped
+        if llama.lm_head.weight is not llama.model.embed_tokens.weight:
+            raise RuntimeError("transformers did not tie lm_head.weight to model.embed_tokens.weight")
     llama.to(device=weight.device, dtype=weight.dtype)
     llama.load_state_dict(llama_state_dict(model), strict=True)
     return llama.eval()

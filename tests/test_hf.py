@@ -20,6 +20,11 @@ CONFIGS = {
     "mha": dict(n_kv_head=4),
     "mqa": dict(n_kv_head=1),
     "wide-heads": dict(n_head=2, n_kv_head=1, n_embd=128, rope_theta=500000.0, norm_eps=1e-5),
+    "untied": dict(tie_embeddings=False),
+    # Llama 3's scaling with a short original context, so all three frequency bands occur.
+    "llama3-rope": dict(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                           "original_max_position_embeddings": 32}),
 }
 
 
