@@ -8,19 +8,58 @@ Layout of a run directory's checkpoints (written by train/checkpoint.py):
     tokenizer.json                              the tokenizer (in the run directory itself)
 
 Everything that uses a trained model (training's --init and --resume, chat, export) loads it here.
+write() is the one writer (training's checkpoints, model.hf import): a checkpoint is written into a
+temporary directory that is renamed into place, and `latest` is replaced atomically afterwards, so
+a process killed at any moment leaves the previous checkpoint loadable and never a half-written
+one that looks complete.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
+from model.files import atomic_write_text, current_umask
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
+
+
+KEEP_LAST = 2
+
+
+def write(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor], state: dict,
+          extra: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint step_<step> of run_dir atomically (extra(tmp_dir) may add files to it),
+    point `latest` at it and keep the KEEP_LAST newest; returns its path."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    atomic_write_text(tmp / "state.json", json.dumps({"step": step, **state}, indent=2))
+    if extra is not None:
+        extra(tmp)
+    # mkdtemp makes the directory 0700 and safetensors its file 0600; give the modes of a plain mkdir/open.
+    mask = current_umask()
+    os.chmod(tmp, 0o777 & ~mask)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~mask)
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / "latest", name)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-KEEP_LAST]:
+        shutil.rmtree(old)
+    return final
 
 
 def resolve(path: str | Path) -> Path:

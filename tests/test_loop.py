@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from model import GPT, ModelConfig
+from model import checkpoint as model_checkpoint
 from model.checkpoint import load_model, load_weights, resolve
 from train import checkpoint
 from train.config import TrainConfig
@@ -110,7 +111,7 @@ def test_checkpoint_survives_a_crash_during_save(tmp_path, monkeypatch):
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing")
-    monkeypatch.setattr(checkpoint, "save_file", crash)
+    monkeypatch.setattr(model_checkpoint, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(ckpt, 99, tiny_model().state_dict(), None, {"tokens": 0, "model_config": {}})
     assert resolve(ckpt) == good
