@@ -18,6 +18,13 @@ tied head stored once), generation_config.json, and the tokenizer as tokenizer.j
 tokenizer_config.json with the chat template (model/hf_tokenizer.py). The directory is written
 next to OUT_DIR under a temporary name and renamed into place, so a failed export leaves nothing.
 
+Import (`python -m model.hf import HF_DIR OUT_RUN`) is the way back, for any local Llama
+directory (config.json, one or sharded safetensors, tokenizer.json), and needs no transformers:
+it maps the config (refusing biases, other activations or architectures, RoPE scalings other
+than Llama 3's), reorders the vocabulary to our ids (model/hf_tokenizer.py), adds our chat
+tokens when the tokenizer lacks them (their embedding rows start at the mean row), and writes a
+run directory that training's --init and model.chat read.
+
 transformers is the optional `hf` extra, imported inside the functions that need it.
 """
 from __future__ import annotations
@@ -35,10 +42,11 @@ import torch
 
 from model import hf_tokenizer
 from model.chat_format import SPECIALS
-from model.checkpoint import load_model, load_tokenizer, resolve
-from model.command import DEBUG_HELP, run_command
-from model.config import ModelConfig
+from model.checkpoint import load_model, load_tokenizer, resolve, write
+from model.command import DEBUG_HELP, at_least, flag_type, run_command
+from model.config import LLAMA3_KEYS, ModelConfig
 from model.gpt import GPT
+from model.tokenizer import Tokenizer
 
 INSTALL_HINT = 'transformers is not installed; install the extra with `pip install -e ".[hf]"`'
 
@@ -183,20 +191,169 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
+DEFAULT_IMPORT_BLOCK = 4096     # longest context of an import unless --block-size says otherwise
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing; a Llama checkpoint directory holds config.json, "
+                         f"model.safetensors (or an index of shards) and tokenizer.json") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def config_of_llama(hf: dict, where: str, block_size: int | None) -> ModelConfig:
+    """Our ModelConfig of a transformers LlamaConfig dict, or ValueError naming the field we cannot represent."""
+    if "LlamaForCausalLM" not in (hf.get("architectures") or []) and hf.get("model_type") != "llama":
+        raise ValueError(f"{where}: architectures {hf.get('architectures')} / model_type {hf.get('model_type')!r} "
+                         f"is not LlamaForCausalLM")
+    for field in ("attention_bias", "mlp_bias"):
+        if hf.get(field):
+            raise ValueError(f"{where}: {field} is true; our model has no biases")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r}; ours is SwiGLU (silu)")
+    heads, width = hf["num_attention_heads"], hf["hidden_size"]
+    if hf.get("head_dim") not in (None, width // heads):
+        raise ValueError(f"{where}: head_dim {hf['head_dim']} is not hidden_size / num_attention_heads "
+                         f"({width // heads})")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"{where}: rope scaling {kind!r} is not supported (only Llama 3's 'llama3' is)")
+    positions = hf.get("max_position_embeddings", 2048)
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], block_size=min(positions, block_size or DEFAULT_IMPORT_BLOCK),
+        n_layer=hf["num_hidden_layers"], n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads,
+        n_embd=width, mlp_hidden=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_scaling={k: rope[k] for k in LLAMA3_KEYS} if kind == "llama3" else None)
+
+
+def _read_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    index = hf_dir / "model.safetensors.index.json"
+    files = sorted(set(_read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    tensors = {}
+    for name in files:
+        try:
+            tensors.update(load_file(str(hf_dir / name)))
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{hf_dir / name}: unreadable safetensors file ({e})") from None
+    return tensors
+
+
+def _our_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, where: Path) -> dict[str, torch.Tensor]:
+    """Our state dict (fp32, file vocabulary order) from a Llama checkpoint's tensors (inverse of llama_state_dict)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
+    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not cfg.tie_embeddings:
+        names["head.weight"] = "lm_head.weight"
+    parts = {"attn_norm": "input_layernorm", "attn.out": "self_attn.o_proj", "mlp_norm": "post_attention_layernorm",
+             "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.out": "mlp.down_proj"}
+    for i in range(cfg.n_layer):
+        names.update({f"blocks.{i}.{ours}.weight": f"model.layers.{i}.{theirs}.weight" for ours, theirs in parts.items()})
+    used = set(names.values()) | {f"model.layers.{i}.self_attn.{x}_proj.weight" for i in range(cfg.n_layer) for x in "qkv"}
+    extra = sorted(k for k in tensors if k not in used and not (k == "lm_head.weight" and cfg.tie_embeddings)
+                   and "rotary_emb" not in k)
+    if extra:
+        raise ValueError(f"{where}: tensors our model cannot hold: {extra[:4]} (biases or another architecture)")
+    missing = sorted(k for k in used if k not in tensors)
+    if missing:
+        raise ValueError(f"{where}: missing tensors {missing[:4]}")
+    state = {ours: tensors[theirs] for ours, theirs in names.items()}
+    for i in range(cfg.n_layer):
+        state[f"blocks.{i}.attn.qkv.weight"] = torch.cat(
+            [tensors[f"model.layers.{i}.self_attn.{x}_proj.weight"] for x in "qkv"])
+    for name, shape in shapes.items():
+        if state[name].shape != shape:
+            raise ValueError(f"{where}: {names.get(name, name)} has shape {tuple(state[name].shape)}, but "
+                             f"config.json implies {tuple(shape)}")
+    return {k: v.float() for k, v in state.items()}
+
+
+def _reorder_vocab(state: dict, cfg: ModelConfig, tok: Tokenizer, mapping: dict[int, int]) -> tuple[dict, ModelConfig, Tokenizer]:
+    """Embedding (and head) rows in our id order; our chat tokens added when missing; rows past the
+    tokenizer (padding) kept after it."""
+    added = [s for s in SPECIALS if s not in tok.special_tokens]
+    n_tok = tok.n_vocab
+    if added:
+        specials = {**tok.special_tokens, **{s: n_tok + j for j, s in enumerate(added)}}
+        tok = Tokenizer(tok.merges, specials, tok.pattern)
+    spare = [i for i in range(cfg.vocab_size) if i not in mapping]
+    order = [0] * (n_tok + len(added) + len(spare))                   # our row -> file row (-1: new)
+    for theirs, ours in mapping.items():
+        if theirs >= cfg.vocab_size:
+            raise ValueError(f"tokenizer id {theirs} is past the model's vocab_size {cfg.vocab_size}")
+        order[ours] = theirs
+    order[n_tok:n_tok + len(added)] = [-1] * len(added)
+    order[n_tok + len(added):] = spare
+    for key in ("embed.weight", "head.weight"):
+        if key in state:
+            rows = state[key]
+            new = torch.cat([rows, rows.mean(0, keepdim=True)])       # row -1: the mean row
+            state[key] = new[torch.tensor(order)]
+    return state, ModelConfig.from_dict({**cfg.to_dict(), "vocab_size": len(order)}), tok
+
+
+def import_llama(hf_dir: str | Path, out_run: str | Path, block_size: int | None = None) -> Path:
+    """Write the Llama checkpoint directory hf_dir as a run directory out_run (must not exist or be empty)."""
+    hf_dir, out = Path(hf_dir), Path(out_run)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not an empty directory; choose a new OUT_RUN")
+    if not hf_dir.is_dir():
+        raise ValueError(f"{hf_dir} is not a directory; pass a local Llama checkpoint directory (nothing is downloaded)")
+    cfg = config_of_llama(_read_json(hf_dir / "config.json"), str(hf_dir / "config.json"), block_size)
+    tok, mapping = hf_tokenizer.from_tokenizer_json(_read_json(hf_dir / "tokenizer.json"), str(hf_dir / "tokenizer.json"))
+    state = _our_state(_read_tensors(hf_dir), cfg, hf_dir)
+    state, cfg, tok = _reorder_vocab(state, cfg, tok, mapping)
+    with torch.device("meta"):
+        GPT(cfg).load_state_dict(state, assign=True)         # the state is exactly our model's (strict)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(staging, 0, state, {"tokens": 0, "job": "import", "source": str(hf_dir.resolve()),
+                                  "model_config": cfg.to_dict(), "tokenizer": tok.fingerprint})
+        tok.save(staging / "tokenizer.json")
+        staging.chmod(0o755)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model.hf", description="Hugging Face interop: export a "
-                                     "checkpoint as a transformers Llama directory.")
+                                     "checkpoint as a transformers Llama directory, or import one as a run.")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     exp = commands.add_parser("export", help="write a run or checkpoint as a transformers LlamaForCausalLM directory")
     exp.add_argument("path", help="run directory (its latest checkpoint) or checkpoint directory")
     exp.add_argument("out_dir", help="directory to create (must not exist, or be empty)")
     exp.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    imp = commands.add_parser("import", help="read a local Llama checkpoint directory into a run directory")
+    imp.add_argument("hf_dir", help="directory with config.json, model.safetensors (or shards) and tokenizer.json")
+    imp.add_argument("out_run", help="run directory to create (must not exist, or be empty)")
+    imp.add_argument("--block-size", type=flag_type(int, at_least(1)), default=None,
+                     help=f"longest context (default: the checkpoint's, at most {DEFAULT_IMPORT_BLOCK}; "
+                          f"the KV cache is allocated at this length)")
+    imp.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "import":
+        out = import_llama(args.hf_dir, args.out_run, args.block_size)
+        print(f"imported {args.hf_dir} into {out} (fine-tune it with python -m train.sft --init {out})")
+        return
     try:
         _transformers()
     except ImportError as e:

@@ -10,6 +10,13 @@ tokenizer.json (the `tokenizers` library's format) describes the same tokenizer 
   order tiktoken applies them in);
 - added tokens: our special tokens at their ids; decoder: byte-level.
 
+from_tokenizer_json reads such a document back, whatever order its ids are in (GPT-2-style files
+number the byte characters in table order and often put special tokens first): our ids are the
+256 bytes in byte order, then one token per merge in rank order, then the added tokens, and it
+returns the map from the file's ids to ours, by which an importer permutes the embedding rows.
+It refuses what is not byte-level BPE (a normalizer, byte fallback, word prefixes or suffixes, a
+token no merge makes), naming the field.
+
 One difference is the `tokenizers` convention, not a choice here: a transformers tokenizer turns
 the text of a special token ("<|user|>") into that token, where Tokenizer.encode treats all text
 as text; `tokenizer(text, split_special_tokens=True)` gives our ids for such text too. The chat
@@ -19,9 +26,13 @@ the special tokens' text around each message and each message is encoded on its 
 from __future__ import annotations
 
 import functools
+import json
 
 from model.chat_format import SPECIALS
 from model.tokenizer import Tokenizer
+
+# The split of GPT-2's ByteLevel pre-tokenizer with use_regex=True.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 CHAT_TEMPLATE = (
     "{{ '" + SPECIALS[0] + "' }}"
@@ -73,7 +84,9 @@ def tokenizer_json(tok: Tokenizer) -> dict:
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  # a piece that is one token whole is that token, before any merge: tiktoken's rule
+                  "ignore_merges": True,
                   "vocab": {text: i for i, text in enumerate(texts)},
                   "merges": [[texts[a], texts[b]] for a, b in tok.merges]},
     }
@@ -94,3 +107,65 @@ def tokenizer_config(tok: Tokenizer, max_length: int) -> dict:
         "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE,
     }
+
+
+def _split_pattern(pre: dict | None) -> str:
+    """Our split pattern of a byte-level pre-tokenizer, or ValueError naming what it is instead."""
+    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        return GPT2_PATTERN
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else []
+    if (len(steps) == 2 and steps[0].get("type") == "Split" and "Regex" in steps[0].get("pattern", {})
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
+            and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True)
+            and not steps[1].get("add_prefix_space")):
+        return steps[0]["pattern"]["Regex"]
+    raise ValueError(f"pre_tokenizer {json.dumps(pre)[:200]} is not a byte-level split we can represent "
+                     f"(expected ByteLevel with its regex, or Split(Regex, Isolated) then ByteLevel without one)")
+
+
+def from_tokenizer_json(doc: dict, where: str = "tokenizer.json") -> tuple[Tokenizer, dict[int, int]]:
+    """Our Tokenizer of a `tokenizers` byte-level BPE document, and {file id: our id}."""
+    model = doc.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ValueError(f"{where}: model.type is {model.get('type')!r}; only byte-level BPE can be imported")
+    for field in ("byte_fallback", "continuing_subword_prefix", "end_of_word_suffix", "dropout"):
+        if model.get(field):
+            raise ValueError(f"{where}: model.{field} is {model[field]!r}; byte-level BPE has none")
+    if doc.get("normalizer"):
+        raise ValueError(f"{where}: normalizer {doc['normalizer'].get('type')!r} is set; ours has none")
+    pattern = _split_pattern(doc.get("pre_tokenizer"))
+    char_byte = {c: b for b, c in enumerate(byte_chars())}
+    added = sorted(doc.get("added_tokens") or [], key=lambda t: t["id"])
+    added_ids = {t["id"] for t in added}
+    ours_of_bytes: dict[bytes, int] = {}
+    vocab: dict[int, bytes] = {}
+    for text, i in model.get("vocab", {}).items():
+        if i in added_ids:
+            continue
+        if any(c not in char_byte for c in text):
+            raise ValueError(f"{where}: vocab token {text!r} (id {i}) is not in the byte-level alphabet")
+        vocab[i] = bytes(char_byte[c] for c in text)
+    by_bytes = {b: i for i, b in vocab.items()}
+    missing = [b for b in range(256) if bytes([b]) not in by_bytes]
+    if missing:
+        raise ValueError(f"{where}: the vocab lacks the single-byte tokens of bytes {missing[:8]}; "
+                         f"byte-level BPE has all 256")
+    ours_of_bytes.update({bytes([b]): b for b in range(256)})
+    merges = []
+    for n, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        a, b = (bytes(char_byte[c] for c in part) for part in (left, right))
+        token = a + b
+        if a not in ours_of_bytes or b not in ours_of_bytes or token not in by_bytes or token in ours_of_bytes:
+            raise ValueError(f"{where}: merge {n} ({left!r}, {right!r}) does not make a new vocab token from "
+                             f"tokens made before it")
+        merges.append((ours_of_bytes[a], ours_of_bytes[b]))
+        ours_of_bytes[token] = 255 + len(merges)
+    unmade = [vocab[i] for i in sorted(vocab) if vocab[i] not in ours_of_bytes]
+    if unmade:
+        raise ValueError(f"{where}: {len(unmade)} vocab tokens are made by no merge (first: {unmade[0]!r})")
+    n_ordinary = 256 + len(merges)
+    specials = {t["content"]: n_ordinary + j for j, t in enumerate(added)}
+    mapping = {i: ours_of_bytes[b] for i, b in vocab.items()}
+    mapping.update({t["id"]: specials[t["content"]] for t in added})
+    return Tokenizer(merges, specials, pattern), mapping
