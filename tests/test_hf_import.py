@@ -114,6 +114,29 @@ def test_an_imported_model_fine_tunes(tmp_path):
     assert result["step"] == 1 and (tmp_path / "sft" / "checkpoints" / "latest").exists()
 
 
+def test_an_imported_model_continues_pretraining_on_its_own_tokenizer(tmp_path):
+    from test_data import write_corpus
+    from train import pretrain
+    from train.data import PreparedData
+    src, _ = llama_dir(tmp_path / "hf", tied=True, kv_heads=2)
+    run = hf.import_llama(src, tmp_path / "run")
+    corpus = write_corpus(tmp_path / "corpus", n_files=20)
+    common = ["--max-steps", "2", "--batch-size", "2", "--eval-interval", "0", "--eval-tokens", "512", "--device",
+              "cpu", "--data-dir", str(tmp_path / "data"), "--init", str(run)]
+    result = pretrain.main(["--data", str(corpus), "--out", str(tmp_path / "more"), *common])
+    assert result["step"] == 2
+    prepared = next((tmp_path / "data").iterdir())
+    assert PreparedData(prepared).tokenizer.fingerprint == load_tokenizer(run).fingerprint
+    other = prepare_with_its_own_tokenizer(corpus, tmp_path / "other")
+    with pytest.raises(ValueError, match="was tokenized with tokenizer"):
+        pretrain.main(["--data", str(other), "--out", str(tmp_path / "again"), *common])
+
+
+def prepare_with_its_own_tokenizer(corpus: Path, out: Path) -> Path:
+    from train.data import prepare
+    return prepare(str(corpus), out=out, vocab_size=300, verbose=False)
+
+
 def test_llama3_rope_scaling_is_read(tmp_path):
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}

@@ -63,6 +63,20 @@ def test_run_writes_its_directory_and_learns(dataset, tmp_path, capsys):
     assert list((run_dir / "checkpoints").rglob("*.safetensors"))
 
 
+def test_init_continues_pretraining_from_a_run(dataset, tmp_path, capsys):
+    first = main(flags(dataset, tmp_path / "first", 12))
+    again = flags(dataset, tmp_path / "second", 4)
+    del again[2:2 + len(SMALL_MODEL)]                    # the model comes from --init
+    result = main([*again, "--init", str(tmp_path / "first")])
+    records = [json.loads(line) for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in records if "val_loss" in r)
+    assert start["step"] == 0 and abs(start["val_loss"] - first["val_loss"]) < 1e-4     # the first run's model
+    assert result["step"] == 4
+    assert (tmp_path / "second" / "tokenizer.json").read_text() == (tmp_path / "first" / "tokenizer.json").read_text()
+    with pytest.raises(SystemExit, match="--init keeps the model"):
+        main([*flags(dataset, tmp_path / "third", 4), "--init", str(tmp_path / "first")])
+
+
 def test_resume_continues_exactly(dataset, tmp_path, capsys):
     straight = tmp_path / "straight"
     main(flags(dataset, straight, 20))

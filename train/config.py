@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import kernels
@@ -24,6 +25,11 @@ def option(default: Any, help: str, check: Check | None = None, type: Callable |
 
 
 positive, non_negative = at_least(1), at_least(0)
+
+
+def absolute_path(text: str) -> str:
+    """A path flag kept absolute (empty stays empty), so --resume works from any directory."""
+    return str(Path(text).resolve()) if text else text
 
 
 @dataclass

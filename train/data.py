@@ -71,11 +71,18 @@ class Doc(NamedTuple):
 
 def prepare(source: str = "stdlib", out: str | Path | None = None, vocab_size: int = 4096, seed: int = 0,
             val_fraction: float = 0.01, tokenizer_sample_bytes: int = 8_000_000, verbose: bool = True,
-            data_dir: str | Path = "data", **filter_thresholds) -> Path:
-    """Prepare (or reuse) the dataset of source in out (default: data_dir/dataset_name(...)); its path."""
+            data_dir: str | Path = "data", tokenizer: Tokenizer | None = None, **filter_thresholds) -> Path:
+    """Prepare (or reuse) the dataset of source in out (default: data_dir/dataset_name(...)); its path.
+
+    With a tokenizer (continued pretraining) the data is encoded with it instead of a new one
+    trained on it; vocab_size is then the tokenizer's."""
     source = str(source)
     if (Path(source) / "manifest.json").is_file():            # already a prepared dataset directory
-        PreparedData(source)
+        made_with = PreparedData(source).tokenizer.fingerprint
+        if tokenizer is not None and made_with != tokenizer.fingerprint:
+            raise ValueError(f"the prepared dataset {source} was tokenized with tokenizer {made_with}, not the "
+                             f"given one ({tokenizer.fingerprint}); pass the raw corpus instead, to be "
+                             f"tokenized with the given tokenizer")
         return Path(source)
     filters = FilterConfig.from_kwargs(**filter_thresholds)
     check_vocab_size(vocab_size, DEFAULT_SPECIAL_TOKENS)
@@ -85,10 +92,13 @@ def prepare(source: str = "stdlib", out: str | Path | None = None, vocab_size: i
         except ValueError as e:
             raise ValueError(f"{name} {e}") from None
     fingerprint = source_fingerprint(source)           # first: a missing or empty source fails in its own words
+    if tokenizer is not None:
+        vocab_size = tokenizer.n_vocab
     args = {"source": resolve_source(source), "vocab_size": vocab_size, "seed": seed, "val_fraction": val_fraction,
             "tokenizer_sample_bytes": tokenizer_sample_bytes, "split_pattern": SPLIT_PATTERN,
             "filters": filters.as_dict(),
-            "source_fingerprint": fingerprint}
+            "source_fingerprint": fingerprint,
+            **({} if tokenizer is None else {"tokenizer": tokenizer.fingerprint})}
     out = Path(out) if out is not None else Path(data_dir) / dataset_name(args)
     blocker = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
     if not blocker.is_dir():
@@ -105,7 +115,7 @@ def prepare(source: str = "stdlib", out: str | Path | None = None, vocab_size: i
     try:
         if verbose:
             print(f"data: preparing {args['source']} into {out}")
-        _build(tmp, args, filters, verbose)
+        _build(tmp, args, filters, verbose, tokenizer)
         try:
             os.rename(tmp, out)
         except OSError:
@@ -165,15 +175,17 @@ def _remove_abandoned_builds(out: Path) -> None:
             pass
 
 
-def _build(tmp: Path, args: dict, filters: FilterConfig, verbose: bool) -> None:
-    """Filter the corpus into tmp/docs.tmp, train the tokenizer, write the shards, then the manifest."""
+def _build(tmp: Path, args: dict, filters: FilterConfig, verbose: bool, given: Tokenizer | None = None) -> None:
+    """Filter the corpus into tmp/docs.tmp, train the tokenizer (unless given), write the shards, then
+    the manifest."""
     t0 = time.perf_counter()
     docs_path = tmp / "docs.tmp"
     docs, report = _filter_corpus(args["source"], docs_path, filters, args["seed"], args["val_fraction"], verbose)
     t1 = time.perf_counter()
     train_docs = [d for d in docs if not d.val]
-    sample = _read_docs(docs_path, _tokenizer_sample(train_docs, args["tokenizer_sample_bytes"], args["seed"]))
-    tok = Tokenizer.train(sample, args["vocab_size"])
+    sample = [] if given else _read_docs(docs_path, _tokenizer_sample(train_docs, args["tokenizer_sample_bytes"],
+                                                                      args["seed"]))
+    tok = given or Tokenizer.train(sample, args["vocab_size"])
     if tok.n_vocab < args["vocab_size"]:
         print(f"data: warning: the tokenizer sample ({sum(len(t.encode('utf-8')) for t in sample):,} bytes) ran out of "
               f"token pairs: {tok.n_vocab} tokens instead of {args['vocab_size']}; a larger "

@@ -4,7 +4,6 @@ tasks, and the before/after table printed when a run ends."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -13,14 +12,10 @@ from model.chat_format import ChatTokens
 from model.checkpoint import load_model, load_tokenizer
 from model.tokenizer import Tokenizer
 from train import evaluate, tasks
-from train.config import TrainConfig, option, positive
+from train.config import TrainConfig, absolute_path, option, positive
 from train.runlog import RunLog
 from train.runtime import Runtime
 from train.sft_data import stream_indices
-
-
-def absolute_path(text: str) -> str:
-    return str(Path(text).resolve()) if text else text
 
 
 @dataclass

@@ -15,10 +15,12 @@ import numpy as np
 import torch
 
 from model import GPT, ModelConfig
+from model.checkpoint import load_model, load_tokenizer
 from model.command import run_command
 from model.config import PRESETS
 from model.generate import generate
-from train.config import TrainConfig, at_least, greater_than, option, positive
+from model.tokenizer import Tokenizer
+from train.config import TrainConfig, absolute_path, at_least, greater_than, option, positive
 from train.data import MIN_VOCAB, PreparedData, non_empty, prepare
 from train.launch import Stage, run
 from train.runtime import Runtime
@@ -37,6 +39,10 @@ class PretrainConfig(TrainConfig):
                                    "and found there again", non_empty)
     vocab_size: int = option(4096, "BPE vocabulary size when the data still has to be prepared "
                                    f"(at least {MIN_VOCAB})", at_least(MIN_VOCAB))
+    init: str = option("", "continue pretraining from this run directory or checkpoint (its weights and "
+                           "tokenizer, e.g. one made by python -m model.hf import): --data is tokenized with "
+                           "its tokenizer and the model keeps its config (no preset or model overrides)",
+                       type=absolute_path)
     sample_prompt: str = option("def ", "prompt of the samples written at each evaluation")
     eval_tokens: int = option(65536, "validation tokens per evaluation", positive)
     n_layer: int | None = option(None, "override n_layer", positive, int, group=MODEL_OVERRIDES)
@@ -134,22 +140,30 @@ def _split_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
 
 
-def load_data(source: str, vocab_size: int, rt: Runtime, data_dir: str = "data") -> PreparedData:
+def load_data(source: str, vocab_size: int, rt: Runtime, data_dir: str = "data",
+              tokenizer: Tokenizer | None = None) -> PreparedData:
     """The prepared dataset for source (kept under data_dir): rank 0 prepares it (or reuses it), the others wait."""
     if rt.is_main:
-        path = prepare(source, vocab_size=vocab_size, data_dir=data_dir)
+        path = prepare(source, vocab_size=vocab_size, data_dir=data_dir, tokenizer=tokenizer)
     rt.barrier()
-    if not rt.is_main:
-        path = prepare(source, vocab_size=vocab_size, data_dir=data_dir, verbose=False)   # a reuse: nothing is rebuilt
+    if not rt.is_main:   # a reuse: nothing is rebuilt
+        path = prepare(source, vocab_size=vocab_size, data_dir=data_dir, verbose=False, tokenizer=tokenizer)
     return PreparedData(path)
 
 
 def build(cfg: PretrainConfig, rt: Runtime) -> tuple[PretrainJob, GPT]:
-    data = load_data(cfg.data, cfg.vocab_size, rt, cfg.data_dir)
-    model_cfg = ModelConfig.preset(cfg.preset, vocab_size=data.tokenizer.n_vocab, **cfg.model_overrides())
+    if cfg.init:
+        if cfg.model_overrides():
+            raise SystemExit(f"--init keeps the model of {cfg.init}; drop the model overrides "
+                             f"{sorted(cfg.model_overrides())}")
+        model, _ = load_model(cfg.init, rt.device)
+        data = load_data(cfg.data, cfg.vocab_size, rt, cfg.data_dir, load_tokenizer(cfg.init))
+    else:
+        data = load_data(cfg.data, cfg.vocab_size, rt, cfg.data_dir)
+        model = GPT(ModelConfig.preset(cfg.preset, vocab_size=data.tokenizer.n_vocab, **cfg.model_overrides()))
     if rt.is_main:
         print(f"data: {data.manifest['args']['source']}  train {len(data.train):,} tokens  val {len(data.val):,} tokens")
-    return PretrainJob(data, cfg, model_cfg.block_size, rt), GPT(model_cfg).to(rt.device)
+    return PretrainJob(data, cfg, model.cfg.block_size, rt), model.to(rt.device)
 
 
 STAGE = Stage("pretrain", __doc__, CPU_DEFAULTS, CUDA_DEFAULTS, build)
