@@ -14,7 +14,8 @@ import torch
 
 from model.command import run_command
 from train import data as data_mod
-from train.data import HEADER, MAGIC, PreparedData, build_parser, main, prepare, read_shard, shard_dtype, write_shard
+from train.data import PreparedData, build_parser, main, prepare
+from train.shards import HEADER, MAGIC, read_shard, shard_dtype, write_shard
 from train.pretrain import eval_batches, sample_batch
 from train.sources import iter_documents, local_files, source_fingerprint, source_slug
 

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import sys
 import time
 import uuid
@@ -39,11 +38,11 @@ from model.tokenizer import DEFAULT_SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, ch
 from train.cli import flag_type
 from train.config import at_least, non_negative
 from train.filters import DocumentFilter, FilterConfig, Report
+from train.shards import read_shard, shard_dtype, write_shard
 from train.sources import dataset_name, iter_documents, resolve_source, source_fingerprint
 
 FORMAT, VERSION = "tritongpt-data", 1
 MIN_VOCAB = 256 + len(DEFAULT_SPECIAL_TOKENS)
-MAGIC, HEADER = b"TGPTTOKS", struct.Struct("<8sIIQ")
 ENCODE_BATCH_BYTES = 4 << 20          # text handed to tiktoken's threads at a time
 
 
@@ -296,49 +295,6 @@ def _encode_docs(tok: Tokenizer, docs_path: Path, docs: list[Doc], name: str,
         bar.update(size)
         start = end
     bar.close()
-
-
-def shard_dtype(n_vocab: int) -> type:
-    return np.uint16 if n_vocab <= 1 << 16 else np.uint32
-
-
-def write_shard(path: Path, chunks: Iterator[np.ndarray], dtype: type) -> int:
-    """Write the token chunks after a header (count patched in at the end); the number of tokens."""
-    itemsize = np.dtype(dtype).itemsize
-    count = 0
-    with open(path, "wb") as f:
-        f.write(HEADER.pack(MAGIC, VERSION, itemsize, 0))
-        for chunk in chunks:
-            f.write(chunk.astype(dtype).tobytes())
-            count += len(chunk)
-        f.seek(0)
-        f.write(HEADER.pack(MAGIC, VERSION, itemsize, count))
-    return count
-
-
-def read_shard(path: str | Path) -> np.ndarray:
-    """Memory map of a shard's tokens after checking its header against the file."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(HEADER.size)
-    if len(head) < HEADER.size:
-        raise ValueError(f"{path}: bad shard header: file of {size} bytes is shorter than the "
-                         f"{HEADER.size}-byte header")
-    magic, version, itemsize, count = HEADER.unpack(head)
-    if magic != MAGIC:
-        raise ValueError(f"{path}: bad shard header: magic {magic!r}, expected {MAGIC!r} (not a token shard)")
-    if version != VERSION:
-        raise ValueError(f"{path}: bad shard header: version {version}, this code reads {VERSION}")
-    if itemsize not in (2, 4):
-        raise ValueError(f"{path}: bad shard header: {itemsize} bytes per token, expected 2 or 4")
-    if size != HEADER.size + count * itemsize:
-        raise ValueError(f"{path}: bad shard header: it promises {count:,} tokens of {itemsize} bytes but the file "
-                         f"holds {size - HEADER.size:,} bytes after the header (truncated or overwritten?)")
-    dtype = np.uint16 if itemsize == 2 else np.uint32
-    if count == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,))
 
 
 class PreparedData:
