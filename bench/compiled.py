@@ -291,7 +291,8 @@ def build(target: Target, quick: bool, jobs: int, one_config: bool = False) -> l
     return list(rows.values())
 
 
-def _constexprs(row: dict) -> dict:
+def constexprs_of(row: dict) -> dict:
+    """A row's constexprs as {name: text}."""
     return dict(item.split("=") for item in row["spec"].split())
 
 
@@ -299,8 +300,8 @@ def goals(rows: list[dict]) -> list[str]:
     """The static goals of issue 13, as measured in these rows."""
     built = [r for r in rows if "error" not in r]
     tiled = [r for r in built if r["kernel"].startswith("_causal_attention") and "BLOCK_N" in r["spec"]]
-    wide = [r for r in tiled if int(_constexprs(r)["BLOCK_M"]) >= 64]
-    tma = [r for r in tiled if _constexprs(r).get("USE_TMA") == "True"]
+    wide = [r for r in tiled if int(constexprs_of(r)["BLOCK_M"]) >= 64]
+    tma = [r for r in tiled if constexprs_of(r).get("USE_TMA") == "True"]
     decode = [w for r in built if r["kernel"] == "_causal_attention_decode_kernel"
               for shape, w in r["waves"].items() if "H=32/8 T=1/4096" in shape]
     lines = [f"- compiled: {len(built)} of {len(rows)} specializations",
@@ -311,9 +312,9 @@ def goals(rows: list[dict]) -> list[str]:
              f"- TMA candidates loading through TMA (UTMALDG): {sum(r['utmaldg'] > 0 for r in tma)} of {len(tma)}"]
     if decode:
         lines.append(f"- decode step B=1 Hq=32 Hkv=8 Tk=4096: {min(decode):.2f} waves")
-    for head_dim in sorted({_constexprs(r)["HEAD_DIM"] for r in tiled}, key=int):
+    for head_dim in sorted({constexprs_of(r)["HEAD_DIM"] for r in tiled}, key=int):
         dkdv = [r["programs_per_sm"] for r in tiled
-                if r["kernel"] == "_causal_attention_dkdv_kernel" and _constexprs(r)["HEAD_DIM"] == head_dim]
+                if r["kernel"] == "_causal_attention_dkdv_kernel" and constexprs_of(r)["HEAD_DIM"] == head_dim]
         if dkdv:
             lines.append(f"- dK/dV at head dim {head_dim}: at most {max(dkdv)} programs per SM")
     return lines

@@ -1,9 +1,12 @@
-"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one."""
+"""Atomic writes: a reader (or a crash) sees the old file or the new one, never half of one, and a
+directory appears whole or not at all."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -20,6 +23,33 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
+        raise
+    return path
+
+
+def check_new_dir(path: str | Path, what: str = "directory") -> None:
+    """Refuse a path that exists and is not an empty directory (what names the flag in the message)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{path} already exists and is not an empty directory; choose a new {what} "
+                         f"or remove it first")
+
+
+def atomic_write_dir(path: str | Path, fill: Callable[[Path], None], what: str = "directory") -> Path:
+    """Create the directory path, which must not exist or be empty, with the files fill(tmp) writes
+    into a temporary sibling that is then renamed into place: a failure leaves nothing behind."""
+    check_new_dir(path, what)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        fill(staging)
+        staging.chmod(0o777 & ~current_umask())       # mkdtemp makes 0700; a plain mkdir would not
+        if path.exists():
+            path.rmdir()
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
 

@@ -34,8 +34,6 @@ import contextlib
 import importlib
 import inspect
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -45,6 +43,7 @@ from model.chat_format import SPECIALS
 from model.checkpoint import load_model, load_tokenizer, resolve, write
 from model.command import DEBUG_HELP, at_least, flag_type, run_command
 from model.config import LLAMA3_KEYS, ModelConfig
+from model.files import atomic_write_dir, check_new_dir
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
 
@@ -156,10 +155,7 @@ def llama_model(model: GPT, attn_implementation: str = "sdpa"):
 def export(path: str | Path, out_dir: str | Path) -> Path:
     """Write the checkpoint at path (a run directory: its latest checkpoint) as a transformers
     Llama directory at out_dir, which must not exist or be empty. Returns out_dir."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} already exists and is not an empty directory; choose a new OUT_DIR "
-                         f"or remove it first")
+    check_new_dir(out_dir, "OUT_DIR")
     ckpt = resolve(path)
     model, _ = load_model(ckpt)
     tok = load_tokenizer(ckpt)
@@ -173,22 +169,15 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
     for config in (llama.config, llama.generation_config):
         for name, value in ids.items():
             setattr(config, name, value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def fill(staging: Path) -> None:
         llama.save_pretrained(staging, safe_serialization=True)
         (staging / "tokenizer.json").write_text(json.dumps(hf_tokenizer.tokenizer_json(tok), ensure_ascii=False),
                                                 encoding="utf-8")
         (staging / "tokenizer_config.json").write_text(
             json.dumps(hf_tokenizer.tokenizer_config(tok, model.cfg.block_size), indent=2), encoding="utf-8")
-        staging.chmod(0o755)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+
+    return atomic_write_dir(out_dir, fill, "OUT_DIR")
 
 
 DEFAULT_IMPORT_BLOCK = 4096     # longest context of an import unless --block-size says otherwise
@@ -302,9 +291,8 @@ def _reorder_vocab(state: dict, cfg: ModelConfig, tok: Tokenizer, mapping: dict[
 
 def import_llama(hf_dir: str | Path, out_run: str | Path, block_size: int | None = None) -> Path:
     """Write the Llama checkpoint directory hf_dir as a run directory out_run (must not exist or be empty)."""
-    hf_dir, out = Path(hf_dir), Path(out_run)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} already exists and is not an empty directory; choose a new OUT_RUN")
+    hf_dir = Path(hf_dir)
+    check_new_dir(out_run, "OUT_RUN")
     if not hf_dir.is_dir():
         raise ValueError(f"{hf_dir} is not a directory; pass a local Llama checkpoint directory (nothing is downloaded)")
     cfg = config_of_llama(_read_json(hf_dir / "config.json"), str(hf_dir / "config.json"), block_size)
@@ -313,20 +301,13 @@ def import_llama(hf_dir: str | Path, out_run: str | Path, block_size: int | None
     state, cfg, tok = _reorder_vocab(state, cfg, tok, mapping)
     with torch.device("meta"):
         GPT(cfg).load_state_dict(state, assign=True)         # the state is exactly our model's (strict)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def fill(staging: Path) -> None:
         write(staging, 0, state, {"tokens": 0, "job": "import", "source": str(hf_dir.resolve()),
                                   "model_config": cfg.to_dict(), "tokenizer": tok.fingerprint})
         tok.save(staging / "tokenizer.json")
-        staging.chmod(0o755)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+
+    return atomic_write_dir(out_run, fill, "OUT_RUN")
 
 
 def build_parser() -> argparse.ArgumentParser:

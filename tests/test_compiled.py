@@ -41,10 +41,6 @@ def ampere(tmp_path_factory) -> list[dict]:
     return report(tmp_path_factory, "--arch", "sm_80", "--one-config")
 
 
-def constexprs(row: dict) -> dict:
-    return dict(item.split("=") for item in row["spec"].split())
-
-
 def test_every_kernel_compiles_for_sm90a_and_sm80(hopper, ampere):
     for rows in (hopper, ampere):
         assert [r for r in rows if "error" in r] == []
@@ -63,9 +59,9 @@ def test_no_selectable_candidate_spills(hopper):
 
 def test_attention_tiles_of_64_rows_use_wgmma_and_tma_candidates_use_tma(hopper):
     attention = [r for r in hopper if r["kernel"].startswith("_causal_attention") and "BLOCK_N" in r["spec"]]
-    wide = [r for r in attention if int(constexprs(r)["BLOCK_M"]) >= 64]
+    wide = [r for r in attention if int(compiled.constexprs_of(r)["BLOCK_M"]) >= 64]
     assert wide and all(r["hgmma"] > 0 for r in wide)
-    tma = [r for r in attention if constexprs(r).get("USE_TMA") == "True"]
+    tma = [r for r in attention if compiled.constexprs_of(r).get("USE_TMA") == "True"]
     assert {r["kernel"] for r in tma} == {"_causal_attention_fwd_kernel", "_causal_attention_dkdv_kernel",
                                           "_causal_attention_dq_kernel"}
     assert all(r["utmaldg"] > 0 for r in tma)
@@ -74,7 +70,7 @@ def test_attention_tiles_of_64_rows_use_wgmma_and_tma_candidates_use_tma(hopper)
 def test_attention_backward_fits_two_programs_per_sm(hopper):
     for head_dim in ("64", "128"):
         dkdv = [r for r in hopper if r["kernel"] == "_causal_attention_dkdv_kernel"
-                and constexprs(r)["HEAD_DIM"] == head_dim]
+                and compiled.constexprs_of(r)["HEAD_DIM"] == head_dim]
         assert max(r["programs_per_sm"] for r in dkdv) >= 2
 
 

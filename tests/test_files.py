@@ -36,3 +36,25 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monke
         atomic_write_text(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_atomic_write_dir_appears_whole_or_not_at_all(tmp_path):
+    def fill(staging):
+        (staging / "a.txt").write_text("a")
+
+    old = os.umask(0o022)
+    try:
+        out = files.atomic_write_dir(tmp_path / "out", fill)
+    finally:
+        os.umask(old)
+    assert [p.name for p in out.iterdir()] == ["a.txt"] and stat.S_IMODE(out.stat().st_mode) == 0o755
+    with pytest.raises(ValueError, match="already exists and is not an empty directory; choose a new OUT_DIR"):
+        files.atomic_write_dir(out, fill, "OUT_DIR")
+
+    def broken(staging):
+        fill(staging)
+        raise OSError("disk full")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        files.atomic_write_dir(tmp_path / "empty", broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"] and not any((tmp_path / "empty").iterdir())

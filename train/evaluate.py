@@ -162,9 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tasks and has_chat:
         results.update(exact_match(model, tok, make_tasks("test", args.tasks, args.task_seed)))
     if args.data is None and not (args.tasks and has_chat):
-        raise SystemExit("nothing to evaluate: pass --data with held-out text (this tokenizer has no chat "
-                         "tokens for the built-in tasks)" if not has_chat else "nothing to evaluate: pass --data "
-                         "or --tasks N")
+        fix = "--data or --tasks N" if has_chat else "--data (this tokenizer has no chat tokens for the tasks)"
+        raise SystemExit(f"nothing to evaluate: pass {fix}")
     out = run_dir_of(ckpt) / "eval.json"
     atomic_write_text(out, json.dumps(results, indent=2))
     width = max(map(len, results))
