@@ -70,7 +70,8 @@ class Launch:
             self.tuner[self.grid](*self.args, **self.constexprs)
             return
         (config,) = self.configs
-        self.named(config)
+        if self.prepare is not None:          # no per-launch dict for the plain kernels
+            self.named(config)
         self.kernel[self.grid({**self.constexprs, **config})](*self.args, **self.constexprs, **config)
 
 
