@@ -2,12 +2,14 @@
 rejected responses), and the language-model metrics of held-out text. The tasks themselves are
 made in train/tasks.py.
 
-    python -m train.evaluate RUN [--data PATH] [--tasks N]
+    python -m train.evaluate RUN [--data PATH] [--tasks N] [--humaneval] [--lm-eval TASKS]
 
 prints and writes RUN/eval.json: on --data (text files, a directory or glob, as for pretraining)
 the validation loss in nats per token, perplexity, and bits per byte (the summed loss in bits over
 the UTF-8 bytes of the text: comparable across tokenizers); exact match on N held-out tasks when
-the tokenizer has the chat tokens.
+the tokenizer has the chat tokens; with --humaneval, HumanEval's pass@k (train/humaneval.py; every
+completion with its outcome in RUN/humaneval_samples.jsonl); with --lm-eval, lm-evaluation-harness
+tasks through our model class (train/harness.py; lm-eval's full results in RUN/lm_eval.json).
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ import torch
 from model import GPT
 from model.chat_format import SPECIALS, ChatTokens, render_prompt, reply_text
 from model.checkpoint import load_model, load_tokenizer, resolve, run_dir_of
-from model.command import DEBUG_HELP, at_least, flag_type, run_command
+from model.command import DEBUG_HELP, at_least, at_most, flag_type, greater_than, run_command
 from model.files import atomic_write_text
 from model.generate import generate
+from train import humaneval
 from train.sources import iter_documents
 from train.tasks import Task, make_tasks
 
@@ -132,6 +135,17 @@ def text_metrics(model: GPT, tok, texts: Iterable[str], max_tokens: int, batch_s
             "eval_tokens": len(ids) - 1, "eval_bytes": n_bytes}
 
 
+def positive_ints(text: str) -> list[int]:
+    """argparse type= of a comma-separated list of positive integers."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,10, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,9 +157,75 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", type=flag_type(int, at_least(0)), default=350,
                         help="held-out built-in tasks for exact match (0: none; needs the chat tokens)")
     parser.add_argument("--task-seed", type=int, default=0, help="seed of the task sets (as in SFT and DPO)")
+    parser.add_argument("--humaneval", action="store_true", help="run HumanEval (needs the eval extra)")
+    parser.add_argument("--humaneval-problems", type=flag_type(int, at_least(1)), default=None,
+                        help="only the first N of the 164 problems (default: all)")
+    parser.add_argument("--humaneval-samples", type=flag_type(int, at_least(1)), default=1,
+                        help="completions per problem; more than 1 needs --humaneval-temperature > 0")
+    parser.add_argument("--humaneval-temperature", type=flag_type(float, at_least(0)), default=0.0,
+                        help="sampling temperature (0: greedy)")
+    parser.add_argument("--humaneval-top-p", type=flag_type(float, greater_than(0), at_most(1)), default=0.95,
+                        help="nucleus sampling mass when sampling")
+    parser.add_argument("--humaneval-k", type=positive_ints, default=[1, 10, 100],
+                        help="comma-separated k of pass@k; those above --humaneval-samples are left out")
+    parser.add_argument("--humaneval-max-tokens", type=flag_type(int, at_least(1)), default=256,
+                        help="longest completion in tokens")
+    parser.add_argument("--humaneval-timeout", type=flag_type(float, greater_than(0)), default=10.0,
+                        help="seconds each completion's tests may run")
+    parser.add_argument("--lm-eval", default=None, metavar="TASKS",
+                        help="comma-separated lm-evaluation-harness tasks (needs the eval extra)")
+    parser.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                        help="a directory of your own lm-eval task YAML files")
+    parser.add_argument("--lm-eval-limit", type=flag_type(int, at_least(1)), default=None,
+                        help="at most this many documents per lm-eval task")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return parser
+
+
+def run_humaneval(model: GPT, tok, args: argparse.Namespace, run_dir: Path) -> dict:
+    """pass@k of HumanEval; every completion and its outcome go to run_dir/humaneval_samples.jsonl."""
+    if args.humaneval_samples > 1 and args.humaneval_temperature == 0:
+        raise ValueError("--humaneval-samples > 1 with greedy decoding gives the same completion each time; "
+                         "pass --humaneval-temperature (0.8 is usual for pass@10)")
+    problems = humaneval.load_problems(args.humaneval_problems)
+    with eval_mode(model):
+        completions = humaneval.complete(model, tok, problems, args.humaneval_samples, args.humaneval_temperature,
+                                         args.humaneval_top_p if args.humaneval_temperature else None,
+                                         args.humaneval_max_tokens)
+    outcomes = humaneval.execute(problems, completions, args.humaneval_timeout, memory_mb=1024)
+    lines = [json.dumps({"task_id": p["task_id"], "completion": c, "passed": o.passed, "result": o.result})
+             for p, row, results in zip(problems, completions, outcomes) for c, o in zip(row, results)]
+    atomic_write_text(run_dir / "humaneval_samples.jsonl", "\n".join(lines) + "\n")
+    return {**humaneval.scores(outcomes, args.humaneval_k), "humaneval_problems": len(problems),
+            "humaneval_samples_per_problem": args.humaneval_samples}
+
+
+def run_lm_eval(ckpt: Path, device: str, args: argparse.Namespace, run_dir: Path) -> dict:
+    """lm-eval's tasks on the checkpoint through train.harness; its full results go to run_dir/lm_eval.json."""
+    from train import harness  # noqa: F401  (imports lm-eval, registers tritongpt)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    if args.lm_eval_include is not None and not Path(args.lm_eval_include).is_dir():
+        raise ValueError(f"--lm-eval-include {args.lm_eval_include} is not a directory of lm-eval task YAML files")
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    # lm-eval's built-in index takes seconds to build: only when the tasks are not all in the include dir
+    manager = TaskManager(include_path=args.lm_eval_include, include_defaults=False) if args.lm_eval_include else None
+    if manager is None or not set(tasks) <= set(manager.all_tasks):
+        manager = TaskManager(include_path=args.lm_eval_include)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown lm-eval tasks {unknown}; list them with `python -m train.harness ls tasks`"
+                         + ("" if args.lm_eval_include else " or pass --lm-eval-include DIR for your own"))
+    out = lm_eval.simple_evaluate(model="tritongpt", model_args={"path": str(ckpt), "device": device}, tasks=tasks,
+                                  task_manager=manager, limit=args.lm_eval_limit)
+    print(make_table(out))
+    atomic_write_text(run_dir / "lm_eval.json", json.dumps({k: out[k] for k in ("results", "configs", "versions",
+                                                                               "n-samples")}, indent=2, default=str))
+    return {f"lm_eval/{task}/{metric.split(',')[0]}": value for task, metrics in out["results"].items()
+            for metric, value in metrics.items() if isinstance(value, float) and "_stderr" not in metric}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -154,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = resolve(args.path)
     model, state = load_model(ckpt, device)
     tok = load_tokenizer(ckpt)
+    run_dir = run_dir_of(ckpt)
     results: dict = {"checkpoint": str(ckpt), "step": state.get("step")}
     if args.data is not None:
         results.update(text_metrics(model, tok, (text for _, text in iter_documents(args.data)), args.max_tokens))
@@ -161,10 +242,15 @@ def main(argv: list[str] | None = None) -> dict:
     has_chat = all(s in tok.special_tokens for s in SPECIALS)
     if args.tasks and has_chat:
         results.update(exact_match(model, tok, make_tasks("test", args.tasks, args.task_seed)))
-    if args.data is None and not (args.tasks and has_chat):
-        fix = "--data or --tasks N" if has_chat else "--data (this tokenizer has no chat tokens for the tasks)"
-        raise SystemExit(f"nothing to evaluate: pass {fix}")
-    out = run_dir_of(ckpt) / "eval.json"
+    if args.humaneval:
+        results.update(run_humaneval(model, tok, args, run_dir))
+    if args.lm_eval:
+        results.update(run_lm_eval(ckpt, device, args, run_dir))
+    if len(results) == 2:
+        fix = "--tasks N, " if has_chat else ""
+        raise SystemExit(f"nothing to evaluate: pass --data, {fix}--humaneval or --lm-eval TASKS"
+                         + ("" if has_chat else " (this tokenizer has no chat tokens for the built-in tasks)"))
+    out = run_dir / "eval.json"
     atomic_write_text(out, json.dumps(results, indent=2))
     width = max(map(len, results))
     for name, value in results.items():
