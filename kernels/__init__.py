@@ -218,6 +218,9 @@ if os.environ.get(ENV_VAR):
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# The checks run on every call, and a decoding step on the CPU is all per-call overhead, so each
+# tests the common case first with plain comparisons and builds its message only on failure.
+
 def _check_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -227,10 +230,12 @@ def _check_float(name: str, t: torch.Tensor) -> None:
 
 def _check_same(what: str, **tensors: torch.Tensor) -> None:
     """All tensors share device (and dtype when what == 'dtype')."""
-    values = {name: getattr(t, what) for name, t in tensors.items()}
-    if len(set(values.values())) > 1:
-        listing = ", ".join(f"{name} {v}" for name, v in values.items())
-        raise ValueError(f"mismatched {what}s: {listing}; convert them to one {what}")
+    first, *others = tensors.values()
+    expected = getattr(first, what)
+    for t in others:
+        if getattr(t, what) != expected:
+            listing = ", ".join(f"{name} {getattr(t, what)}" for name, t in tensors.items())
+            raise ValueError(f"mismatched {what}s: {listing}; convert them to one {what}")
 
 
 def _check_targets(targets: torch.Tensor, n_rows: int, name: str) -> None:
@@ -249,6 +254,8 @@ def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) ->
 
 
 def _check_eps(eps) -> float:
+    if type(eps) is float and 0.0 < eps < math.inf:
+        return eps
     # bool is an int: eps=True is a mistake, not 1.0. NaN fails both comparisons.
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0.0 < eps < math.inf):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}; pass a small positive value such as 1e-6 "
@@ -277,17 +284,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     _check_float("x", x)
     _check_float("weight", weight)
     eps = _check_eps(eps)
-    if x.dim() == 0 or weight.shape != (x.shape[-1],):
+    if x.dim() == 0 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight has shape {tuple(weight.shape)}; expected ({x.shape[-1] if x.dim() else '?'},) "
                          f"to match the last dim of x {tuple(x.shape)}")
-    tensors = {"x": x, "weight": weight}
-    if residual is not None:
+    if residual is None:
+        _check_same("device", x=x, weight=weight)
+    else:
         _check_float("residual", residual)
         if residual.shape != x.shape:
             raise ValueError(f"residual has shape {tuple(residual.shape)}; expected x's shape {tuple(x.shape)}")
         _check_same("dtype", x=x, residual=residual)
-        tensors["residual"] = residual
-    _check_same("device", **tensors)
+        _check_same("device", x=x, weight=weight, residual=residual)
     return _dispatch("rms_norm", x.device)(x, weight, eps, residual=residual)
 
 

@@ -3,6 +3,9 @@
 Token embedding -> n_layer pre-norm blocks (RMSNorm, grouped-query causal attention with rotary
 position embeddings, RMSNorm, SwiGLU MLP) -> final RMSNorm -> LM head, tied to the embedding
 unless cfg.tie_embeddings is False (imported checkpoints often have their own head).
+The blocks work on the residual stream as a (B * T, C) matrix of rows (a linear layer on 2-D input
+is one matmul; on 3-D input it adds reshapes, which a decoding step, all per-op overhead, pays for),
+and only attention views it as (B, T, heads, head_dim).
 Every residual add is fused into the RMSNorm that follows it (kernels.rms_norm(..., residual=)),
 and the loss goes through kernels.linear_cross_entropy, so training never holds (B*T, V) logits.
 """
@@ -30,12 +33,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency, each (block_size, head_dim / 2), in fp32."""
+    """The tables apply_rope takes, each (block_size, 1, head_dim) in fp32: cos of position * frequency
+    for both halves of a head vector, and sin of it signed -, + for the first and second half."""
     inv_freq = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
     if cfg.rope_scaling is not None:
         inv_freq = llama3_scaled(inv_freq, cfg.rope_scaling)
-    angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float64), inv_freq)   # (block_size, D/2)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), -1)[:, None].float(), torch.cat((-sin, sin), -1)[:, None].float()
 
 
 def llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -50,28 +55,29 @@ def llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of each head vector. x (B, T, H, D); cos, sin (T, D/2).
-    Returns a new contiguous (B, T, H, D) tensor."""
-    cos, sin = cos[:, None, :], sin[:, None, :]                         # (T, 1, D/2): broadcast over heads
-    x1, x2 = x.float().chunk(2, dim=-1)                                 # (B, T, H, D/2) each
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    """Rotate the two halves (x1, x2) of each head vector to (x1 cos - x2 sin, x2 cos + x1 sin), in
+    fp32. x (B, T, H, D); cos, sin (T, 1, D) from rope_tables, which repeat cos and sign sin so that
+    the rotation is x * cos + roll(x, D/2) * sin: three ops, which matters when a decoding step is
+    all per-op overhead. Returns a new contiguous (B, T, H, D) tensor in x's dtype."""
+    x32 = x.float()
+    return torch.addcmul(x32 * cos, x32.roll(x.shape[-1] // 2, dims=-1), sin).to(x.dtype)
 
 
 class KVCache:
     """Keys and values of every layer for the positions seen so far, preallocated to block_size."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, device, dtype: torch.dtype):
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.length = 0          # positions filled; advanced by GPT.forward after all layers ran
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, Hkv, T, D) after the cached positions; return all keys and values so far."""
         end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Attention(nn.Module):
@@ -83,7 +89,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
-        B, T, C = x.shape
+        """x (B * T, C), the rows of B sequences of T positions; cos, sin (T, 1, D) -> (B * T, C)."""
+        BT, C = x.shape
+        T = cos.shape[0]
+        B = BT // T
         qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)       # (B, T, H*, D) views
         # RoPE writes new tensors and v is copied out, so what attention saves for its backward
@@ -94,7 +103,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)                               # (B, Hkv, Tk, D)
         y = kernels.causal_attention(q, k, v)                              # (B, H, T, D)
-        return self.out(y.transpose(1, 2).reshape(B, T, C))
+        return self.out(y.transpose(1, 2).reshape(BT, C))
 
 
 class MLP(nn.Module):
@@ -117,8 +126,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, delta: torch.Tensor, residual: torch.Tensor | None, cos, sin, cache, layer):
-        """Takes the residual stream as (residual, pending delta) and returns it the same way, so
-        each add runs inside the next norm. residual is None only before the first block."""
+        """Takes the residual stream as (residual, pending delta), each (B * T, C), and returns it the
+        same way, so each add runs inside the next norm. residual is None only before the first block."""
         if residual is None:
             a, residual = self.attn_norm(delta), delta
         else:
@@ -166,22 +175,23 @@ class GPT(nn.Module):
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.cfg.block_size}; "
                              f"crop the input or use a model with a larger block_size")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]   # (T, D/2)
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]   # (T, 1, D)
         try:
-            delta, residual = self.embed(idx), None                                 # (B, T, C)
+            delta, residual = self.embed(idx.reshape(B * T)), None                  # (B * T, C)
         except IndexError:      # CPU; on CUDA an id out of range is a device-side assert
             raise ValueError(f"token ids {idx.min().item()}..{idx.max().item()} do not fit the vocabulary "
                              f"0..{self.cfg.vocab_size - 1}; encode with the tokenizer this model was "
                              f"trained with") from None
         for layer, block in enumerate(self.blocks):
             delta, residual = block(delta, residual, cos, sin, cache, layer)
-        h, _ = self.norm(delta, residual)                                            # (B, T, C)
+        h, _ = self.norm(delta, residual)                                            # (B * T, C)
         if cache is not None:
             cache.length += T
         if targets is None:
-            return F.linear(h[:, -1:] if last_only else h, self.head_weight)         # (B, T, V)
-        loss = kernels.linear_cross_entropy(h.reshape(B * T, -1), self.head_weight, targets.reshape(B * T),
-                                            reduction=reduction)
+            if last_only:
+                h, T = h.view(B, T, -1)[:, -1], 1                                     # (B, C)
+            return F.linear(h, self.head_weight).view(B, T, -1)                      # (B, T, V)
+        loss = kernels.linear_cross_entropy(h, self.head_weight, targets.reshape(B * T), reduction=reduction)
         return loss.view(B, T) if reduction == "none" else loss
 
     def num_params(self) -> int:
