@@ -95,10 +95,12 @@ def _cuda_gpu(device: torch.device) -> Gpu:
 # Bytes of logits (and their gradient) one linear_cross_entropy chunk may hold at once. On a GPU
 # 256 MiB keeps every chunk a large GEMM (>= 1024 rows of bf16 logits even at a 128k vocabulary,
 # about 8 waves of the cross-entropy kernel's one-row programs on 132 SMs) while the default CUDA
-# shape's full logits take 2 GiB (32k rows x 16k vocab). On the CPU 32 MiB is below
-# the full logits of the default run (4096 rows x 4096 vocab: 64 MiB of fp32) and fits the chunk's
-# (C, V) block nearer the caches; CPU GEMMs are as fast at a few hundred rows as at thousands.
-LCE_CHUNK_BUDGET_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
+# shape's full logits take 2 GiB (32k rows x 16k vocab). On the CPU 8 MiB is an eighth of the
+# full logits of the default run (4096 rows x 4096 vocab: 64 MiB of fp32): 256 rows there, 128 at
+# an 8k vocabulary, where CPU GEMMs run as fast as at thousands of rows; the chunk's logits and
+# their softmax temporary stay small next to a training step's activations, whose peak the
+# loss's forward reaches.
+LCE_CHUNK_BUDGET_BYTES = {"cuda": 256 * 2**20, "cpu": 8 * 2**20}
 
 
 def interpreting() -> bool:

@@ -14,6 +14,8 @@ from kernels import launching
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
+    if x.device.type == "cpu" and _needs_grad(x, weight, residual):
+        return _RMSNorm.apply(x, weight, eps, residual)
     h = x if residual is None else x + residual
     # F.rms_norm computes the statistics in fp32 for half inputs; casting the weight keeps the
     # fused path (mixed dtypes fall back to a slow composite) and the output in x's dtype.
@@ -21,8 +23,73 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     return y if residual is None else (y, h)
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, or as it is when it is float64 (the tests' exact reference)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm (with the residual add) that saves only h and the fp32 1/rms per row.
+
+    On the CPU F.rms_norm is a composite of six ops, and autograd through it also keeps the
+    normalized h: one more activation of x's size per norm, two per block. This computes the same
+    thing and derives the gradients from h and 1/rms in the backward:
+    with n = h / rms and g = dy * w, dh = (g - n * mean(g * n)) / rms and dw = sum(dy * n).
+    (On CUDA F.rms_norm has fused kernels that save only 1/rms; it stays in use there.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, residual):
+        h = x if residual is None else x + residual
+        h32 = _wide(h)
+        rstd = torch.rsqrt(h32.square().mean(-1, keepdim=True) + eps)          # (..., 1) fp32
+        y = (h32 * rstd).to(h.dtype) * weight.to(h.dtype)
+        ctx.save_for_backward(h, rstd, weight)
+        ctx.has_residual = residual is not None
+        return y if residual is None else (y, h)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h=None):
+        h, rstd, weight = ctx.saved_tensors
+        n = _wide(h) * rstd                                                     # (..., D) fp32
+        grad_weight = (_wide(grad_y) * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
+        g = _wide(grad_y) * _wide(weight)
+        dh = (g - n * (g * n).mean(-1, keepdim=True)).mul_(rstd)
+        if grad_h is not None:
+            dh += grad_h
+        dh = dh.to(h.dtype)
+        return dh, grad_weight, None, dh if ctx.has_residual else None
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if _needs_grad(gate, up):
+        return _SwiGLU.apply(gate, up)
     return F.silu(gate) * up
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up saving only gate and up: autograd through F.silu(gate) * up also keeps
+    silu(gate), a third activation of the MLP's width. The backward recomputes the sigmoid:
+    d gate = dy * up * s * (1 + gate * (1 - s)), d up = dy * gate * s, with s = sigmoid(gate)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up = ctx.saved_tensors
+        g, dy = _wide(gate), _wide(grad_out)
+        s = torch.sigmoid(g)
+        grad_up = (g * s).mul_(dy)                                            # dy * silu(gate)
+        # in place, so that no more than three MLP-wide temporaries are ever live
+        grad_gate = torch.sub(1.0, s).mul_(g).add_(1.0).mul_(s).mul_(up).mul_(dy)
+        return grad_gate.to(gate.dtype), grad_up.to(up.dtype)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

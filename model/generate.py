@@ -68,22 +68,25 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
         dtype = (torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type)
                  else model.head_weight.dtype)
         cache = KVCache(model.cfg, idx.shape[0], idx.device, dtype)
-    out = idx
+    T = idx.shape[1]
+    out = torch.empty(idx.shape[0], T + max_new_tokens, dtype=idx.dtype, device=idx.device)   # (B, T + new)
+    out[:, :T] = idx
     for step in range(max_new_tokens):
+        end = T + step                                 # tokens so far
         if cache is None or step == 0 or cache.length == block_size:
             if cache is not None:
                 cache.length = 0                       # (re)fill the cache from the last block_size tokens
-            context = out[:, -block_size:]
+            context = out[:, max(0, end - block_size):end]
         else:
-            context = out[:, -1:]
+            context = out[:, end - 1:end]
         logits = model(context, cache=cache, last_only=True)[:, -1]          # (B, V)
         next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         if stops.numel():
-            next_token = torch.where(finished, out[:, -1], next_token)
+            next_token = torch.where(finished, out[:, end - 1], next_token)
             finished |= torch.isin(next_token, stops)
-        out = torch.cat((out, next_token[:, None]), dim=1)
+        out[:, end] = next_token
         if on_token is not None:
             on_token(next_token)
         if stops.numel() and bool(finished.all()):
-            break
+            return out[:, :end + 1]
     return out

@@ -114,7 +114,38 @@ class MLP(nn.Module):
         self.out = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(kernels.swiglu(self.gate(x), self.up(x)))
+        gate, up = self.gate(x), self.up(x)                                  # (B * T, mlp_hidden)
+        if torch.is_grad_enabled() and gate.requires_grad:
+            return _SwiGLUDown.apply(gate, up, self.out.weight)
+        return self.out(kernels.swiglu(gate, up))
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """out(swiglu(gate, up)) without keeping swiglu(gate, up) for the backward.
+
+    The activation is as wide as the MLP, and the backward of swiglu keeps gate and up anyway, so
+    the backward recomputes it from them (one elementwise pass) instead of holding it from the
+    forward until then: one (B * T, mlp_hidden) tensor less per block at the peak of a training
+    step. Under autocast the forward's matmul runs in the activation's dtype, and so does the
+    backward's.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, weight):
+        ctx.save_for_backward(gate, up, weight)
+        with torch.no_grad():
+            return F.linear(kernels.swiglu(gate, up), weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
+            act = kernels.swiglu(gate, up)                                   # (B * T, mlp_hidden)
+        grad_out = grad_out.to(act.dtype)
+        grad_gate, grad_up = torch.autograd.grad(act, (gate, up), grad_out @ weight.to(act.dtype))
+        grad_weight = (grad_out.T @ act.detach()).to(weight.dtype)           # (C, mlp_hidden), after the
+        return grad_gate, grad_up, grad_weight                               # swiglu backward's temporaries
 
 
 class Block(nn.Module):
