@@ -121,3 +121,17 @@ def test_the_command_line_runs_lm_eval_with_tritongpt_and_writes_results(setup, 
 def test_a_missing_run_is_an_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match="nope"):
         train.harness.TritonGPTLM(path=str(tmp_path / "nope"))
+
+
+def test_scores_are_the_models_log_probabilities_and_edge_cases_are_scored(setup):
+    import torch
+    run = setup[0]
+    lm = train.harness.TritonGPTLM(path=str(run), device="cpu", batch_size=2)
+    context, continuation = [5, 9, 13, 2], [7, 3]
+    logprobs = lm.model(torch.tensor([context + continuation[:-1]])).log_softmax(-1)[0]   # (5, V)
+    expected = logprobs[3, 7] + logprobs[4, 3]
+    long = list(range(3, 3 + 100))                    # longer than block_size 64: its last 64 scored
+    tail = lm._loglikelihood_tokens([(("a", "b"), [1], long)])[0][0]
+    assert tail == pytest.approx(lm._loglikelihood_tokens([(("a", "b"), long[:-64], long[-64:])])[0][0], abs=1e-4)
+    scores = lm._loglikelihood_tokens([(("a", "b"), context, continuation), (("c", ""), context, [])])
+    assert scores[0][0] == pytest.approx(expected.item(), abs=1e-5) and scores[1] == (0.0, True)

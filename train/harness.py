@@ -84,9 +84,10 @@ class TritonGPTLM(TemplateLM):
     def _score(self, rows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
         """For each (ids, n) the summed log-probability of the last n ids given those before them,
         and whether each of them was the argmax; ids hold at most block_size + 1 tokens."""
-        out = []
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start:start + self.batch_size]
+        out: list[tuple[float, bool]] = []
+        scored = [r for r in rows if r[1] > 0]                      # nothing to score: log 1 = 0, greedy
+        for start in range(0, len(scored), self.batch_size):
+            batch = scored[start:start + self.batch_size]
             width = max(len(ids) for ids, _ in batch) - 1
             x = torch.zeros(len(batch), width, dtype=torch.long)
             for r, (ids, _) in enumerate(batch):
@@ -97,14 +98,15 @@ class TritonGPTLM(TemplateLM):
                 rows_lp = logprobs[r, len(ids) - 1 - n:len(ids) - 1]                  # (n, V)
                 picked = rows_lp.gather(1, target[:, None]).squeeze(1)
                 out.append((picked.double().sum().item(), bool((rows_lp.argmax(-1) == target).all())))
-        return out
+        results = iter(out)
+        return [next(results) if n > 0 else (0.0, True) for _, n in rows]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         rows = []
         for _, context, continuation in requests:
             ids = (context + continuation)[-(self.max_length + 1):]     # keep the continuation, crop the context
-            rows.append((ids, len(continuation)))
-        scores = self._score(rows)
+            rows.append((ids, min(len(continuation), len(ids) - 1)))    # (a continuation longer than the
+        scores = self._score(rows)                                      # window: its last block_size tokens)
         for (key, _, _), score in zip(requests, scores):
             self.cache_hook.add_partial("loglikelihood", key, score)
         return scores
