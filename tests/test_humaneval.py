@@ -64,6 +64,8 @@ def test_command_line_writes_pass_at_k_and_every_sample(tmp_path, capsys):
     assert [s["task_id"] for s in samples] == ["HumanEval/0"] * 2 + ["HumanEval/1"] * 2 + ["HumanEval/2"] * 2
     assert all(s["passed"] is False and s["result"] for s in samples)
     assert "humaneval_pass@1" in capsys.readouterr().out
+    # the default completion length fits a short context (at most half of block_size 128)
+    assert evaluate.main([str(run), "--humaneval", "--humaneval-problems", "1", "--tasks", "0"])["humaneval_problems"] == 1
     with pytest.raises(ValueError, match="--humaneval-temperature"):
         evaluate.main([str(run), "--humaneval", "--humaneval-samples", "4", "--tasks", "0"])
     with pytest.raises(SystemExit):

@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nucleus sampling mass when sampling")
     parser.add_argument("--humaneval-k", type=positive_ints, default=[1, 10, 100],
                         help="comma-separated k of pass@k; those above --humaneval-samples are left out")
-    parser.add_argument("--humaneval-max-tokens", type=flag_type(int, at_least(1)), default=256,
-                        help="longest completion in tokens")
+    parser.add_argument("--humaneval-max-tokens", type=flag_type(int, at_least(1)), default=None,
+                        help="longest completion in tokens (default: 256, at most half the model's block_size)")
     parser.add_argument("--humaneval-timeout", type=flag_type(float, greater_than(0)), default=10.0,
                         help="seconds each completion's tests may run")
     parser.add_argument("--lm-eval", default=None, metavar="TASKS",
@@ -192,7 +192,7 @@ def run_humaneval(model: GPT, tok, args: argparse.Namespace, run_dir: Path) -> d
     with eval_mode(model):
         completions = humaneval.complete(model, tok, problems, args.humaneval_samples, args.humaneval_temperature,
                                          args.humaneval_top_p if args.humaneval_temperature else None,
-                                         args.humaneval_max_tokens)
+                                         args.humaneval_max_tokens or min(256, model.cfg.block_size // 2))
     outcomes = humaneval.execute(problems, completions, args.humaneval_timeout, memory_mb=1024)
     lines = [json.dumps({"task_id": p["task_id"], "completion": c, "passed": o.passed, "result": o.result})
              for p, row, results in zip(problems, completions, outcomes) for c, o in zip(row, results)]
