@@ -2,7 +2,8 @@
 
 Rows (backend "torch" is our GPT on the torch kernels, "triton" our GPT on our Triton kernels,
 CUDA only, "transformers" LlamaForCausalLM with attn_implementation="sdpa", built by
-model.hf.llama_model from the same weights):
+model.hf.llama_model from the same weights, and on CUDA also "transformers-eager", the same with
+attn_implementation="eager"):
 
 - copy: `dst.copy_(src)` of 256 MiB, GB/s counting the read and the write once each (write-
   allocate traffic is not counted): the machine's copy bandwidth, measured in the same run.
@@ -67,7 +68,8 @@ PRESETS = {"tiny": dict(vocab=4096, batch=8, seq=256), "small": dict(vocab=8192,
 PROMPT, NEW_TOKENS = 16, 64
 COPY_BYTES = 256 * 2**20
 ROW_BUDGET_S = 6.0       # CPU default set: the most a row's timed rounds may take
-IMPLS = ("triton", "torch", "transformers") if ON_GPU else ("torch", "transformers")
+IMPLS = ("triton", "torch", "transformers", "transformers-eager") if ON_GPU else ("torch", "transformers")
+THEIRS = ("transformers", "transformers-eager")
 
 
 def rounds(preset: str) -> tuple[int, int]:
@@ -150,30 +152,43 @@ _GROUPS: dict[tuple, dict[str, dict]] = {}
 def _record(group: tuple, backend: str, info: dict) -> None:
     rows = _GROUPS.setdefault(group, {})
     rows[backend] = info
-    theirs = rows.get("transformers")
-    if theirs is None:
-        return
-    for name, ours in rows.items():
-        if name == "transformers":
+    for reference in THEIRS:
+        theirs = rows.get(reference)
+        if theirs is None:
             continue
-        ours["vs_transformers"] = ours["tokens/s"] / theirs["tokens/s"]
-        if ours.get("peak_MiB") and theirs.get("peak_MiB"):
-            ours["peak_vs_transformers"] = ours["peak_MiB"] / theirs["peak_MiB"]
+        suffix = reference.removeprefix("transformers").replace("-", "_")       # "" or "_eager"
+        for name, ours in rows.items():
+            if name in THEIRS:
+                continue
+            ours[f"vs_transformers{suffix}"] = ours["tokens/s"] / theirs["tokens/s"]
+            if ours.get("peak_MiB") and theirs.get("peak_MiB"):
+                ours[f"peak_vs_transformers{suffix}"] = ours["peak_MiB"] / theirs["peak_MiB"]
 
 
-def models(preset: str, dtype: torch.dtype = torch.float32):
-    """(our GPT, LlamaForCausalLM) with the same weights on DEVICE, built once per preset and dtype."""
-    return _models(preset, dtype)
+def models(preset: str, dtype: torch.dtype = torch.float32, attention: str = "sdpa"):
+    """(our GPT, LlamaForCausalLM with that attn_implementation) with the same weights on DEVICE,
+    built once per preset, dtype and attention."""
+    return _models(preset, dtype, attention)
 
 
 @functools.cache
-def _models(preset: str, dtype: torch.dtype):
+def _models(preset: str, dtype: torch.dtype, attention: str):
     if dtype != torch.float32:
-        ours, theirs = _models(preset, torch.float32)
+        ours, theirs = _models(preset, torch.float32, attention)
         return copy.deepcopy(ours).to(dtype), copy.deepcopy(theirs).to(dtype)
+    ours = _our_model(preset)
+    return ours, llama_model(ours, attn_implementation=attention)
+
+
+@functools.cache
+def _our_model(preset: str) -> GPT:
     torch.manual_seed(0)
-    ours = GPT(ModelConfig.preset(preset, vocab_size=PRESETS[preset]["vocab"])).to(DEVICE)
-    return ours, llama_model(ours, attn_implementation="sdpa")
+    return GPT(ModelConfig.preset(preset, vocab_size=PRESETS[preset]["vocab"])).to(DEVICE)
+
+
+def _attention(impl: str) -> str:
+    """transformers' attn_implementation for a row (ours rows share the sdpa pair's GPT)."""
+    return "eager" if impl == "transformers-eager" else "sdpa"
 
 
 def _allocator_peak_above(step) -> int:
@@ -260,8 +275,8 @@ def copy_gbps(threads: str) -> float:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("preset,threads", TRAIN_CASES, indirect=["threads"])
 def test_train_step(benchmark, preset, threads, impl):
-    ours, theirs = models(preset)
-    model = theirs if impl == "transformers" else ours
+    ours, theirs = models(preset, attention=_attention(impl))
+    model = theirs if impl in THEIRS else ours
     model.train()
     V, B, T = (PRESETS[preset][k] for k in ("vocab", "batch", "seq"))
     x = torch.randint(0, V, (B, T), device=DEVICE)
@@ -272,7 +287,7 @@ def test_train_step(benchmark, preset, threads, impl):
 
     def step():
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=ON_GPU):
-            if impl == "transformers":
+            if impl in THEIRS:
                 loss = model(input_ids=x, labels=labels, use_cache=False).loss
             else:
                 loss = model(x, targets=y)
@@ -299,13 +314,13 @@ def test_train_step(benchmark, preset, threads, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("preset,threads,batch", GENERATE_CASES, indirect=["threads"])
 def test_generate(benchmark, preset, threads, batch, impl):
-    ours, theirs = models(preset, DTYPE)
-    model = (theirs if impl == "transformers" else ours).eval()
+    ours, theirs = models(preset, DTYPE, _attention(impl))
+    model = (theirs if impl in THEIRS else ours).eval()
     V = PRESETS[preset]["vocab"]
     prompt = torch.randint(0, V, (batch, PROMPT), device=DEVICE)
 
     def run(new: int = NEW_TOKENS):
-        if impl == "transformers":
+        if impl in THEIRS:
             with torch.no_grad():
                 out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                      max_new_tokens=new, min_new_tokens=new)
