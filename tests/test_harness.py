@@ -57,9 +57,12 @@ def write_tasks(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("harness")
-    os.environ.update(HF_DATASETS_CACHE=str(root / "datasets"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    run = make_run(root / "run", init_std=0.1, block_size=64)
-    return run, hf.export(run, root / "export"), write_tasks(root)
+    with pytest.MonkeyPatch.context() as env:       # local data only, cached here, for this module
+        for name, value in dict(HF_DATASETS_CACHE=str(root / "datasets"), HF_HUB_OFFLINE="1",
+                                HF_DATASETS_OFFLINE="1").items():
+            env.setenv(name, value)
+        run = make_run(root / "run", init_std=0.1, block_size=64)
+        yield run, hf.export(run, root / "export"), write_tasks(root)
 
 
 def evaluate(model: str, model_args: str, tasks: Path) -> dict:
