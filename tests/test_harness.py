@@ -121,9 +121,13 @@ def test_the_command_line_runs_lm_eval_with_tritongpt_and_writes_results(setup, 
     assert written and "tg_choice" in json.loads(written[0].read_text())["results"]
 
 
-def test_a_missing_run_is_an_error_naming_it(tmp_path):
+def test_a_missing_run_and_bad_model_args_are_errors_naming_them(setup, tmp_path):
     with pytest.raises(ValueError, match="nope"):
         train.harness.TritonGPTLM(path=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"unknown tritongpt model_args \['foo'\]"):
+        train.harness.TritonGPTLM(path=str(setup[0]), foo="1")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 'x'"):
+        train.harness.TritonGPTLM(path=str(setup[0]), batch_size="x")
 
 
 def test_scores_are_the_models_log_probabilities_and_edge_cases_are_scored(setup):

@@ -22,6 +22,7 @@ positions. Generation goes through model.generate (KV cache) in batches of equal
 """
 from __future__ import annotations
 
+import re
 import sys
 from collections import defaultdict
 
@@ -47,9 +48,12 @@ class TritonGPTLM(TemplateLM):
     """A tritongpt run or checkpoint as an lm-eval language model."""
 
     def __init__(self, path: str, device: str | None = "auto", batch_size: int | str = 16,
-                 max_gen_toks: int | str = 256, max_batch_size: int | None = None):
+                 max_gen_toks: int | str = 256, max_batch_size: int | None = None, **unknown):
         """max_batch_size is lm-eval's bound for batch_size="auto", which here means 16."""
         super().__init__()
+        if unknown:
+            raise ValueError(f"unknown tritongpt model_args {sorted(unknown)}: it takes path and max_gen_toks "
+                             f"(batch_size and device come from lm-eval's --batch_size and --device)")
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's command line asks for cuda:0 unless told otherwise, as its hf model does
             print(f"tritongpt: no CUDA device here, evaluating on the CPU instead of {device}", file=sys.stderr)
@@ -60,8 +64,9 @@ class TritonGPTLM(TemplateLM):
         self.model.eval()
         self.tok = load_tokenizer(resolve(path))
         self._device = torch.device(device)
-        self.batch_size = min(16, max_batch_size or 16) if str(batch_size).startswith("auto") else int(batch_size)
-        self.max_gen_toks = int(max_gen_toks)
+        self.batch_size = min(16, max_batch_size or 16) if str(batch_size).startswith("auto") else _count(
+            "batch_size", batch_size)
+        self.max_gen_toks = _count("max_gen_toks", max_gen_toks)
         self.stop_ids = [self.tok.special_tokens[s] for s in END_TOKENS if s in self.tok.special_tokens]
 
     @property
@@ -149,11 +154,28 @@ class TritonGPTLM(TemplateLM):
         return out
 
 
+def _count(name: str, value: int | str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return count
+
+
 def main() -> None:
     """lm-eval's own command line, with `tritongpt` registered."""
     from lm_eval.__main__ import cli_evaluate
     sys.argv[0] = "python -m train.harness"
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except TypeError as e:     # lm-eval passes its --batch_size/--device as keywords next to model_args
+        twice = re.search(r"multiple values for keyword argument '(\w+)'", str(e))
+        if twice is None:
+            raise
+        raise SystemExit(f"--model_args sets {twice[1]}, which lm-eval's --{twice[1]} flag sets too; "
+                         f"use the flag") from None
 
 
 if __name__ == "__main__":
