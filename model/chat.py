@@ -18,7 +18,7 @@ import kernels
 from model import GPT
 from model.chat_format import ChatTokens, render_prompt, reply_text
 from model.checkpoint import load_model, load_tokenizer
-from model.command import DEBUG_HELP, at_least, at_most, flag_type, greater_than, run_command
+from model.command import DEBUG_HELP, at_least, at_most, flag_type, greater_than, pick_device, run_command
 from model.generate import generate
 
 
@@ -121,8 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     kernels.use(args.kernels)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, _ = load_model(args.path, device)
+    model, _ = load_model(args.path, pick_device(args.device))
     chat = Chat(model, load_tokenizer(args.path), args.temperature, args.top_k or None,
                 args.top_p, args.max_tokens, args.seed)
     if sys.stdin.isatty():

@@ -55,6 +55,18 @@ def flag_type(parse: Callable[[str], Any], *checks: Check) -> Callable[[str], An
     return convert
 
 
+def pick_device(name: str | None) -> str:
+    """The device a --device flag names: "auto" (or None) is cuda when a GPU is visible, else cpu;
+    a cuda device where none is visible is a ValueError naming the fix."""
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu")
+    return name
+
+
 def debugging(argv: list[str] | None = None) -> bool:
     return "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("TRITONGPT_DEBUG") == "1"
 

@@ -35,3 +35,21 @@ def test_a_usage_error_is_status_2():
     done = command("train.pretrain", "--batch-size", "0")
     assert done.returncode == 2 and "--batch-size: must be at least 1, got 0" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("argv", [["model.chat", "RUN", "--device", "cuda"],
+                                  ["train.evaluate", "RUN", "--device", "cuda:1", "--tasks", "0", "--humaneval"]])
+def test_cuda_without_a_gpu_is_one_line(argv, tmp_path):
+    from posttrain_fixtures import make_run
+    run = make_run(tmp_path / "run")
+    done = command(*[str(run) if a == "RUN" else a for a in argv])
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "was asked for but no CUDA GPU is visible; use --device cpu" in done.stderr.strip().splitlines()[-1]
+
+
+def test_pick_device():
+    import torch
+    from model.command import pick_device
+    assert pick_device("auto") == pick_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == "cpu"

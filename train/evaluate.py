@@ -26,7 +26,7 @@ import torch
 from model import GPT
 from model.chat_format import SPECIALS, ChatTokens, render_prompt, reply_text
 from model.checkpoint import load_model, load_tokenizer, resolve, run_dir_of
-from model.command import DEBUG_HELP, at_least, at_most, flag_type, greater_than, run_command
+from model.command import DEBUG_HELP, at_least, at_most, flag_type, greater_than, pick_device, run_command
 from model.files import atomic_write_text
 from model.generate import generate
 from train import humaneval
@@ -230,26 +230,27 @@ def run_lm_eval(ckpt: Path, device: str, args: argparse.Namespace, run_dir: Path
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = pick_device(args.device)
     ckpt = resolve(args.path)
     model, state = load_model(ckpt, device)
     tok = load_tokenizer(ckpt)
     run_dir = run_dir_of(ckpt)
+    has_chat = all(s in tok.special_tokens for s in SPECIALS)
+    run_tasks = bool(args.tasks) and has_chat
+    if args.data is None and not (run_tasks or args.humaneval or args.lm_eval):
+        fix = "--tasks N, " if has_chat else ""
+        raise SystemExit(f"nothing to evaluate: pass --data, {fix}--humaneval or --lm-eval TASKS"
+                         + ("" if has_chat else " (this tokenizer has no chat tokens for the built-in tasks)"))
     results: dict = {"checkpoint": str(ckpt), "step": state.get("step")}
     if args.data is not None:
         results.update(text_metrics(model, tok, (text for _, text in iter_documents(args.data)), args.max_tokens))
         results["data"] = args.data
-    has_chat = all(s in tok.special_tokens for s in SPECIALS)
-    if args.tasks and has_chat:
+    if run_tasks:
         results.update(exact_match(model, tok, make_tasks("test", args.tasks, args.task_seed)))
     if args.humaneval:
         results.update(run_humaneval(model, tok, args, run_dir))
     if args.lm_eval:
         results.update(run_lm_eval(ckpt, device, args, run_dir))
-    if len(results) == 2:
-        fix = "--tasks N, " if has_chat else ""
-        raise SystemExit(f"nothing to evaluate: pass --data, {fix}--humaneval or --lm-eval TASKS"
-                         + ("" if has_chat else " (this tokenizer has no chat tokens for the built-in tasks)"))
     out = run_dir / "eval.json"
     atomic_write_text(out, json.dumps(results, indent=2))
     width = max(map(len, results))

@@ -29,7 +29,7 @@ from collections import defaultdict
 import torch
 
 from model.checkpoint import load_model, load_tokenizer, resolve
-from model.command import run_command
+from model.command import pick_device, run_command
 from model.generate import generate
 
 try:
@@ -58,11 +58,11 @@ class TritonGPTLM(TemplateLM):
             # lm-eval's command line asks for cuda:0 unless told otherwise, as its hf model does
             print(f"tritongpt: no CUDA device here, evaluating on the CPU instead of {device}", file=sys.stderr)
             device = "cpu"
-        elif device in (None, "auto"):
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, _ = load_model(resolve(path), device)
+        device = pick_device(device)
+        checkpoint = resolve(path)
+        self.model, _ = load_model(checkpoint, device)
         self.model.eval()
-        self.tok = load_tokenizer(resolve(path))
+        self.tok = load_tokenizer(checkpoint)
         self._device = torch.device(device)
         self.batch_size = min(16, max_batch_size or 16) if str(batch_size).startswith("auto") else _count(
             "batch_size", batch_size)
