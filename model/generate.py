@@ -79,7 +79,7 @@ def _decode(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: flo
     cache = None
     if use_cache:
         dtype = (torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type)
-                 else model.head_weight.dtype)
+                 else model.embed.weight.dtype)
         cache = KVCache(model.cfg, idx.shape[0], idx.device, dtype)
     T = idx.shape[1]
     out = torch.empty(idx.shape[0], T + max_new_tokens, dtype=idx.dtype, device=idx.device)   # (B, T + new)

@@ -221,7 +221,8 @@ class GPT(nn.Module):
         if targets is None:
             if last_only:
                 h, T = h.view(B, T, -1)[:, -1], 1                                     # (B, C)
-            return F.linear(h, self.head_weight).view(B, T, -1)                      # (B, T, V)
+            logits = F.linear(h, self.embed.weight) if self.head is None else self.head(h)
+            return logits.view(B, T, -1)                                             # (B, T, V)
         loss = kernels.linear_cross_entropy(h, self.head_weight, targets.reshape(B * T), reduction=reduction)
         return loss.view(B, T) if reduction == "none" else loss
 
