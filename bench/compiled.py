@@ -77,7 +77,7 @@ def planned(gpu, quick: bool) -> Iterator[Planned]:
     import torch
 
     from kernels import triton_causal_attention as att, triton_cross_entropy as ce, triton_rms_norm as rn
-    from kernels import triton_swiglu as sw
+    from kernels import quantization, triton_quantized_linear as ql, triton_swiglu as sw
     from kernels.launching import default_chunk_rows
 
     def meta(*shape, dtype=torch.bfloat16):
@@ -119,6 +119,17 @@ def planned(gpu, quick: bool) -> Iterator[Planned]:
         yield from cross_entropy("linear_cross_entropy", default_chunk_rows(M, vocab, torch.device("cuda"),
                                                                     torch.bfloat16.itemsize),
                                  vocab, True)
+
+    for fmt in quantization.FORMATS:
+        # decoding rows (M <= 16, the skinny path, split along K where N is narrow) and a prefill
+        for M, KN in [(1, 4096), (16, 4096), (M, 4096)] if quick else [
+                *((m, kn) for m in (1, 4, 16) for kn in (2048, 4096, 8192)), (M, 4096)]:
+            (qshape, sshape), (qdtype, sdtype) = quantization.shapes(fmt, KN, KN), quantization.storage_dtypes(fmt)
+            x = meta(M, KN)
+            _, _, splits = ql.geometry(M, KN, KN, fmt, x.dtype, gpu)
+            out = meta(splits, M, KN, dtype=f32) if splits > 1 else meta(M, KN)
+            for launch in ql.plan_forward(x, meta(*qshape, dtype=qdtype), meta(*sshape, dtype=sdtype), fmt, out, gpu):
+                yield Planned(f"quantized_linear {fmt}", f"M={M} K=N={KN}", "bf16", launch)
 
     for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16):
         name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")

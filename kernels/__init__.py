@@ -63,9 +63,10 @@ from typing import Callable
 
 import torch
 
-from kernels import launching, reference
+from kernels import launching, quantization, reference
 
-OPS: tuple[str, ...] = ("rms_norm", "swiglu", "causal_attention", "cross_entropy", "linear_cross_entropy")
+OPS: tuple[str, ...] = ("rms_norm", "swiglu", "causal_attention", "cross_entropy", "linear_cross_entropy",
+                        "quantized_linear")
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 ENV_VAR = "TRITONGPT_KERNELS"
 
@@ -387,3 +388,34 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     return _dispatch("linear_cross_entropy", hidden.device)(
         hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, chunk_size)
+
+
+def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
+    """x (..., K) @ W.T -> (..., N) in x's dtype, where W (N, K) is stored quantized in fmt
+    ("int8" or "fp4"; layouts and quantizer in kernels/quantization.py) and dequantized inside
+    the GEMM. int8: qweight (N, K) int8, scales (N,); fp4: qweight (N, Kp / 2) uint8 (two E2M1
+    codes a byte), scales (N, Kp / 32), Kp = K rounded up to a multiple of 32 (the zero padding
+    quantize() adds). Scales are fp16 or fp32. The weights are frozen: x gets a gradient, they do not.
+    """
+    _check_float("x", x)
+    quantization.check_format(fmt)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dim (..., K)")
+    K = x.shape[-1]
+    qweight_dtype = quantization.storage_dtypes(fmt)[0]
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != qweight_dtype or qweight.dim() != 2:
+        raise ValueError(f"{fmt} qweight must be a 2-D {qweight_dtype} tensor, got "
+                         f"{getattr(qweight, 'dtype', type(qweight))} {tuple(getattr(qweight, 'shape', ()))}; "
+                         f"make it with kernels.quantization.quantize(weight, {fmt!r})")
+    expected_q, expected_s = quantization.shapes(fmt, qweight.shape[0], K)
+    if qweight.shape != expected_q:
+        raise ValueError(f"{fmt} qweight has shape {tuple(qweight.shape)} but x has K = {K} input features; "
+                         f"expected {expected_q}")
+    if not isinstance(scales, torch.Tensor) or scales.dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"scales must be a float16 or float32 tensor, got {getattr(scales, 'dtype', type(scales))}")
+    if scales.shape != expected_s:
+        raise ValueError(f"{fmt} scales have shape {tuple(scales.shape)}; expected {expected_s} for qweight "
+                         f"{tuple(qweight.shape)}" + (" (one per group of 32 input features)" if fmt == "fp4"
+                                                      else " (one per output feature)"))
+    _check_same("device", x=x, qweight=qweight, scales=scales)
+    return _dispatch("quantized_linear", x.device)(x, qweight.contiguous(), scales.contiguous(), fmt)

@@ -112,11 +112,21 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     model.load_state_dict(read_weights(ckpt, model.state_dict()))
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """A GPT built from a checkpoint's config with its weights, and the checkpoint's state."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", trainable: bool = False) -> tuple[GPT, dict]:
+    """A GPT built from a checkpoint's config with its weights, and the checkpoint's state.
+
+    A quantized run (state["quantization"], written by model.quantize) loads with its quantized
+    projections, for inference; trainable=True (training's --init) refuses it."""
     ckpt = resolve(path)
     state = load_state(ckpt)
+    quantized = state.get("quantization")
+    if quantized and trainable:
+        raise ValueError(f"{ckpt} is quantized ({quantized['format']}), which is inference-only; start training "
+                         f"from the full-precision run it was quantized from ({state.get('source', 'its source')})")
     model = GPT(ModelConfig.from_dict(state["model_config"]))
+    if quantized:
+        from model.quantize import prepare     # model.quantize writes runs with this module: import it late
+        prepare(model, quantized["format"], quantized["head"])
     load_weights(ckpt, model)
     return model.to(device), state
 

@@ -64,7 +64,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of every layer for the positions seen so far, preallocated to block_size."""
+    """Keys and values of every layer for the positions seen so far, preallocated to block_size.
+
+    What GPT.forward asks of a cache (model/engine.py's SlotCache keeps one sequence per row, each at
+    its own position, on the same terms): `length`, the positions already filled (the longest row's);
+    positions(T), what indexes the RoPE tables for the T new positions (a slice here, the same for
+    every row); attend(layer, q, k, v), store the new keys and values and attend to everything
+    cached; advance(T), once all layers ran.
+    """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, device, dtype: torch.dtype):
         shape = (batch_size, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
@@ -79,6 +86,16 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def positions(self, T: int) -> slice:
+        return slice(self.length, self.length + T)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, Hq, T, D) for the T new positions, k, v (B, Hkv, T, D) -> (B, Hq, T, D)."""
+        return kernels.causal_attention(q, *self.update(layer, k, v))
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -89,9 +106,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
-        """x (B * T, C), the rows of B sequences of T positions; cos, sin (T, 1, D) -> (B * T, C)."""
+        """x (B * T, C), the rows of B sequences of T positions; cos, sin (T, 1, D), or (B, T, 1, D)
+        when each sequence has its own positions -> (B * T, C)."""
         BT, C = x.shape
-        T = cos.shape[0]
+        T = cos.shape[-3]
         B = BT // T
         qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)       # (B, T, H*, D) views
@@ -100,9 +118,10 @@ class Attention(nn.Module):
         # order, so the attention output comes back in it too and its transpose below is free.
         q, k, v = apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous()
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)              # (B, H*, T, D)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)                               # (B, Hkv, Tk, D)
-        y = kernels.causal_attention(q, k, v)                              # (B, H, T, D)
+        if cache is None:
+            y = kernels.causal_attention(q, k, v)                          # (B, H, T, D)
+        else:
+            y = cache.attend(layer, q, k, v)                               # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(BT, C))
 
 
@@ -115,7 +134,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate(x), self.up(x)                                  # (B * T, mlp_hidden)
-        if torch.is_grad_enabled() and gate.requires_grad:
+        if torch.is_grad_enabled() and gate.requires_grad and isinstance(self.out, nn.Linear):   # not quantized
             return _SwiGLUDown.apply(gate, up, self.out.weight)
         return self.out(kernels.swiglu(gate, up))
 
@@ -206,7 +225,8 @@ class GPT(nn.Module):
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.cfg.block_size}; "
                              f"crop the input or use a model with a larger block_size")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]   # (T, 1, D)
+        where = cache.positions(T) if cache is not None else slice(0, T)
+        cos, sin = self.rope_cos[where], self.rope_sin[where]          # (T, 1, D), or (B, T, 1, D) per row
         try:
             delta, residual = self.embed(idx.reshape(B * T)), None                  # (B * T, C)
         except IndexError:      # CPU; on CUDA an id out of range is a device-side assert
@@ -217,7 +237,7 @@ class GPT(nn.Module):
             delta, residual = block(delta, residual, cos, sin, cache, layer)
         h, _ = self.norm(delta, residual)                                            # (B * T, C)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         if targets is None:
             if last_only:
                 h, T = h.view(B, T, -1)[:, -1], 1                                     # (B, C)

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 import kernels
-from kernels import reference
+from kernels import quantization, reference
 from numerics import cpu_randn as randn
 
 OPS = kernels.OPS
 REPO = Path(__file__).resolve().parents[1]
-OPS_LIST = "rms_norm, swiglu, causal_attention, cross_entropy, linear_cross_entropy"
+OPS_LIST = "rms_norm, swiglu, causal_attention, cross_entropy, linear_cross_entropy, quantized_linear"
 BACKENDS_LIST = "auto, triton, torch"
 
 
@@ -64,6 +64,7 @@ def valid_args(op: str) -> tuple:
         "causal_attention": lambda: (torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)),
         "cross_entropy": lambda: (torch.randn(4, 7), torch.randint(0, 7, (4,))),
         "linear_cross_entropy": lambda: (torch.randn(4, 8), torch.randn(7, 8), torch.randint(0, 7, (4,))),
+        "quantized_linear": lambda: (torch.randn(4, 8), *quantization.quantize(torch.randn(7, 8), "int8"), "int8"),
     }[op]()
 
 

@@ -34,7 +34,7 @@ def load_init(cfg: PostConfig, rt: Runtime) -> tuple[GPT, Tokenizer]:
     """The --init model on the device and its tokenizer."""
     if not cfg.init:
         raise SystemExit("--init RUN_OR_CKPT is required: the run directory (or checkpoint) to start from")
-    model, _ = load_model(cfg.init, rt.device)
+    model, _ = load_model(cfg.init, rt.device, trainable=True)
     tok = load_tokenizer(cfg.init)
     ChatTokens.of(tok)
     if tok.n_vocab > model.cfg.vocab_size:

@@ -156,7 +156,7 @@ def build(cfg: PretrainConfig, rt: Runtime) -> tuple[PretrainJob, GPT]:
         if cfg.model_overrides():
             raise SystemExit(f"--init keeps the model of {cfg.init}; drop the model overrides "
                              f"{sorted(cfg.model_overrides())}")
-        model, _ = load_model(cfg.init, rt.device)
+        model, _ = load_model(cfg.init, rt.device, trainable=True)
         data = load_data(cfg.data, cfg.vocab_size, rt, cfg.data_dir, load_tokenizer(cfg.init))
     else:
         data = load_data(cfg.data, cfg.vocab_size, rt, cfg.data_dir)
