@@ -1,0 +1,362 @@
+"""Continuous batching: many requests decode together, one batched forward per step.
+
+The engine owns the model and a SlotCache with max_batch rows of keys and values. A scheduler thread
+loops:
+  1. admit: while a row is free and a request waits, run the request's prompt alone into the next
+     free row (prefill writes only that row, so the others are untouched) and sample its first token;
+  2. step: one forward of (n, 1) tokens for the n active rows, each at its own position (RoPE per
+     row, keys written at each row's own length, attention masked to each row's own keys), then one
+     token per row, sampled with that request's parameters and its own seeded torch.Generator;
+  3. retire: a request that hit a stop token, a stop string, max_tokens or the end of the context,
+     or whose client went away, leaves at once; the last active row moves into its place, so the
+     active rows are always 0..n-1 and a step reads the cache as a view, with no gather.
+A request waits only for free rows, never for the others to finish. Because every request samples
+from its own generator and a greedy row is an argmax of its own logits, a reply does not depend on
+what else is in the batch (beyond float rounding in the batched matmuls): decoded alone, it is what
+model.generate gives for the same prompt and seed, token for token.
+
+Replies come back as text: each request detokenizes its ids as they come, holds back a split UTF-8
+character and any tail that could still grow into one of its stop strings, and reports Deltas to
+its consumer (engine.stream for threads, engine.astream for asyncio).
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import secrets
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from model.gpt import GPT
+from model.generate import _check_args, sample_next
+
+
+@dataclass
+class Request:
+    """One completion: prompt ids in, up to max_tokens ids out (None: until the context is full)."""
+    prompt: list[int]
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop_tokens: tuple[int, ...] = ()          # ids that end the reply (not part of its text)
+    stop: tuple[str, ...] = ()                 # strings that end the reply (not part of its text)
+    seed: int | None = None                    # None: a fresh random seed
+
+
+@dataclass
+class Delta:
+    """What a request adds to its reply: new text, and at the end why it ended and the usage."""
+    text: str
+    finish_reason: str | None = None           # "stop", "length", or "error" (then text is the message)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class SlotCache:
+    """Keys and values for `slots` sequences, one per row of (slots, Hkv, block_size, D) per layer,
+    each row filled to its own length. A forward covers either one row from its length on (prefill,
+    B = 1, any T: the plain causal path, as KVCache) or rows 0..n-1 one position each (a decode
+    step, T = 1: keys written at each row's length, attention masked to each row's own keys)."""
+
+    def __init__(self, model: GPT, slots: int):
+        cfg, p = model.cfg, model.embed.weight
+        shape = (slots, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+        # Zeros, not empty: a step reads every row up to the longest, and a masked key's weight is 0,
+        # but 0 * NaN (uninitialised memory) is NaN.
+        self.k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layer)]
+        self.lengths = [0] * slots             # positions filled, per row
+        self.rows = slice(0, 0)                # the rows of the next forward
+        self.pos = torch.zeros(0, dtype=torch.int64, device=p.device)   # (B,) their lengths
+        self.length = 0                        # the longest of them
+        self.visible: torch.Tensor | None = None
+
+    def select(self, rows: slice) -> None:
+        """Make the next forward run on these rows, each continuing from its own length."""
+        self.rows = rows
+        self.pos = torch.tensor(self.lengths[rows], dtype=torch.int64, device=self.pos.device)   # (B,)
+        self.length = max(self.lengths[rows])
+        # A decoding step's mask, the same for every layer: each row sees its keys and its new one.
+        keys = torch.arange(self.length + 1, device=self.pos.device)
+        self.visible = (keys <= self.pos[:, None])[:, None, None]               # (B, 1, 1, length + 1)
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self.pos[:, None] + torch.arange(T, device=self.pos.device)   # (B, T)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, Hq, T, D), k, v (B, Hkv, T, D) -> (B, Hq, T, D)."""
+        K, V = self.k[layer][self.rows], self.v[layer][self.rows]            # (B, Hkv, block_size, D) views
+        B, _, T, _ = k.shape
+        if B == 1:                                                           # prefill, or one row alone
+            start = self.lengths[self.rows.start]
+            K[:, :, start:start + T], V[:, :, start:start + T] = k, v
+            return kernels.causal_attention(q, K[:, :, :start + T], V[:, :, :start + T])
+        assert T == 1, "a batched forward decodes one position per row"
+        batch = torch.arange(B, device=k.device)
+        K[batch, :, self.pos], V[batch, :, self.pos] = k[:, :, 0], v[:, :, 0]
+        end = self.length + 1
+        return F.scaled_dot_product_attention(q, K[:, :, :end], V[:, :, :end], attn_mask=self.visible,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
+    def advance(self, T: int) -> None:
+        for r in range(self.rows.start, self.rows.stop):
+            self.lengths[r] += T
+        self.length += T
+
+    def move(self, src: int, dst: int) -> None:
+        """Row src's keys and values into row dst (what retiring dst does with the last row)."""
+        n = self.lengths[src]
+        for K, V in zip(self.k, self.v):
+            K[dst, :, :n], V[dst, :, :n] = K[src, :, :n], V[src, :, :n]
+        self.lengths[dst] = n
+
+
+class TextStream:
+    """A reply's ids -> its text, released as soon as it is certain: not while it ends in a split
+    UTF-8 character (U+FFFD) or in a prefix of one of the stop strings, which may still complete."""
+
+    def __init__(self, tok, stop: tuple[str, ...]):
+        self.tok, self.stop = tok, stop
+        self.ids: list[int] = []
+        self.shown = 0                         # characters released so far
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; -> (newly certain text, whether a stop string ended the reply there)."""
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        hits = [i for i in (text.find(s, max(0, self.shown - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            return self._release(text[:min(hits)]), True
+        held = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+        if text.endswith("\ufffd"):
+            held = max(held, len(text) - len(text.rstrip("\ufffd")))
+        return self._release(text[:len(text) - held]), False
+
+    def flush(self) -> str:
+        """The text still held back, at the end of the reply."""
+        return self._release(self.tok.decode(self.ids))
+
+    def _release(self, text: str) -> str:
+        new = text[self.shown:]
+        self.shown = max(self.shown, len(text))
+        return new
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request inside the engine: its sampling state and where its reply goes."""
+    request: Request
+    sink: Callable[[Delta], None]
+    text: TextStream
+    generator: torch.Generator
+    generated: int = 0
+    last: int = 0                              # the newest token, the input of the next step
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.request.temperature == 0 or self.request.top_k == 1
+
+    def cancel(self) -> None:
+        """Leave the batch at the next step (the client went away); nothing more is sent."""
+        self.cancelled = True
+
+
+@dataclass
+class Stats:
+    """Counters of the engine's work since it started."""
+    steps: int = 0                             # batched decoding steps
+    tokens: int = 0                            # tokens generated
+    peak_batch: int = 0                        # the most rows one step decoded
+    batch_sizes: deque = field(default_factory=lambda: deque(maxlen=1000))   # rows of the last 1000 steps
+
+
+class Engine:
+    """The model behind a scheduler thread that decodes every admitted request in one batch."""
+
+    def __init__(self, model: GPT, tok, max_batch: int = 16):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.model, self.tok, self.max_batch = model.eval(), tok, max_batch
+        self.block_size = model.cfg.block_size
+        self.cache = SlotCache(model, max_batch)
+        self.active: list[Sequence] = []       # row i of the cache holds active[i]
+        self.waiting: list[Sequence] = []
+        self.stats = Stats()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request, sink: Callable[[Delta], None]) -> Sequence:
+        """Queue a request; sink receives its Deltas from the engine thread, the last with a
+        finish_reason. Raises ValueError for a request the model cannot serve."""
+        n = len(request.prompt)
+        if not 1 <= n < self.block_size:
+            raise ValueError(f"the prompt is {n} tokens; this model's context is {self.block_size} tokens, "
+                             f"so a prompt must have 1 to {self.block_size - 1}: shorten it")
+        if request.max_tokens is not None and request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
+        _check_args(torch.zeros(1, 1, dtype=torch.int64), 0, request.temperature, request.top_k, request.top_p)
+        seed = secrets.randbits(63) if request.seed is None else request.seed
+        generator = torch.Generator(self.model.embed.weight.device).manual_seed(seed)
+        seq = Sequence(request, sink, TextStream(self.tok, tuple(request.stop)), generator)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self.waiting.append(seq)
+            self._wake.notify()
+        return seq
+
+    def stream(self, request: Request) -> Iterator[Delta]:
+        """Submit and yield the Deltas in this thread; closing the iterator cancels the request."""
+        deltas: queue.SimpleQueue[Delta] = queue.SimpleQueue()
+        seq = self.submit(request, deltas.put)
+        try:
+            while True:
+                delta = deltas.get()
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            seq.cancel()
+
+    async def astream(self, request: Request) -> AsyncIterator[Delta]:
+        """Submit and yield the Deltas on the running event loop; when the consumer stops early (its
+        client disconnected: the task is cancelled), the request leaves the batch at the next step."""
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[Delta] = asyncio.Queue()
+        seq = self.submit(request, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d))
+        try:
+            while True:
+                delta = await deltas.get()
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            seq.cancel()
+            with self._wake:
+                self._wake.notify()
+
+    def load(self) -> dict:
+        """Rows in use and requests waiting, for /health."""
+        with self._wake:
+            return {"active": len(self.active), "waiting": len(self.waiting), "max_batch": self.max_batch}
+
+    def close(self) -> None:
+        """Stop the scheduler; requests still running or waiting end with an error Delta."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+        for seq in self.active + self.waiting:
+            self._finish(seq, "error", "the server is shutting down")
+        self.active, self.waiting = [], []
+
+    # The scheduler thread.
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._closed and not self.active and not self.waiting:
+                        self._wake.wait()
+                    if self._closed:
+                        return
+                    free = self.max_batch - len(self.active)
+                    admitted, self.waiting = self.waiting[:free], self.waiting[free:]
+                try:
+                    for seq in admitted:
+                        if not seq.cancelled:
+                            self._prefill(seq)
+                    self._retire()
+                    if self.active:
+                        self._step()
+                        self._retire()
+                except Exception as e:         # a failed forward fails its batch, never the server
+                    for seq in self.active + [s for s in admitted if not s.done]:
+                        self._finish(seq, "error", f"generation failed: {type(e).__name__}: {e}")
+                    self.active = []
+
+    def _prefill(self, seq: Sequence) -> None:
+        row = len(self.active)
+        self.active.append(seq)
+        self.cache.lengths[row] = 0
+        self.cache.select(slice(row, row + 1))
+        idx = torch.tensor([seq.request.prompt], device=self.cache.pos.device)          # (1, T)
+        logits = self.model(idx, cache=self.cache, last_only=True)[:, -1]                # (1, V)
+        self._emit(seq, int(self._sample(logits, [seq])[0]))
+
+    def _step(self) -> None:
+        n = len(self.active)
+        self.cache.select(slice(0, n))
+        idx = torch.tensor([[s.last] for s in self.active], device=self.cache.pos.device)  # (n, 1)
+        logits = self.model(idx, cache=self.cache, last_only=True)[:, -1]                # (n, V)
+        self.stats.steps += 1
+        self.stats.peak_batch = max(self.stats.peak_batch, n)
+        self.stats.batch_sizes.append(n)
+        for seq, token in zip(self.active, self._sample(logits, self.active).tolist()):
+            self._emit(seq, token)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """One token per row of logits (n, V): greedy rows by one argmax, each sampled row with
+        its own parameters and generator (so its draws do not depend on its neighbours)."""
+        tokens = logits.argmax(dim=-1)                                                   # (n,)
+        for i, seq in enumerate(seqs):
+            if not seq.greedy:
+                r = seq.request
+                tokens[i] = sample_next(logits[i:i + 1], r.temperature, r.top_k, r.top_p, seq.generator)[0]
+        return tokens
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        """Account for a new token of seq and send what it adds to the reply; finish seq when it ends."""
+        seq.generated += 1
+        seq.last = token
+        self.stats.tokens += 1
+        if token in seq.request.stop_tokens:
+            self._finish(seq, "stop", seq.text.flush())
+            return
+        text, stopped = seq.text.push(token)
+        row = self.active.index(seq)
+        if stopped:
+            self._finish(seq, "stop", text)
+        elif seq.generated == seq.request.max_tokens or self.cache.lengths[row] >= self.block_size:
+            # the next step would write position lengths[row], past the context's last, block_size - 1
+            self._finish(seq, "length", text + seq.text.flush())
+        elif text:
+            self._send(seq, Delta(text))
+
+    def _finish(self, seq: Sequence, reason: str, text: str) -> None:
+        if not seq.done:
+            seq.done = True
+            self._send(seq, Delta(text, reason, len(seq.request.prompt), seq.generated))
+
+    @staticmethod
+    def _send(seq: Sequence, delta: Delta) -> None:
+        """Hand a Delta to seq's consumer; one that is gone (its event loop closed) cancels seq only."""
+        if seq.cancelled:
+            return
+        try:
+            seq.sink(delta)
+        except Exception:
+            seq.cancel()
+
+    def _retire(self) -> None:
+        """Drop finished and cancelled rows; the last row moves into each hole."""
+        for row in range(len(self.active) - 1, -1, -1):
+            seq = self.active[row]
+            if seq.done or seq.cancelled:
+                seq.done = True
+                last = len(self.active) - 1
+                if row != last:
+                    self.cache.move(last, row)
+                    self.active[row] = self.active[last]
+                self.active.pop()
