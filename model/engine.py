@@ -37,6 +37,10 @@ from model.gpt import GPT
 from model.generate import _check_args, sample_next
 
 
+class PromptTooLong(ValueError):
+    """A prompt that leaves no room in the model's context (or is empty)."""
+
+
 @dataclass
 class Request:
     """One completion: prompt ids in, up to max_tokens ids out (None: until the context is full)."""
@@ -165,10 +169,6 @@ class Sequence:
     def greedy(self) -> bool:
         return self.request.temperature == 0 or self.request.top_k == 1
 
-    def cancel(self) -> None:
-        """Leave the batch at the next step (the client went away); nothing more is sent."""
-        self.cancelled = True
-
 
 @dataclass
 class Stats:
@@ -201,7 +201,7 @@ class Engine:
         finish_reason. Raises ValueError for a request the model cannot serve."""
         n = len(request.prompt)
         if not 1 <= n < self.block_size:
-            raise ValueError(f"the prompt is {n} tokens; this model's context is {self.block_size} tokens, "
+            raise PromptTooLong(f"the prompt is {n} tokens; this model's context is {self.block_size} tokens, "
                              f"so a prompt must have 1 to {self.block_size - 1}: shorten it")
         if request.max_tokens is not None and request.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
@@ -217,34 +217,42 @@ class Engine:
         return seq
 
     def stream(self, request: Request) -> Iterator[Delta]:
-        """Submit and yield the Deltas in this thread; closing the iterator cancels the request."""
+        """Submit now (a ValueError is raised here) and return the Deltas, to read in this thread;
+        closing the iterator cancels the request."""
         deltas: queue.SimpleQueue[Delta] = queue.SimpleQueue()
         seq = self.submit(request, deltas.put)
-        try:
-            while True:
-                delta = deltas.get()
-                yield delta
-                if delta.finish_reason is not None:
-                    return
-        finally:
-            seq.cancel()
 
-    async def astream(self, request: Request) -> AsyncIterator[Delta]:
-        """Submit and yield the Deltas on the running event loop; when the consumer stops early (its
-        client disconnected: the task is cancelled), the request leaves the batch at the next step."""
+        def read() -> Iterator[Delta]:
+            try:
+                while (delta := deltas.get()).finish_reason is None:
+                    yield delta
+                yield delta
+            finally:
+                self.cancel(seq)
+        return read()
+
+    def astream(self, request: Request) -> AsyncIterator[Delta]:
+        """Submit now (a ValueError is raised here) and return the Deltas, to read on the running
+        event loop; when the reader stops early (its client disconnected and its task was
+        cancelled), the request leaves the batch at the next step."""
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[Delta] = asyncio.Queue()
         seq = self.submit(request, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d))
-        try:
-            while True:
-                delta = await deltas.get()
+
+        async def read() -> AsyncIterator[Delta]:
+            try:
+                while (delta := await deltas.get()).finish_reason is None:
+                    yield delta
                 yield delta
-                if delta.finish_reason is not None:
-                    return
-        finally:
-            seq.cancel()
-            with self._wake:
-                self._wake.notify()
+            finally:
+                self.cancel(seq)
+        return read()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Take seq out of the batch at the next step (or out of the queue); nothing more is sent."""
+        with self._wake:
+            seq.cancelled = True
+            self._wake.notify()
 
     def load(self) -> dict:
         """Rows in use and requests waiting, for /health."""
@@ -347,7 +355,7 @@ class Engine:
         try:
             seq.sink(delta)
         except Exception:
-            seq.cancel()
+            seq.cancelled = True
 
     def _retire(self) -> None:
         """Drop finished and cancelled rows; the last row moves into each hole."""
