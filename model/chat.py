@@ -16,10 +16,11 @@ import torch
 
 import kernels
 from model import GPT
-from model.chat_format import ChatTokens, render_prompt, reply_text
+from model.chat_format import ChatTokens, fit_history, render_prompt, reply_text
 from model.checkpoint import load_model, load_tokenizer
 from model.command import DEBUG_HELP, at_least, at_most, flag_type, greater_than, pick_device, run_command
 from model.generate import generate
+from model.quantize import FORMATS, QUANTIZE_HELP
 
 
 class Chat:
@@ -39,11 +40,8 @@ class Chat:
     def _prompt(self) -> list[int]:
         """The rendered history, without its oldest exchanges while it leaves no room to answer."""
         budget = self.model.cfg.block_size - min(self.max_tokens, self.model.cfg.block_size // 2)
-        ids = render_prompt(self.history, self.tok)
-        while len(ids) > budget and len(self.history) > 1:
-            self.history = self.history[2:]
-            ids = render_prompt(self.history, self.tok)
-        return ids
+        self.history = fit_history(self.history, self.tok, budget)
+        return render_prompt(self.history, self.tok)
 
     def reply(self, text: str, out: TextIO) -> str:
         """Answer the user's text, writing the reply to out as it is generated; returns the reply."""
@@ -114,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     parser.add_argument("--kernels", type=kernels.spec_type, default="auto",
                         help="kernel backends, as for training (auto, triton, torch, ...)")
+    parser.add_argument("--quantize", choices=FORMATS, default=None, help=QUANTIZE_HELP)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return parser
 
@@ -121,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     kernels.use(args.kernels)
-    model, _ = load_model(args.path, pick_device(args.device))
+    model, _ = load_model(args.path, pick_device(args.device), quantize=args.quantize)
     chat = Chat(model, load_tokenizer(args.path), args.temperature, args.top_k or None,
                 args.top_p, args.max_tokens, args.seed)
     if sys.stdin.isatty():

@@ -112,22 +112,31 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     model.load_state_dict(read_weights(ckpt, model.state_dict()))
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", trainable: bool = False) -> tuple[GPT, dict]:
+def load_model(path: str | Path, device: str | torch.device = "cpu", trainable: bool = False,
+               quantize: str | None = None) -> tuple[GPT, dict]:
     """A GPT built from a checkpoint's config with its weights, and the checkpoint's state.
 
     A quantized run (state["quantization"], written by model.quantize) loads with its quantized
-    projections, for inference; trainable=True (training's --init) refuses it."""
+    projections, for inference; trainable=True (training's --init) refuses it. quantize="int8" or
+    "fp4" quantizes a full-precision run's projections on loading (a --quantize flag)."""
+    # model.quantize writes runs through this module, so it is imported here, when needed
     ckpt = resolve(path)
     state = load_state(ckpt)
     quantized = state.get("quantization")
     if quantized and trainable:
         raise ValueError(f"{ckpt} is quantized ({quantized['format']}), which is inference-only; start training "
                          f"from the full-precision run it was quantized from ({state.get('source', 'its source')})")
+    if quantized and quantize:
+        raise ValueError(f"{ckpt} is already quantized ({quantized['format']}); drop --quantize, or quantize the "
+                         f"full-precision run it was made from ({state.get('source', 'its source')})")
     model = GPT(ModelConfig.from_dict(state["model_config"]))
     if quantized:
-        from model.quantize import prepare     # model.quantize writes runs with this module: import it late
+        from model.quantize import prepare
         prepare(model, quantized["format"], quantized["head"])
     load_weights(ckpt, model)
+    if quantize:
+        from model.quantize import quantize as quantize_model
+        quantize_model(model, quantize)
     return model.to(device), state
 
 

@@ -157,7 +157,10 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
     Llama directory at out_dir, which must not exist or be empty. Returns out_dir."""
     check_new_dir(out_dir, "OUT_DIR")
     ckpt = resolve(path)
-    model, _ = load_model(ckpt)
+    model, state = load_model(ckpt)
+    if "quantization" in state:
+        raise ValueError(f"{ckpt} is quantized ({state['quantization']['format']}); transformers' Llama holds "
+                         f"full-precision weights: export the run it was quantized from ({state.get('source')})")
     tok = load_tokenizer(ckpt)
     missing = [s for s in SPECIALS if s not in tok.special_tokens]
     if missing:

@@ -28,6 +28,8 @@ from model.command import DEBUG_HELP, run_command
 from model.gpt import GPT
 
 FORMATS = quantization.FORMATS
+QUANTIZE_HELP = ("quantize the attention and MLP projections on loading: int8 or fp4 (a run written by "
+                 "python -m model.quantize is quantized already)")
 
 
 class QuantizedLinear(nn.Module):
@@ -54,6 +56,12 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.quantized_linear(x, self.qweight, self.scales, self.fmt)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (out_features, in_features) weight in fp32, made on each access, for what
+        needs the matrix itself (the loss of a quantized head fuses it with the cross-entropy)."""
+        return quantization.dequantize(self.qweight, self.scales, self.fmt, self.in_features)
 
     def train(self, mode: bool = True) -> "QuantizedLinear":
         if mode:
@@ -108,22 +116,33 @@ def prepare(model: GPT, fmt: str, head: bool) -> GPT:
     return model
 
 
-def projection_bytes(model: GPT, head: bool = False) -> int:
-    """Bytes of the projection weights (with head, the LM head's too) as stored: qweight and scales
-    of a quantized layer, 2 bytes a weight (bf16, the width it would have on a GPU) of any other."""
-    total = 0
-    for parent, name in projections(model, head):
+def format_list(text: str) -> list[str | None]:
+    """argparse type= of a comma-separated list of formats, "none" meaning full precision."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in (*FORMATS, "none")]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected formats among none, {', '.join(FORMATS)} (comma-separated), "
+                                         f"got {text!r}")
+    return [None if n == "none" else n for n in dict.fromkeys(names)]
+
+
+def projection_bytes(model: GPT) -> tuple[int, int]:
+    """(bytes as stored, bytes at bf16) of the projection weights, the LM head's too when it is
+    quantized: qweight and scales of a quantized layer, 2 bytes a weight (bf16, the width decoding
+    reads on a GPU) of a full-precision one."""
+    stored = bf16 = 0
+    for parent, name in projections(model, head=isinstance(model.head, QuantizedLinear)):
         layer = getattr(parent, name)
-        if isinstance(layer, QuantizedLinear):
-            total += layer.qweight.numel() * layer.qweight.element_size() + layer.scales.numel() * layer.scales.element_size()
-        else:
-            total += 2 * (model.head_weight if layer is None else layer.weight).numel()
-    return total
+        weights = layer.in_features * layer.out_features
+        bf16 += 2 * weights
+        stored += (layer.qweight.numel() * layer.qweight.element_size() + layer.scales.numel()
+                   * layer.scales.element_size()) if isinstance(layer, QuantizedLinear) else 2 * weights
+    return stored, bf16
 
 
 def quantize_run(path: str | Path, fmt: str, out: str | Path, head: bool = False) -> tuple[Path, int, int]:
     """Write the run (or checkpoint) at path, quantized to fmt, as the run directory out; returns out
-    and the projections' bytes before (at bf16) and after."""
+    and the quantized weights' bytes as stored and at bf16."""
     from model.checkpoint import load_model, resolve, run_dir_of, write   # it loads quantized runs through us
     from model.files import atomic_write_dir, check_new_dir
 
@@ -137,7 +156,6 @@ def quantize_run(path: str | Path, fmt: str, out: str | Path, head: bool = False
     tokenizer = run_dir_of(ckpt) / "tokenizer.json"
     if not tokenizer.is_file():
         raise ValueError(f"no tokenizer.json in {tokenizer.parent}; a quantized run needs the tokenizer of its source")
-    before = projection_bytes(model, head)
     quantize(model, fmt, head)
 
     def fill(staging: Path) -> None:
@@ -147,7 +165,7 @@ def quantize_run(path: str | Path, fmt: str, out: str | Path, head: bool = False
                "quantization": {"format": fmt, "head": head}})
         shutil.copyfile(tokenizer, staging / "tokenizer.json")
 
-    return atomic_write_dir(out, fill, "--out"), before, projection_bytes(model, head)
+    return (atomic_write_dir(out, fill, "--out"), *projection_bytes(model))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,9 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    out, before, after = quantize_run(args.path, args.format, args.out, args.quantize_head)
-    print(f"quantized {args.path} to {args.format} in {out}: projection weights {before / 2**20:.2f} MiB at bf16 "
-          f"-> {after / 2**20:.2f} MiB ({after / before:.3f}x); chat with it: python -m model.chat {out}")
+    out, stored, bf16 = quantize_run(args.path, args.format, args.out, args.quantize_head)
+    print(f"quantized {args.path} to {args.format} in {out}: weights {bf16 / 2**20:.2f} MiB at bf16 -> "
+          f"{stored / 2**20:.2f} MiB ({stored / bf16:.3f}x); chat with it: python -m model.chat {out}")
 
 
 if __name__ == "__main__":

@@ -73,3 +73,24 @@ def test_command_line_writes_eval_json(tmp_path, capsys):
         evaluate.main([str(run), "--tasks", "0"])
     with pytest.raises((ValueError, OSError)):
         evaluate.main([str(run), "--data", str(tmp_path / "missing.txt"), "--tasks", "0"])
+
+
+def test_quantized_formats_side_by_side(tmp_path, capsys):
+    import json
+    from posttrain_fixtures import make_run
+    run = make_run(tmp_path / "run")
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("Some held-out prose that the model never saw.\n" * 20)
+    result = evaluate.main([str(run), "--data", str(held_out), "--tasks", "5", "--device", "cpu",
+                            "--quantize", "none,int8,fp4"])
+    assert json.loads((run / "eval.json").read_text()) == result
+    by_format = result["by_format"]
+    assert list(by_format) == ["none", "int8", "fp4"]
+    assert by_format["none"]["projection_bytes_vs_bf16"] == 1.0
+    assert 0.5 < by_format["int8"]["projection_bytes_vs_bf16"] < 0.6
+    assert by_format["fp4"]["projection_bytes_vs_bf16"] == 4.5 / 16
+    # a random model's loss barely moves under int8, more under fp4
+    none, int8, fp4 = (by_format[f]["val_loss"] for f in by_format)
+    assert abs(int8 - none) < 0.01 * none and abs(fp4 - none) < 0.1 * none and fp4 != none
+    out = capsys.readouterr().out
+    assert "none" in out and "int8" in out and "fp4" in out and "perplexity" in out

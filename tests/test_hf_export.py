@@ -151,6 +151,16 @@ def test_refuses_a_nonempty_out_dir_and_leaves_nothing_when_it_fails(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "taken"]
 
 
+def test_refuses_a_quantized_run(tmp_path):
+    from model.quantize import quantize_run
+    run = tmp_path / "run"
+    make_run(run, trained=False)
+    quantized, _, _ = quantize_run(run, "int8", tmp_path / "q")
+    with pytest.raises(ValueError, match=r"is quantized \(int8\); transformers' Llama holds full-precision weights"):
+        hf.export(quantized, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_command_line(tmp_path):
     run = tmp_path / "run"
     make_run(run, trained=False)

@@ -29,6 +29,7 @@ from model.checkpoint import load_model, load_tokenizer, resolve, run_dir_of
 from model.command import DEBUG_HELP, at_least, at_most, flag_type, greater_than, pick_device, run_command
 from model.files import atomic_write_text
 from model.generate import generate
+from model.quantize import format_list, projection_bytes
 from train import humaneval
 from train.sources import iter_documents
 from train.tasks import Task, make_tasks
@@ -178,13 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a directory of your own lm-eval task YAML files")
     parser.add_argument("--lm-eval-limit", type=flag_type(int, at_least(1)), default=None,
                         help="at most this many documents per lm-eval task")
+    parser.add_argument("--quantize", type=format_list, default=None, metavar="FORMATS",
+                        help="evaluate the model quantized on loading: int8 or fp4, or a comma-separated list "
+                             "that may include none (full precision) to compare them side by side, e.g. "
+                             "none,int8,fp4")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return parser
 
 
-def run_humaneval(model: GPT, tok, args: argparse.Namespace, run_dir: Path) -> dict:
-    """pass@k of HumanEval; every completion and its outcome go to run_dir/humaneval_samples.jsonl."""
+def run_humaneval(model: GPT, tok, args: argparse.Namespace, run_dir: Path, suffix: str = "") -> dict:
+    """pass@k of HumanEval; every completion and its outcome go to run_dir/humaneval_samples<suffix>.jsonl."""
     if args.humaneval_samples > 1 and args.humaneval_temperature == 0:
         raise ValueError("--humaneval-samples > 1 with greedy decoding gives the same completion each time; "
                          "pass --humaneval-temperature (0.8 is usual for pass@10)")
@@ -196,13 +201,15 @@ def run_humaneval(model: GPT, tok, args: argparse.Namespace, run_dir: Path) -> d
     outcomes = humaneval.execute(problems, completions, args.humaneval_timeout, memory_mb=1024)
     lines = [json.dumps({"task_id": p["task_id"], "completion": c, "passed": o.passed, "result": o.result})
              for p, row, results in zip(problems, completions, outcomes) for c, o in zip(row, results)]
-    atomic_write_text(run_dir / "humaneval_samples.jsonl", "\n".join(lines) + "\n")
+    atomic_write_text(run_dir / f"humaneval_samples{suffix}.jsonl", "\n".join(lines) + "\n")
     return {**humaneval.scores(outcomes, args.humaneval_k), "humaneval_problems": len(problems),
             "humaneval_samples_per_problem": args.humaneval_samples}
 
 
-def run_lm_eval(ckpt: Path, device: str, args: argparse.Namespace, run_dir: Path) -> dict:
-    """lm-eval's tasks on the checkpoint through train.harness; its full results go to run_dir/lm_eval.json."""
+def run_lm_eval(ckpt: Path, device: str, args: argparse.Namespace, run_dir: Path, quantize: str | None = None,
+                suffix: str = "") -> dict:
+    """lm-eval's tasks on the checkpoint (quantized on loading when quantize names a format) through
+    train.harness; its full results go to run_dir/lm_eval<suffix>.json."""
     from train import harness  # noqa: F401  (imports lm-eval, registers tritongpt)
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -219,43 +226,68 @@ def run_lm_eval(ckpt: Path, device: str, args: argparse.Namespace, run_dir: Path
     if unknown:
         raise ValueError(f"unknown lm-eval tasks {unknown}; list them with `python -m train.harness ls tasks`"
                          + ("" if args.lm_eval_include else " or pass --lm-eval-include DIR for your own"))
-    out = lm_eval.simple_evaluate(model="tritongpt", model_args={"path": str(ckpt), "device": device}, tasks=tasks,
+    model_args = {"path": str(ckpt), "device": device, **({"quantize": quantize} if quantize else {})}
+    out = lm_eval.simple_evaluate(model="tritongpt", model_args=model_args, tasks=tasks,
                                   task_manager=manager, limit=args.lm_eval_limit)
     print(make_table(out))
-    atomic_write_text(run_dir / "lm_eval.json", json.dumps({k: out[k] for k in ("results", "configs", "versions",
+    atomic_write_text(run_dir / f"lm_eval{suffix}.json", json.dumps({k: out[k] for k in ("results", "configs", "versions",
                                                                                "n-samples")}, indent=2, default=str))
     return {f"lm_eval/{task}/{metric.split(',')[0]}": value for task, metrics in out["results"].items()
             for metric, value in metrics.items() if isinstance(value, float) and "_stderr" not in metric}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    device = pick_device(args.device)
-    ckpt = resolve(args.path)
-    model, state = load_model(ckpt, device)
-    tok = load_tokenizer(ckpt)
-    run_dir = run_dir_of(ckpt)
-    has_chat = all(s in tok.special_tokens for s in SPECIALS)
-    run_tasks = bool(args.tasks) and has_chat
-    if args.data is None and not (run_tasks or args.humaneval or args.lm_eval):
-        fix = "--tasks N, " if has_chat else ""
-        raise SystemExit(f"nothing to evaluate: pass --data, {fix}--humaneval or --lm-eval TASKS"
-                         + ("" if has_chat else " (this tokenizer has no chat tokens for the built-in tasks)"))
-    results: dict = {"checkpoint": str(ckpt), "step": state.get("step")}
+def evaluate(model: GPT, tok, ckpt: Path, device: str, args: argparse.Namespace, run_tasks: bool,
+             quantize: str | None) -> dict:
+    """Every metric the flags ask for, of one model (the run quantized to `quantize`, or not)."""
+    run_dir, suffix = run_dir_of(ckpt), f"-{quantize}" if quantize else ""
+    stored, bf16 = projection_bytes(model)
+    results: dict = {"projection_bytes": stored, "projection_bytes_vs_bf16": stored / bf16}
     if args.data is not None:
         results.update(text_metrics(model, tok, (text for _, text in iter_documents(args.data)), args.max_tokens))
         results["data"] = args.data
     if run_tasks:
         results.update(exact_match(model, tok, make_tasks("test", args.tasks, args.task_seed)))
     if args.humaneval:
-        results.update(run_humaneval(model, tok, args, run_dir))
+        results.update(run_humaneval(model, tok, args, run_dir, suffix))
     if args.lm_eval:
-        results.update(run_lm_eval(ckpt, device, args, run_dir))
-    out = run_dir / "eval.json"
+        results.update(run_lm_eval(ckpt, device, args, run_dir, quantize, suffix))
+    return results
+
+
+def show(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.device)
+    ckpt = resolve(args.path)
+    tok = load_tokenizer(ckpt)
+    has_chat = all(s in tok.special_tokens for s in SPECIALS)
+    run_tasks = bool(args.tasks) and has_chat
+    if args.data is None and not (run_tasks or args.humaneval or args.lm_eval):
+        fix = "--tasks N, " if has_chat else ""
+        raise SystemExit(f"nothing to evaluate: pass --data, {fix}--humaneval or --lm-eval TASKS"
+                         + ("" if has_chat else " (this tokenizer has no chat tokens for the built-in tasks)"))
+    by_format = {}
+    for quantize in args.quantize or [None]:
+        model, state = load_model(ckpt, device, quantize=quantize)
+        by_format[quantize or "none"] = evaluate(model, tok, ckpt, device, args, run_tasks, quantize)
+    results: dict = {"checkpoint": str(ckpt), "step": state.get("step")}
+    if args.quantize is None:
+        results.update(by_format["none"])
+        width = max(map(len, results))
+        lines = [f"{name:<{width}}  {show(value)}" for name, value in results.items()]
+    else:
+        results["by_format"] = by_format
+        names = list(dict.fromkeys(name for metrics in by_format.values() for name in metrics))
+        width = max(map(len, names))
+        lines = [f"checkpoint  {ckpt}", f"{'':<{width}}  " + "  ".join(f"{f:>12}" for f in by_format)]
+        lines += [f"{name:<{width}}  " + "  ".join(f"{show(m.get(name, '-')):>12}" for m in by_format.values())
+                  for name in names]
+    out = run_dir_of(ckpt) / "eval.json"
     atomic_write_text(out, json.dumps(results, indent=2))
-    width = max(map(len, results))
-    for name, value in results.items():
-        print(f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}")
+    print("\n".join(lines))
     print(f"written to {out}")
     return results
 

@@ -48,11 +48,13 @@ class TritonGPTLM(TemplateLM):
     """A tritongpt run or checkpoint as an lm-eval language model."""
 
     def __init__(self, path: str, device: str | None = "auto", batch_size: int | str = 16,
-                 max_gen_toks: int | str = 256, max_batch_size: int | None = None, **unknown):
+                 max_gen_toks: int | str = 256, max_batch_size: int | None = None, quantize: str | None = None,
+                 **unknown):
         """max_batch_size is lm-eval's bound for batch_size="auto", which here means 16."""
         super().__init__()
         if unknown:
-            raise ValueError(f"unknown tritongpt model_args {sorted(unknown)}: it takes path and max_gen_toks "
+            raise ValueError(f"unknown tritongpt model_args {sorted(unknown)}: it takes path, max_gen_toks and "
+                             f"quantize (int8 or fp4) "
                              f"(batch_size and device come from lm-eval's --batch_size and --device)")
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's command line asks for cuda:0 unless told otherwise, as its hf model does
@@ -60,7 +62,7 @@ class TritonGPTLM(TemplateLM):
             device = "cpu"
         device = pick_device(device)
         checkpoint = resolve(path)
-        self.model, _ = load_model(checkpoint, device)
+        self.model, _ = load_model(checkpoint, device, quantize=quantize)
         self.model.eval()
         self.tok = load_tokenizer(checkpoint)
         self._device = torch.device(device)
