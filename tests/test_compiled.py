@@ -49,7 +49,7 @@ def test_every_kernel_compiles_for_sm90a_and_sm80(hopper, ampere):
     assert {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
             "_cross_entropy_fwd_kernel", "_cross_entropy_bwd_kernel", "_causal_attention_fwd_kernel",
             "_causal_attention_delta_kernel", "_causal_attention_dkdv_kernel", "_causal_attention_dq_kernel",
-            "_causal_attention_decode_kernel", "_causal_attention_combine_kernel"} <= kernels
+            "_causal_attention_decode_kernel", "_causal_attention_combine_kernel", "_quantized_linear_fwd_kernel"} <= kernels
 
 
 def test_no_selectable_candidate_spills(hopper):
@@ -83,6 +83,17 @@ def test_grids_fill_the_gpu(hopper):
     assert rms_backward and all(w <= 1 for r in rms_backward for w in r["waves"].values())
     lce = [r for r in hopper if r["op"] == "linear_cross_entropy fwd"]
     assert lce and all(w >= 4 for r in lce for w in r["waves"].values())
+
+
+def test_quantized_linear_runs_on_warpgroup_mma_and_fills_the_gpu_when_decoding(hopper):
+    """Both formats and both paths dequantize into HGMMA on Hopper; a one-row decode step splits K
+    until every one of the 132 SMs has programs to run."""
+    rows = [r for r in hopper if r["kernel"] == "_quantized_linear_fwd_kernel"]
+    assert {compiled.constexprs_of(r)["FP4"] for r in rows} == {"True", "False"}
+    assert all(r["hgmma"] > 0 for r in rows)
+    decode = [grid for r in rows for s, grid in r["shapes"].items() if s.startswith("M=1 ")]
+    assert decode and min(decode) >= compiled.TARGETS["sm_90a"].sms
+    assert any(compiled.constexprs_of(r)["SPLIT"] == "True" for r in rows)
 
 
 def test_sass_facts_read_the_instructions():
