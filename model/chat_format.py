@@ -89,6 +89,14 @@ def render_prompt(messages: list[dict], tok) -> list[int]:
     return ids + [ct.assistant]
 
 
+def fit_history(messages: list[dict], tok, budget: int) -> list[dict]:
+    """The newest messages (ending with a user turn) whose prompt fits in budget tokens: the oldest
+    exchanges go first, the last user message always stays."""
+    while len(messages) > 1 and len(render_prompt(messages, tok)) > budget:
+        messages = messages[2:]
+    return messages
+
+
 def reply_text(ids: list[int], tok) -> str:
     """Decode generated reply ids up to (not including) the first stop token."""
     stop = set(ChatTokens.of(tok).stop)

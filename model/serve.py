@@ -259,12 +259,12 @@ def run_server(app: FastAPI, sock: socket.socket, engine: Engine) -> None:
         sock.close()
 
 
-def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+def add_engine_flags(parser: argparse.ArgumentParser, port: int = 8000) -> None:
     """The flags model.serve and model.web share: the run, where to listen, the batch and device."""
     parser.add_argument("path", help="run directory or checkpoint (with tokenizer.json in its run directory)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default loopback only; 0.0.0.0 exposes it to the network)")
-    parser.add_argument("--port", type=flag_type(int, at_least(1), at_most(65535)), default=8000, help="TCP port")
+    parser.add_argument("--port", type=flag_type(int, at_least(1), at_most(65535)), default=port, help=f"TCP port (default {port})")
     parser.add_argument("--max-batch", type=flag_type(int, at_least(1)), default=16,
                         help="most requests decoded together; more wait for a free row")
     parser.add_argument("--name", default=None, help="the model's name in the API (default: the run directory's name)")

@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +16,6 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 import torch  # noqa: E402
-import uvicorn  # noqa: E402
 
 from model.chat_format import ChatTokens, render_prompt  # noqa: E402
 from model.checkpoint import load_model, load_tokenizer  # noqa: E402
@@ -27,27 +25,20 @@ from model import serve  # noqa: E402
 from model.command import run_command  # noqa: E402
 from model.serve import build_app, listen  # noqa: E402
 from posttrain_fixtures import make_run  # noqa: E402
+from serve_fixtures import LoopbackServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BATCH = 4
 
 
-class Server:
-    """build_app on a free loopback port, served by uvicorn in a thread."""
+class Server(LoopbackServer):
+    """build_app over a tiny run's engine, on loopback."""
 
     def __init__(self, run: Path):
         model, _ = load_model(run)
         self.tok = load_tokenizer(run)
         self.model, self.engine = model, Engine(model, self.tok, MAX_BATCH)
-        sock = listen("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.uvicorn = uvicorn.Server(uvicorn.Config(build_app(self.engine, "tiny"), log_level="warning"))
-        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.uvicorn.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.01)
+        super().__init__(build_app(self.engine, "tiny"))
 
     def client(self) -> "openai.OpenAI":
         # trust_env=False: a proxy in the environment must not see loopback traffic.
@@ -58,8 +49,7 @@ class Server:
         return httpx.post(self.url + path, content=content, timeout=60, trust_env=False, **kwargs)
 
     def close(self) -> None:
-        self.uvicorn.should_exit = True
-        self.thread.join(30)
+        super().close()
         self.engine.close()
 
 
