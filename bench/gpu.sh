@@ -28,7 +28,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export TRITONGPT_CEILINGS="$OUT/env.json"
 export TRITONGPT_BENCH_QUICK="${TRITONGPT_BENCH_QUICK:-1}"
 # Steps end by this deadline; then the report gets its own 30 s and a timeout's kill grace 15 s.
-DEADLINE=$((SECONDS + ${TRITONGPT_GPU_BUDGET_S:-420}))
+DEADLINE=$((SECONDS + ${TRITONGPT_GPU_BUDGET_S:-435}))
 PYTEST=(python -m pytest -q -p no:cacheprovider)
 
 # Environment and ceilings first. Status 2 is bench.ceilings' "no CUDA GPU present: ..." (on
@@ -69,8 +69,10 @@ step kernel-tests 100 "${PYTEST[@]}" --continue-on-collection-errors tests/test_
 
 # Seconds per suite at the quick shapes, about 5 minutes in all: estimates, not yet timed on a GPU,
 # with room for a fresh process's imports and torch.compile's first compiles in each. The train
-# step (the MFU headline) goes first, attention (the largest) last.
-for suite in train_step:80 rms_norm:40 swiglu:25 cross_entropy:30 linear_cross_entropy:40 causal_attention:85; do
+# step (the MFU headline) goes first, attention (the largest) last. quantized_linear includes greedy
+# decoding of the small preset in full precision, int8 and fp4.
+for suite in train_step:80 rms_norm:35 swiglu:20 cross_entropy:30 linear_cross_entropy:40 quantized_linear:40 \
+        causal_attention:80; do
     name=${suite%:*}
     step "bench-$name" "${suite#*:}" "${PYTEST[@]}" "bench/test_$name.py" --benchmark-only \
         --benchmark-json "$OUT/bench/$name.json"
