@@ -17,7 +17,7 @@ exactly (every int8 is exact in fp16 and bf16).
 - Skinny path (M <= 16, decoding): BLOCK_M = 16 covers every row, so each weight byte is read
   from memory exactly once and the rows ride along for free: traffic = N * K * bits / 8 bytes of
   weights + M * K activations + M * N outputs, which at M = 1 is the weights alone. When the
-  N / BLOCK_N tiles are too few to fill the GPU (and K is long), K is split across SPLIT_K
+  N / BLOCK_N tiles are too few to fill the GPU (and K is long enough), K is split across SPLIT_K
   programs per tile, each writing fp32 partial sums into a (SPLIT_K, M, N) workspace that one
   small sum reduces (deterministic, no atomics): SPLIT_K * M * N * 8 more bytes, tiny next to
   the weights at decode shapes.
@@ -118,14 +118,15 @@ def tile_config(M: int, dtype: torch.dtype, gpu: Gpu) -> dict:
 def geometry(M: int, N: int, K: int, fmt: str, dtype: torch.dtype, gpu: Gpu) -> tuple[dict, int, int]:
     """(tile config, K per split, SPLIT_K) for x (M, K) in dtype times an (N, K) weight in fmt.
 
-    The skinny path splits K when its tiles alone would not give every SM two programs, as long
-    as each split keeps at least four BLOCK_K steps; the tiled path never splits."""
+    The skinny path splits K until there are about four programs per SM (a decode step is
+    memory-bound, and more programs keep more loads in flight), as long as each split keeps at
+    least two BLOCK_K steps; the tiled path never splits."""
     k_stored = quantization.padded_in_features(fmt, K)
     config = tile_config(M, dtype, gpu)
     splits = 1
     if M <= SKINNY_ROWS:
         tiles = triton.cdiv(N, config["BLOCK_N"]) * triton.cdiv(M, config["BLOCK_M"])
-        splits = max(1, min(triton.cdiv(2 * gpu.sms, tiles), k_stored // (4 * config["BLOCK_K"])))
+        splits = max(1, min(triton.cdiv(4 * gpu.sms, tiles), k_stored // (2 * config["BLOCK_K"])))
     per_split = triton.cdiv(triton.cdiv(k_stored, splits), config["BLOCK_K"]) * config["BLOCK_K"]
     return config, per_split, max(1, triton.cdiv(k_stored, per_split))
 
