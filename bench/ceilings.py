@@ -71,6 +71,17 @@ def matmul_tflops(n: int = MATMUL_N) -> float:
     return 2 * n**3 / cuda_median_s(lambda: torch.matmul(a, b, out=out), warmup=10, rounds=20) / 1e12
 
 
+def cpu_model() -> str:
+    """The CPU's model name, which CPU results are reported with."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _driver() -> str | None:
     if shutil.which("nvidia-smi") is None:
         return None

@@ -44,7 +44,6 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import platform
 import statistics
 import time
 
@@ -52,6 +51,7 @@ import pytest
 import torch
 
 import kernels
+from bench.ceilings import cpu_model
 from bench.conftest import DEVICE, DTYPE, ON_GPU, sync
 from model import GPT, ModelConfig
 from model.generate import generate
@@ -108,17 +108,6 @@ def _threads_label(threads: str) -> str:
     return f"threads={THREADS[threads]}" + (" (all)" if threads == "all" else "")
 
 
-@functools.cache
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _label(benchmark, *, op: str, pass_: str, backend: str, shape: str, dtype: torch.dtype, threads: str) -> None:
     """The labels bench/report.py groups by, as bench/conftest.measure stores them."""
     benchmark.extra_info.update(
@@ -126,7 +115,7 @@ def _label(benchmark, *, op: str, pass_: str, backend: str, shape: str, dtype: t
         device=torch.cuda.get_device_name() if ON_GPU else "cpu", threads=THREADS[threads],
         median_ms=benchmark.stats.stats.median * 1e3)
     if not ON_GPU:
-        benchmark.extra_info["cpu_model"] = f"{_cpu_model()}, {os.cpu_count()} logical CPUs"
+        benchmark.extra_info["cpu_model"] = f"{cpu_model()}, {os.cpu_count()} logical CPUs"
 
 
 def _time(benchmark, run, warmup: int, timed: int, estimate: float | None = None) -> float:
