@@ -34,6 +34,7 @@ from model.chat_format import ChatTokens, render_prompt
 from model.checkpoint import load_model, load_tokenizer
 from model.command import DEBUG_HELP, at_least, at_most, flag_type, pick_device, run_command
 from model.engine import Delta, Engine, PromptTooLong, Request
+from model.quantize import FORMATS, QUANTIZE_HELP
 
 SHUTDOWN_GRACE_S = 3        # how long Ctrl-C waits for running replies before cutting them
 
@@ -267,6 +268,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, port: int = 8000) -> None:
     parser.add_argument("--port", type=flag_type(int, at_least(1), at_most(65535)), default=port, help=f"TCP port (default {port})")
     parser.add_argument("--max-batch", type=flag_type(int, at_least(1)), default=16,
                         help="most requests decoded together; more wait for a free row")
+    parser.add_argument("--quantize", choices=FORMATS, default=None, help=QUANTIZE_HELP)
     parser.add_argument("--name", default=None, help="the model's name in the API (default: the run directory's name)")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     parser.add_argument("--kernels", type=kernels.spec_type, default="auto",
@@ -279,7 +281,7 @@ def start_engine(args: argparse.Namespace) -> tuple[Engine, str, socket.socket]:
     kernels.use(args.kernels)
     sock = listen(args.host, args.port)
     try:
-        model, _ = load_model(args.path, pick_device(args.device))
+        model, _ = load_model(args.path, pick_device(args.device), quantize=args.quantize)
         engine = Engine(model, load_tokenizer(args.path), args.max_batch)
     except BaseException:
         sock.close()

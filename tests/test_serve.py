@@ -2,6 +2,7 @@
 stop strings, seeds, usage; concurrent greedy replies equal one-at-a-time ones; a bounded load test
 with a client that walks away; every bad input is a 4xx with OpenAI's error body and the server
 goes on; the command's one-line errors and a clean Ctrl-C."""
+import argparse
 import json
 import signal
 import subprocess
@@ -19,7 +20,8 @@ import torch  # noqa: E402
 
 from model.chat_format import ChatTokens, render_prompt  # noqa: E402
 from model.checkpoint import load_model, load_tokenizer  # noqa: E402
-from model.engine import Engine  # noqa: E402
+from model.engine import Engine, Request  # noqa: E402
+from model.quantize import quantized_format  # noqa: E402
 from model.generate import generate  # noqa: E402
 from model import serve  # noqa: E402
 from model.command import run_command  # noqa: E402
@@ -284,3 +286,19 @@ def test_ctrl_c_shuts_down_cleanly(tmp_path):
     assert "Traceback" not in err and f"on http://127.0.0.1:{port}" in out
     assert "Shutting down" in err or "Finished server process" in err
 
+
+
+def test_quantize_flag_serves_the_quantized_model(tmp_path):
+    parser = argparse.ArgumentParser()
+    serve.add_engine_flags(parser)
+    with listen("127.0.0.1", 0) as free:
+        port = str(free.getsockname()[1])
+    engine, name, sock = serve.start_engine(parser.parse_args([str(make_run(tmp_path / "run")), "--port", port,
+                                                               "--quantize", "int8", "--max-batch", "2"]))
+    sock.close()
+    try:
+        assert name == "run" and quantized_format(engine.model) == {"format": "int8", "head": False}
+        replies = [engine.stream(Request([1, 2, 3], max_tokens=6, temperature=0)) for _ in range(3)]
+        assert all(list(r)[-1].completion_tokens >= 1 for r in replies)
+    finally:
+        engine.close()
