@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import kernels
 from model.gpt import GPT
-from model.generate import _check_args, sample_next
+from model.generate import check_sampling, sample_next
 
 
 class PromptTooLong(ValueError):
@@ -205,7 +205,7 @@ class Engine:
                              f"so a prompt must have 1 to {self.block_size - 1}: shorten it")
         if request.max_tokens is not None and request.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
-        _check_args(torch.zeros(1, 1, dtype=torch.int64), 0, request.temperature, request.top_k, request.top_p)
+        check_sampling(request.temperature, request.top_k, request.top_p)
         seed = secrets.randbits(63) if request.seed is None else request.seed
         generator = torch.Generator(self.model.embed.weight.device).manual_seed(seed)
         seq = Sequence(request, sink, TextStream(self.tok, tuple(request.stop)), generator)
@@ -281,16 +281,19 @@ class Engine:
                         return
                     free = self.max_batch - len(self.active)
                     admitted, self.waiting = self.waiting[:free], self.waiting[free:]
-                try:
-                    for seq in admitted:
-                        if not seq.cancelled:
+                for seq in admitted:
+                    if not seq.cancelled:
+                        try:
                             self._prefill(seq)
+                        except Exception as e:     # fails this request only; _retire frees its row
+                            self._finish(seq, "error", f"generation failed: {type(e).__name__}: {e}")
+                try:
                     self._retire()
                     if self.active:
                         self._step()
                         self._retire()
-                except Exception as e:         # a failed forward fails its batch, never the server
-                    for seq in self.active + [s for s in admitted if not s.done]:
+                except Exception as e:         # a failed step fails its batch, never the server
+                    for seq in self.active:
                         self._finish(seq, "error", f"generation failed: {type(e).__name__}: {e}")
                     self.active = []
 

@@ -1,7 +1,6 @@
 """model.engine: batched replies equal model.generate's one at a time, token for token, whatever else
 shares the batch (late arrivals prefilled mid-decode, rows retired and moved); seeded sampling is
 reproducible; stop strings, the context's end, cancellation and a failing forward."""
-import threading
 import time
 
 import pytest
@@ -144,19 +143,31 @@ def test_a_closed_stream_frees_its_row_at_once(engine):
         time.sleep(0.001)
 
 
-def test_a_failing_forward_fails_its_batch_and_the_engine_goes_on(model, engine, monkeypatch):
-    broken = threading.Event()
+def test_a_failing_prefill_fails_its_request_only_and_a_failing_step_its_batch(model, engine, monkeypatch):
+    failing = {"prefill": False, "step": False}
     forward = type(model).forward
 
-    def fail_once(self, *args, **kwargs):
-        if not broken.is_set():
-            broken.set()
-            raise RuntimeError("out of memory")
-        return forward(self, *args, **kwargs)
+    def fail(self, idx, *args, **kwargs):
+        kind = "prefill" if idx.shape[1] > 1 else "step"
+        if failing[kind]:
+            failing[kind] = False
+            raise RuntimeError(f"out of memory in a {kind}")
+        return forward(self, idx, *args, **kwargs)
 
-    monkeypatch.setattr(type(model), "forward", fail_once)
+    monkeypatch.setattr(type(model), "forward", fail)
+    running = Request(prompts(2)[1], max_tokens=40, temperature=0.0)
+    seq, deltas = submit(engine, running)
+    while seq.generated < 3:
+        time.sleep(0.001)
+    failing["prefill"] = True
     failed = list(engine.stream(Request(prompts(1)[0], max_tokens=5)))
-    assert failed[-1].finish_reason == "error" and "out of memory" in failed[-1].text
+    assert failed[-1].finish_reason == "error" and "out of memory in a prefill" in failed[-1].text
+    wait([seq])
+    assert deltas[-1].finish_reason == "length" and seq.text.ids == reference(model, running)
+
+    failing["step"] = True
+    failed = list(engine.stream(Request(prompts(1)[0], max_tokens=5)))
+    assert failed[-1].finish_reason == "error" and "out of memory in a step" in failed[-1].text
     assert list(engine.stream(Request(prompts(1)[0], max_tokens=5)))[-1].finish_reason == "length"
 
 
