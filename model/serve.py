@@ -62,7 +62,7 @@ class Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)                      # an extension: 0 is off
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)      # what torch.Generator takes
     n: Literal[1] = 1
     stream: bool = False
     stream_options: dict | None = None
@@ -91,6 +91,9 @@ class CompletionBody(Sampling):
     prompt: str
 
 
+FIELDS = {name for schema in (ChatBody, CompletionBody, Message, TextPart) for name in schema.model_fields}
+
+
 def json_response(payload: dict, status: int = 200) -> Response:
     # json.dumps escapes non-ASCII, so a lone surrogate that a model can emit still encodes.
     return Response(json.dumps(payload), status, media_type="application/json")
@@ -105,7 +108,10 @@ async def parse(http: HttpRequest, schema: type[Sampling]) -> Sampling:
         return schema.model_validate(payload)
     except ValidationError as e:
         first = e.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
+        # The path to the field, without the names pydantic adds for each type of a union.
+        path = first["loc"][:next((i for i, part in enumerate(first["loc"])
+                                   if not isinstance(part, int) and part not in FIELDS), len(first["loc"]))]
+        param = ".".join(map(str, path)) or None
         code = ("missing_field" if first["type"] == "missing" else "invalid_type" if first["type"].endswith("_type")
                 else "invalid_value")
         raise ApiError(400, f"{param or 'body'}: {first['msg']}" if param else first["msg"], param, code) from None
@@ -159,6 +165,8 @@ class Api:
             deltas = self.engine.astream(request)
         except PromptTooLong as e:
             raise ApiError(400, str(e), prompt_param, "context_length_exceeded") from None
+        except ValueError as e:
+            raise ApiError(400, str(e), code="invalid_value") from None
         except RuntimeError as e:                      # the engine closed: shutting down
             raise ApiError(503, str(e), kind="server_error", code="shutting_down") from None
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time()),

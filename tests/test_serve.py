@@ -97,6 +97,19 @@ def test_streamed_chat_equals_the_whole_reply(server):
     assert len(chunks) > 3
 
 
+def test_content_parts_and_system_messages_render_as_text(server):
+    client = server.client()
+
+    def reply(messages):
+        r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+        return r.choices[0].message.content, r.usage.prompt_tokens
+
+    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 3?"}]
+    assert reply([{"role": "user", "content": parts}]) == reply(ask("What is 2 + 3?"))
+    system = [{"role": "system", "content": "Be brief."}, *ask("hi")]
+    assert reply(system) == reply(ask("Be brief.\n\nhi"))
+
+
 def test_completions_streamed_or_not(server):
     client = server.client()
     whole = client.completions.create(model="tiny", prompt="def add(a, b):", max_tokens=15, temperature=0)
@@ -206,7 +219,13 @@ BAD = [  # (path, body, status, param, code)
     ("/v1/chat/completions", {**GOOD, "max_tokens": -5}, 400, "max_tokens", "invalid_value"),
     ("/v1/chat/completions", {**GOOD, "max_tokens": 2.5}, 400, "max_tokens", "invalid_type"),
     ("/v1/chat/completions", {**GOOD, "n": 2}, 400, "n", "invalid_value"),
-    ("/v1/chat/completions", {**GOOD, "stop": 7}, 400, "stop.str", "invalid_type"),
+    ("/v1/chat/completions", {**GOOD, "stop": 7}, 400, "stop", "invalid_type"),
+    ("/v1/chat/completions", {**GOOD, "stop": ["a", 7]}, 400, "stop", "invalid_type"),
+    ("/v1/chat/completions", {**GOOD, "messages": [{"role": "user", "content": [{"type": "image"}]}]}, 400,
+     "messages.0.content", "invalid_type"),
+    ("/v1/chat/completions", {**GOOD, "seed": 2**64}, 400, "seed", "invalid_value"),
+    ("/v1/chat/completions", {**GOOD, "temperature": 2.5}, 400, "temperature", "invalid_value"),
+    ("/v1/chat/completions", {**GOOD, "top_k": -1}, 400, "top_k", "invalid_value"),
     ("/v1/chat/completions", {**GOOD, "messages": ask("word " * 200)}, 400, "messages", "context_length_exceeded"),
     ("/v1/completions", {"model": "tiny", "prompt": "word " * 200}, 400, "prompt", "context_length_exceeded"),
     ("/v1/chat/completions", {**GOOD, "model": "gpt-4"}, 404, "model", "model_not_found"),
