@@ -18,6 +18,7 @@ import os
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import gradio as gr  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
 
 from model.chat_format import ChatTokens, fit_history, render_prompt  # noqa: E402
 from model.command import run_command  # noqa: E402
@@ -73,6 +74,11 @@ def build_ui(engine: Engine, name: str) -> gr.Blocks:
     return ui
 
 
+def web_app(engine: Engine, name: str) -> FastAPI:
+    """model.serve's API with the chat page mounted at /, both on engine."""
+    return gr.mount_gradio_app(build_app(engine, name), build_ui(engine, name), path="/", ssr_mode=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m model.web", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,8 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     engine, name, sock = start_engine(args)
     print(f"web chat at http://{args.host}:{args.port}/", flush=True)
-    app = gr.mount_gradio_app(build_app(engine, name), build_ui(engine, name), path="/", ssr_mode=False)
-    run_server(app, sock, engine)
+    run_server(web_app(engine, name), sock, engine)
 
 
 if __name__ == "__main__":
