@@ -10,10 +10,12 @@ loops:
   3. retire: a request that hit a stop token, a stop string, max_tokens or the end of the context,
      or whose client went away, leaves at once; the last active row moves into its place, so the
      active rows are always 0..n-1 and a step reads the cache as a view, with no gather.
-A request waits only for free rows, never for the others to finish. Because every request samples
-from its own generator and a greedy row is an argmax of its own logits, a reply does not depend on
-what else is in the batch (beyond float rounding in the batched matmuls): decoded alone, it is what
-model.generate gives for the same prompt and seed, token for token.
+A request waits only for free rows, never for the others to finish. Prefills run between two
+steps, one prompt at a time, so a long prompt delays the others' next token by its own prefill
+(chunked prefill would bound that). Because every request samples from its own generator and a
+greedy row is an argmax of its own logits, a reply does not depend on what else is in the batch
+(beyond float rounding in the batched matmuls): decoded alone, it is what model.generate gives for
+the same prompt and seed, token for token.
 
 Replies come back as text: each request detokenizes its ids as they come, holds back a split UTF-8
 character and any tail that could still grow into one of its stop strings, and reports Deltas to
