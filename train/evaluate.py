@@ -280,9 +280,10 @@ def main(argv: list[str] | None = None) -> dict:
         lines = [f"{name:<{width}}  {show(value)}" for name, value in results.items()]
     else:
         results["by_format"] = by_format
-        names = list(dict.fromkeys(name for metrics in by_format.values() for name in metrics))
+        names = [n for n in dict.fromkeys(n for metrics in by_format.values() for n in metrics) if n != "data"]
         width = max(map(len, names))
-        lines = [f"checkpoint  {ckpt}", f"{'':<{width}}  " + "  ".join(f"{f:>12}" for f in by_format)]
+        lines = [f"checkpoint  {ckpt}"] + ([f"data        {args.data}"] if args.data is not None else [])
+        lines += [f"{'':<{width}}  " + "  ".join(f"{f:>12}" for f in by_format)]
         lines += [f"{name:<{width}}  " + "  ".join(f"{show(m.get(name, '-')):>12}" for m in by_format.values())
                   for name in names]
     out = run_dir_of(ckpt) / "eval.json"
