@@ -137,3 +137,16 @@ def test_chat_page_streams_a_reply_and_resets(browser, chat_server, tmp_path):
             if json.loads(e["message"])["message"]["method"] == "Network.requestWillBeSent"}
     foreign = sorted(u for u in urls if not u.startswith((chat_server.url, "data:", "blob:", "chrome:", "about:")))
     assert not foreign, foreign
+
+
+def test_command_flags(capsys):
+    from model.command import run_command
+
+    with pytest.raises(SystemExit) as exit:
+        run_command(lambda: web.main(["RUN", "--port", "web"]))
+    assert exit.value.code == 2 and "argument --port: expected a whole number, got 'web'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        web.main(["--help"])
+    assert exit.value.code == 0
+    usage = capsys.readouterr().out
+    assert "TCP port (default 7860)" in usage and "--quantize" in usage and "--max-batch" in usage
