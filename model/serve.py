@@ -22,7 +22,7 @@ import secrets
 import socket
 import time
 from pathlib import Path
-from typing import Literal
+from typing import AsyncIterator, Literal
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import Response, StreamingResponse
@@ -139,6 +139,8 @@ class Api:
         self.chat_tokens = ChatTokens.of(self.tok)
 
     def request(self, body: Sampling, prompt: list[int]) -> Request:
+        """The engine's request for a checked body and its prompt ids (a chat's stop tokens; the
+        completion endpoint sets its own)."""
         if body.model is not None and body.model != self.name:
             raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {self.name!r} "
                                 f"(GET /v1/models)", "model", "model_not_found")
@@ -192,7 +194,7 @@ def usage(last: Delta) -> dict:
             "total_tokens": last.prompt_tokens + last.completion_tokens}
 
 
-async def sse(deltas, head: dict, chat: bool, usage_chunk: bool):
+async def sse(deltas: AsyncIterator[Delta], head: dict, chat: bool, usage_chunk: bool) -> AsyncIterator[str]:
     """The reply as OpenAI's stream: a chunk per Delta (the chat's first names the role), the last
     with the finish_reason and the usage, then with stream_options.include_usage a usage chunk
     without choices, then [DONE]. A generation error is an error event."""
