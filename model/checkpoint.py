@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kernels.quantization import FORMATS
 from model.config import ModelConfig
 from model.files import atomic_write_text, current_umask
 from model.gpt import GPT
@@ -123,6 +124,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", trainable: 
     ckpt = resolve(path)
     state = load_state(ckpt)
     quantized = state.get("quantization")
+    if quantized is not None and not (isinstance(quantized, dict) and quantized.get("format") in FORMATS
+                                      and isinstance(quantized.get("head"), bool)):
+        raise ValueError(f"corrupt checkpoint {ckpt}: state.json's quantization is {quantized!r}, expected "
+                         f"{{\"format\": \"int8\" or \"fp4\", \"head\": true or false}}; quantize the "
+                         f"full-precision run again with python -m model.quantize")
     if quantized and trainable:
         raise ValueError(f"{ckpt} is quantized ({quantized['format']}), which is inference-only; start training "
                          f"from the full-precision run it was quantized from ({state.get('source', 'its source')})")

@@ -94,3 +94,16 @@ def test_quantized_formats_side_by_side(tmp_path, capsys):
     assert abs(int8 - none) < 0.01 * none and abs(fp4 - none) < 0.1 * none and fp4 != none
     out = capsys.readouterr().out
     assert "none" in out and "int8" in out and "fp4" in out and "perplexity" in out
+
+
+def test_a_quantized_run_is_labelled_with_its_format(tmp_path):
+    from model.quantize import quantize_run
+    from posttrain_fixtures import make_run
+    quantized, _, _ = quantize_run(make_run(tmp_path / "run"), "fp4", tmp_path / "q")
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("Some held-out prose that the model never saw.\n" * 5)
+    result = evaluate.main([str(quantized), "--data", str(held_out), "--tasks", "0", "--quantize", "none"])
+    assert list(result["by_format"]) == ["fp4"]
+    assert result["by_format"]["fp4"]["projection_bytes_vs_bf16"] == 4.5 / 16
+    plain = evaluate.main([str(quantized), "--data", str(held_out), "--tasks", "0"])
+    assert plain["projection_bytes_vs_bf16"] == 4.5 / 16

@@ -120,6 +120,15 @@ def test_unknown_format_is_refused():
         quantize(tiny(), "int4")
 
 
+@pytest.mark.parametrize("entry", [{"format": "int4", "head": False}, {"format": "int8"}, "int8"])
+def test_a_corrupt_quantization_entry_is_refused(tmp_path, entry):
+    out, _, _ = quantize_run(make_run(tmp_path / "run"), "int8", tmp_path / "q")
+    state_file = next((out / "checkpoints").glob("step_*")) / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "quantization": entry}))
+    with pytest.raises(ValueError, match=r"corrupt checkpoint .*state.json's quantization is .*model.quantize"):
+        load_model(out)
+
+
 def test_wrong_scale_shapes_in_a_checkpoint_are_refused(tmp_path):
     out, _, _ = quantize_run(make_run(tmp_path / "run"), "fp4", tmp_path / "q")
     ckpt = next((out / "checkpoints").glob("step_*"))

@@ -272,10 +272,12 @@ def main(argv: list[str] | None = None) -> dict:
     by_format = {}
     for quantize in args.quantize or [None]:
         model, state = load_model(ckpt, device, quantize=quantize)
-        by_format[quantize or "none"] = evaluate(model, tok, ckpt, device, args, run_tasks, quantize)
+        # "none" loads a run as it is: a run written by model.quantize is labelled with its format
+        label = quantize or state.get("quantization", {}).get("format", "none")
+        by_format[label] = evaluate(model, tok, ckpt, device, args, run_tasks, quantize)
     results: dict = {"checkpoint": str(ckpt), "step": state.get("step")}
     if args.quantize is None:
-        results.update(by_format["none"])
+        results.update(*by_format.values())
         width = max(map(len, results))
         lines = [f"{name:<{width}}  {show(value)}" for name, value in results.items()]
     else:
