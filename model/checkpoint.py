@@ -120,7 +120,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", trainable: 
     A quantized run (state["quantization"], written by model.quantize) loads with its quantized
     projections, for inference; trainable=True (training's --init) refuses it. quantize="int8" or
     "fp4" quantizes a full-precision run's projections on loading (a --quantize flag)."""
-    # model.quantize writes runs through this module, so it is imported here, when needed
     ckpt = resolve(path)
     state = load_state(ckpt)
     quantized = state.get("quantization")
@@ -137,7 +136,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", trainable: 
                          f"full-precision run it was made from ({state.get('source', 'its source')})")
     model = GPT(ModelConfig.from_dict(state["model_config"]))
     if quantized:
-        from model.quantize import prepare
+        from model.quantize import prepare     # imported late: model.quantize writes runs through this module
         prepare(model, quantized["format"], quantized["head"])
     load_weights(ckpt, model)
     if quantize:
