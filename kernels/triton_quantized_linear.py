@@ -15,8 +15,9 @@ per-channel scale multiplies the accumulator once at the end, so its values ente
 exactly (every int8 is exact in fp16 and bf16).
 
 - Skinny path (M <= 16, decoding): BLOCK_M = 16 covers every row, so each weight byte is read
-  from memory exactly once and the rows ride along for free: traffic = N * K * bits / 8 bytes of
-  weights + M * K activations + M * N outputs, which at M = 1 is the weights alone. When the
+  from memory exactly once and the rows ride along for free: traffic = the weights as stored
+  (N * K * bits / 8, plus the scales) + M * K activations + M * N outputs, which at M = 1 is the
+  weights alone. When the
   N / BLOCK_N tiles are too few to fill the GPU (and K is long enough), K is split across SPLIT_K
   programs per tile, each writing fp32 partial sums into a (SPLIT_K, M, N) workspace that one
   small sum reduces (deterministic, no atomics): SPLIT_K * M * N * 8 more bytes, tiny next to
