@@ -269,6 +269,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
     # Dequantize, then one matmul in x's dtype: the weight is materialized at full width, so this
     # reads more bytes than the full-precision layer; the Triton kernel dequantizes tile by tile.
-    # (torch._weight_int8pack_mm, the CPU's int8 weight-only GEMM, measured 2.5x slower than this
-    # fp32 matmul at M=1, K=N=2048 on the 2-core dev machine, so it is not used.)
+    # (torch._weight_int8pack_mm, the CPU's int8 weight-only GEMM, is not used: on the 2-core dev
+    # machine it was no faster than this at M=1 and 47x slower at M=256, K=N=1024;
+    # bench/results/cpu-2cores-2026-12-07-quantized.json.)
     return F.linear(x, quantization.dequantize(qweight, scales, fmt, x.shape[-1], x.dtype))

@@ -32,6 +32,8 @@ of x, dout @ dequant(W), runs in torch.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -116,6 +118,7 @@ def tile_config(M: int, dtype: torch.dtype, gpu: Gpu) -> dict:
     return dict(BLOCK_M=64 if M <= 64 else 128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
+@functools.lru_cache(maxsize=1024)      # forward and plan_forward both ask, on every call
 def geometry(M: int, N: int, K: int, fmt: str, dtype: torch.dtype, gpu: Gpu) -> tuple[dict, int, int]:
     """(tile config, K per split, SPLIT_K) for x (M, K) in dtype times an (N, K) weight in fmt.
 

@@ -135,13 +135,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", trainable: 
         raise ValueError(f"{ckpt} is already quantized ({quantized['format']}); drop --quantize, or quantize the "
                          f"full-precision run it was made from ({state.get('source', 'its source')})")
     model = GPT(ModelConfig.from_dict(state["model_config"]))
+    if quantized or quantize:
+        import model.quantize as quantizer     # imported late: model.quantize writes runs through this module
     if quantized:
-        from model.quantize import prepare     # imported late: model.quantize writes runs through this module
-        prepare(model, quantized["format"], quantized["head"])
+        quantizer.prepare(model, quantized["format"], quantized["head"])
     load_weights(ckpt, model)
     if quantize:
-        from model.quantize import quantize as quantize_model
-        quantize_model(model, quantize)
+        quantizer.quantize(model, quantize)
     return model.to(device), state
 
 

@@ -97,22 +97,22 @@ def quantize(model: GPT, fmt: str, head: bool = False) -> GPT:
     if already is not None:
         raise ValueError(f"the model is already quantized ({already['format']}); quantize the full-precision "
                          f"run instead")
-    model.eval()
-    for parent, name in projections(model, head):
-        layer = getattr(parent, name)
-        weight = model.head_weight if layer is None else layer.weight          # a tied head: the embedding
-        setattr(parent, name, QuantizedLinear.of(weight.detach(), fmt))
-    return model
+    return _replace_projections(model, head, lambda weight: QuantizedLinear.of(weight.detach(), fmt))
 
 
 def prepare(model: GPT, fmt: str, head: bool) -> GPT:
     """Give model the structure of a quantized one (layers of the right shapes, unfilled), ready for
     load_state_dict of a quantized checkpoint."""
+    return _replace_projections(model, head, lambda weight: QuantizedLinear(weight.shape[1], weight.shape[0], fmt))
+
+
+def _replace_projections(model: GPT, head: bool, make) -> GPT:
+    """Each projection (and the head when head) replaced by make(its weight); a tied head's weight
+    is the embedding's. Returns model, in eval mode."""
     model.eval()
     for parent, name in projections(model, head):
         layer = getattr(parent, name)
-        out_features, in_features = (model.head_weight if layer is None else layer.weight).shape
-        setattr(parent, name, QuantizedLinear(in_features, out_features, fmt))
+        setattr(parent, name, make(model.head_weight if layer is None else layer.weight))
     return model
 
 
