@@ -73,7 +73,7 @@ def quantize(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor
     if not bool(torch.isfinite(weight).all()):
         raise ValueError(f"cannot quantize a weight {tuple(weight.shape)} holding NaN or infinite values; "
                          f"the model is broken: quantize a checkpoint from before it diverged")
-    w = weight.detach().float()
+    w = weight.detach().float().contiguous()      # (a decoding model's weights may be transposed in memory)
     if fmt == "int8":
         scales = (w.abs().amax(dim=1) / INT8_MAX).clamp(min=torch.finfo(torch.float32).tiny)   # (N,)
         qweight = (w / scales[:, None]).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)

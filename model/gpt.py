@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import kernels
 from model.config import ModelConfig
+from model.linear import Linear, lay_out, linear
 
 
 class RMSNorm(nn.Module):
@@ -101,8 +102,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
-        self.out = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.qkv = Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim)
+        self.out = Linear(cfg.n_embd, cfg.n_embd)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -128,9 +129,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
-        self.up = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
-        self.out = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+        self.gate = Linear(cfg.n_embd, cfg.mlp_hidden)
+        self.up = Linear(cfg.n_embd, cfg.mlp_hidden)
+        self.out = Linear(cfg.mlp_hidden, cfg.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate(x), self.up(x)                                  # (B * T, mlp_hidden)
@@ -194,10 +195,11 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = None if cfg.tie_embeddings else Linear(cfg.n_embd, cfg.vocab_size)
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.decoding_layout = False    # see lay_out_weights
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -210,6 +212,14 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=residual_std if name.endswith("out.weight") else self.cfg.init_std)
 
+    def lay_out_weights(self, for_decoding: bool) -> None:
+        """Store the weights in the memory order decoding reads fastest, or contiguous (model/linear.py
+        says why). forward() switches as it goes: to the decoding order when it gets a KV cache,
+        back to contiguous when it needs gradients."""
+        if self.decoding_layout != for_decoding:
+            self.decoding_layout = for_decoding
+            lay_out(self, for_decoding)
+
     @property
     def head_weight(self) -> torch.Tensor:
         """The LM head's (V, C) matrix: the embedding's when tied."""
@@ -221,6 +231,8 @@ class GPT(nn.Module):
         loss: a scalar, or (B, T) per-token losses with reduction="none". Targets equal to -100
         are ignored. With a cache, idx continues the cached positions."""
         B, T = idx.shape
+        if cache is not None or torch.is_grad_enabled():
+            self.lay_out_weights(for_decoding=cache is not None)
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.cfg.block_size}; "
@@ -241,7 +253,7 @@ class GPT(nn.Module):
         if targets is None:
             if last_only:
                 h, T = h.view(B, T, -1)[:, -1], 1                                     # (B, C)
-            logits = F.linear(h, self.embed.weight) if self.head is None else self.head(h)
+            logits = linear(h, self.embed.weight) if self.head is None else self.head(h)
             return logits.view(B, T, -1)                                             # (B, T, V)
         loss = kernels.linear_cross_entropy(h, self.head_weight, targets.reshape(B * T), reduction=reduction)
         return loss.view(B, T) if reduction == "none" else loss

@@ -121,3 +121,32 @@ def test_attention_keeps_no_projection_buffer_and_its_output_transpose_is_free(b
     for t in (q, k, v):
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
     assert y.shape == (2, 4, 9, 16) and y.transpose(1, 2).is_contiguous()
+
+
+def test_decoding_stores_wide_weights_transposed_and_training_restores_them(tiny):
+    """A forward with a KV cache lays each weight with out >= in features out (in, out) in memory
+    (the order a CPU matrix-vector product reads fastest); values, shapes and outputs are
+    unchanged, and the next forward that needs gradients makes every weight contiguous again."""
+    idx = torch.randint(0, V, (2, 12))
+    before = {name: p.detach().clone() for name, p in tiny.named_parameters()}
+    expected = tiny(idx)
+    assert all(p.is_contiguous() for p in tiny.parameters())
+
+    with torch.inference_mode():
+        got = tiny(idx, cache=KVCache(tiny.cfg, 2, "cpu", torch.float32))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    wide = {name for name, p in tiny.named_parameters() if p.dim() == 2 and p.shape[0] >= p.shape[1]}
+    assert {"embed.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.gate.weight"} <= wide
+    assert "blocks.0.mlp.out.weight" not in wide                       # out < in: (out, in) reads faster
+    for name, p in tiny.named_parameters():
+        assert p.is_contiguous() == (name not in wide), name
+        assert not p.is_inference() and p.requires_grad
+        torch.testing.assert_close(p, before[name], atol=0, rtol=0)
+    assert not tiny.state_dict()["embed.weight"].is_contiguous()     # what writers must .contiguous()
+
+    loss = tiny(idx, targets=idx)
+    loss.backward()
+    assert all(p.is_contiguous() and p.grad.is_contiguous() for p in tiny.parameters())
+    with torch.no_grad():
+        tiny(idx)                                    # neither decoding nor training: stays as it is
+    assert all(p.is_contiguous() for p in tiny.parameters())
