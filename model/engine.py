@@ -78,6 +78,7 @@ class SlotCache:
         # but 0 * NaN (uninitialised memory) is NaN.
         self.k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layer)]
+        self.sequences = slots
         self.lengths = [0] * slots             # positions filled, per row
         self.rows = slice(0, 0)                # the rows of the next forward
         self.pos = torch.zeros(0, dtype=torch.int64, device=p.device)   # (B,) their lengths

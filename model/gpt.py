@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import kernels
 from model.config import ModelConfig
-from model.linear import Linear, lay_out, linear
+from model.linear import DECODING_LAYOUT_SEQUENCES, Linear, lay_out, linear
 
 
 class RMSNorm(nn.Module):
@@ -68,7 +68,8 @@ class KVCache:
     """Keys and values of every layer for the positions seen so far, preallocated to block_size.
 
     What GPT.forward asks of a cache (model/engine.py's SlotCache keeps one sequence per row, each at
-    its own position, on the same terms): `length`, the positions already filled (the longest row's);
+    its own position, on the same terms): `sequences`, how many it holds (which decides the weights'
+    layout, model/linear.py); `length`, the positions already filled (the longest row's);
     positions(T), what indexes the RoPE tables for the T new positions (a slice here, the same for
     every row); attend(layer, q, k, v), store the new keys and values and attend to everything
     cached; advance(T), once all layers ran.
@@ -78,6 +79,7 @@ class KVCache:
         shape = (batch_size, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.sequences = batch_size
         self.length = 0          # positions filled; advanced by GPT.forward after all layers ran
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,8 +216,9 @@ class GPT(nn.Module):
 
     def lay_out_weights(self, for_decoding: bool) -> None:
         """Store the weights in the memory order decoding reads fastest, or contiguous (model/linear.py
-        says why). forward() switches as it goes: to the decoding order when it gets a KV cache,
-        back to contiguous when it needs gradients."""
+        says why). forward() switches as it goes: to the decoding order when it gets a KV cache of
+        at most DECODING_LAYOUT_SEQUENCES sequences, back to contiguous when it gets a larger one
+        or needs gradients."""
         if self.decoding_layout != for_decoding:
             self.decoding_layout = for_decoding
             lay_out(self, for_decoding)
@@ -232,7 +235,7 @@ class GPT(nn.Module):
         are ignored. With a cache, idx continues the cached positions."""
         B, T = idx.shape
         if cache is not None or torch.is_grad_enabled():
-            self.lay_out_weights(for_decoding=cache is not None)
+            self.lay_out_weights(for_decoding=cache is not None and cache.sequences <= DECODING_LAYOUT_SEQUENCES)
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.cfg.block_size}; "

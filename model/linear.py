@@ -4,11 +4,12 @@ A decoding step multiplies a few rows (one per sequence) by every weight matrix,
 the speed the weights are read from memory. Two things decide that speed on the CPU, both
 measured on the 2-core dev machine (AMD EPYC, fp32; bench/test_vs_transformers.py):
 
-- Memory order. MKL reads a weight whose output index is contiguous ((in, out) in memory) at
-  16-23 GB/s, against 12-13 GB/s for nn.Linear's (out, in), when out >= in; for out < in (the
-  MLP's down projection) (out, in) is the faster one, 16 against 15 GB/s. Training's GEMMs run
-  as fast or faster on (out, in). `lay_out` moves between the two without changing shapes,
-  values or state_dict keys (only strides; writers call .contiguous()).
+- Memory order. With one row, MKL reads a weight whose output index is contiguous ((in, out) in
+  memory) at 17-22 GB/s, against 12-13 GB/s for nn.Linear's (out, in), when out >= in; for
+  out < in (the MLP's down projection) (out, in) is the faster one, 18 against 14 GB/s. From 4
+  rows on, and in training's GEMMs, (out, in) is as fast or faster. So the decoding order is
+  for caches of at most DECODING_LAYOUT_SEQUENCES sequences; `lay_out` moves between the two
+  without changing shapes, values or state_dict keys (only strides; writers call .contiguous()).
 - Threads. MKL runs a product with a handful of rows on one thread, however many torch has:
   about 20 GB/s here, while two cores read about 30. `linear` splits the weight's output
   features into one slice per thread and multiplies the slices as one batch, which torch.bmm
@@ -18,13 +19,15 @@ nor off the CPU; the split not to weights under SPLIT_MIN elements (the tiny pre
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
 
 FEW_ROWS = 16         # up to this many rows a product is a stream over the weight, not a GEMM
 SPLIT_MIN = 2**18     # elements; a smaller weight is read in microseconds, less than waking threads costs
+DECODING_LAYOUT_SEQUENCES = 2
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -57,7 +60,8 @@ def lay_out(model: nn.Module, for_decoding: bool) -> None:
     """Store each 2-D CPU weight of model with out >= in transposed in memory (for_decoding), or
     every weight contiguous (not for_decoding), in place of its .data. A model sharded by FSDP
     keeps its layout: FSDP owns its weights' storage (it gathers them into it for each forward)."""
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
+    fsdp = sys.modules.get("torch.distributed.fsdp")     # not imported: nothing is sharded (importing costs 0.5 s)
+    if fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in model.modules()):
         return
     with torch.inference_mode(False), torch.no_grad():      # ordinary tensors, even inside generate()
         for w in model.parameters():

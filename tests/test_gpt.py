@@ -124,9 +124,10 @@ def test_attention_keeps_no_projection_buffer_and_its_output_transpose_is_free(b
 
 
 def test_decoding_stores_wide_weights_transposed_and_training_restores_them(tiny):
-    """A forward with a KV cache lays each weight with out >= in features out (in, out) in memory
-    (the order a CPU matrix-vector product reads fastest); values, shapes and outputs are
-    unchanged, and the next forward that needs gradients makes every weight contiguous again."""
+    """A forward with a KV cache of at most two sequences lays each weight with out >= in features
+    out (in, out) in memory (the order a CPU matrix-vector product reads fastest); values, shapes
+    and outputs are unchanged, and the next forward that needs gradients, or has a cache of more
+    sequences, makes every weight contiguous again."""
     idx = torch.randint(0, V, (2, 12))
     before = {name: p.detach().clone() for name, p in tiny.named_parameters()}
     expected = tiny(idx)
@@ -150,3 +151,9 @@ def test_decoding_stores_wide_weights_transposed_and_training_restores_them(tiny
     with torch.no_grad():
         tiny(idx)                                    # neither decoding nor training: stays as it is
     assert all(p.is_contiguous() for p in tiny.parameters())
+
+    with torch.inference_mode():
+        tiny(idx[:1], cache=KVCache(tiny.cfg, 1, "cpu", torch.float32))
+        assert not tiny.embed.weight.is_contiguous()
+        tiny(idx[:1].expand(3, -1), cache=KVCache(tiny.cfg, 3, "cpu", torch.float32))   # (out, in) reads faster
+        assert all(p.is_contiguous() for p in tiny.parameters())
