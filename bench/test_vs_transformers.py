@@ -28,7 +28,11 @@ attn_implementation="eager"):
 
 Every row runs at 1 thread and at all threads (torch.set_num_threads, restored after). Ours rows
 carry vs_transformers (our tokens/s / transformers') and peak_vs_transformers (our peak /
-transformers') in extra_info, written once both rows of a group have run.
+transformers') in extra_info, written once both rows of a group have run, and
+vs_transformers_paired: the median over paired rounds (as many as the timed rounds; 3 for the
+small preset on CPU) of transformers' (sdpa) seconds / ours, the two run back to back in
+alternating order. A burst of load on a shared machine then slows both sides of one ratio, where
+it may slow one whole row; the paired ratio is the one to quote.
 
 On CPU the default set takes about 2 minutes on 2 quiet cores: the small preset runs one timed
 round (a CPU train step there takes seconds), its train step only at all threads and its decode
@@ -261,9 +265,9 @@ def copy_gbps(threads: str) -> float:
     return _COPY_GBPS[threads]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("preset,threads", TRAIN_CASES, indirect=["threads"])
-def test_train_step(benchmark, preset, threads, impl):
+def _train_step(impl: str, preset: str):
+    """(model, step(), optimizer, batch) for one train step of impl at preset, the optimizer's
+    state already created."""
     ours, theirs = models(preset, attention=_attention(impl))
     model = theirs if impl in THEIRS else ours
     model.train()
@@ -284,29 +288,74 @@ def test_train_step(benchmark, preset, threads, impl):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    warmup, timed = rounds(preset)
-    with kernels.use("triton" if impl == "triton" else "torch"):
+    with kernels.use(_backend(impl)):
         _init_optimizer_state(model, optimizer)
+    return model, step, optimizer, (x, y, labels)
+
+
+def _backend(impl: str) -> str:
+    return "triton" if impl == "triton" else "torch"
+
+
+def _paired_ratio(ours, theirs, rounds: int) -> float:
+    """Median over rounds of theirs' seconds / ours' seconds, the two run back to back (in
+    alternating order), so that a burst of load on a shared machine slows both sides of a
+    ratio instead of one whole row."""
+    ratios, pair = [], (("ours", ours), ("theirs", theirs))
+    for r in range(rounds):
+        seconds = {}
+        for name, run in pair if r % 2 == 0 else pair[::-1]:
+            start = time.perf_counter()
+            run()
+            sync()
+            seconds[name] = time.perf_counter() - start
+        ratios.append(seconds["theirs"] / seconds["ours"])
+    return statistics.median(ratios)
+
+
+def _paired_rounds(preset: str, seconds_per_pair: float) -> int:
+    """Paired rounds for an ours row: the timed rounds' count, fewer on CPU outside the full
+    set when they would take over ROW_BUDGET_S."""
+    timed = rounds(preset)[1]
+    if preset == "small" and not ON_GPU:
+        timed = 3
+    if not ON_GPU and not FULL:
+        timed = max(1, min(timed, int(ROW_BUDGET_S / seconds_per_pair)))
+    return timed
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("preset,threads", TRAIN_CASES, indirect=["threads"])
+def test_train_step(benchmark, preset, threads, impl):
+    model, step, optimizer, batch = _train_step(impl, preset)
+    V, B, T = (PRESETS[preset][k] for k in ("vocab", "batch", "seq"))
+    warmup, timed = rounds(preset)
+    with kernels.use(_backend(impl)):
         start = time.perf_counter()
-        peak = _peak_bytes(step, model, optimizer, (x, y, labels))     # also the first warm-up step
+        peak = _peak_bytes(step, model, optimizer, batch)                # also the first warm-up step
         median = _time(benchmark, step, warmup, timed, estimate=time.perf_counter() - start)
     shape = f"{preset} V={V} B={B} T={T} {_threads_label(threads)}"
     _label(benchmark, op="train_step", pass_="fwdbwd", backend=impl, shape=shape, dtype=DTYPE, threads=threads)
     info = benchmark.extra_info
     info.update({"tokens/s": B * T / median, "peak_MiB": peak / 2**20,
                  "peak_method": "torch.cuda.max_memory_allocated" if ON_GPU else "torch.profiler allocator events"})
+    if impl not in THEIRS:
+        theirs, their_step, their_optimizer, _ = _train_step("transformers", preset)
+        their_step()                                                     # its warm-up
+        with kernels.use(_backend(impl)):
+            info["vs_transformers_paired"] = _paired_ratio(step, their_step, _paired_rounds(preset, 2 * median))
+        del their_optimizer
+        theirs.zero_grad(set_to_none=True)
     _record(("train_step", shape), impl, info)
     del optimizer
     model.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("preset,threads,batch", GENERATE_CASES, indirect=["threads"])
-def test_generate(benchmark, preset, threads, batch, impl):
+def _generate_run(impl: str, preset: str, batch: int):
+    """run(new tokens) for greedy generation by impl from a random (batch, PROMPT) prompt."""
     ours, theirs = models(preset, DTYPE, _attention(impl))
     model = (theirs if impl in THEIRS else ours).eval()
-    V = PRESETS[preset]["vocab"]
-    prompt = torch.randint(0, V, (batch, PROMPT), device=DEVICE)
+    prompt = torch.randint(0, PRESETS[preset]["vocab"], (batch, PROMPT), device=DEVICE)
 
     def run(new: int = NEW_TOKENS):
         if impl in THEIRS:
@@ -316,19 +365,32 @@ def test_generate(benchmark, preset, threads, batch, impl):
         else:
             out = generate(model, prompt, new, temperature=0, use_cache=True)
         assert out.shape == (batch, PROMPT + new)
+    return run
 
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("preset,threads,batch", GENERATE_CASES, indirect=["threads"])
+def test_generate(benchmark, preset, threads, batch, impl):
+    run = _generate_run(impl, preset, batch)
     warmup, timed = rounds(preset)
-    with kernels.use("triton" if impl == "triton" else "torch"):
+    with kernels.use(_backend(impl)):
         start = time.perf_counter()
         run(4)                                             # a short warm-up: code paths, allocator
         short = time.perf_counter() - start
         median = _time(benchmark, run, warmup, timed, estimate=short * NEW_TOKENS / 4)
+    V = PRESETS[preset]["vocab"]
     shape = f"{preset} V={V} B={batch} prompt={PROMPT} new={NEW_TOKENS} {_threads_label(threads)}"
     _label(benchmark, op="generate", pass_="greedy", backend=impl, shape=shape, dtype=DTYPE, threads=threads)
     info = benchmark.extra_info
+    ours = models(preset, DTYPE, _attention(impl))[0]
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())   # tied head counted once
     info.update({"tokens/s": batch * NEW_TOKENS / median, "GB/s": NEW_TOKENS * weight_bytes / median / 1e9,
                  "weight_MiB": weight_bytes / 2**20})
     info["copy_GB/s"] = copy_gbps(threads)
     info["bandwidth_fraction"] = info["GB/s"] / info["copy_GB/s"]
+    if impl not in THEIRS:
+        theirs = _generate_run("transformers", preset, batch)
+        theirs(4)                                          # its warm-up
+        with kernels.use(_backend(impl)):
+            info["vs_transformers_paired"] = _paired_ratio(run, theirs, _paired_rounds(preset, 2 * median))
     _record(("generate", shape), impl, info)
