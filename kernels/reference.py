@@ -75,9 +75,8 @@ class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up saving only gate and up: autograd through F.silu(gate) * up also keeps
     silu(gate), a third activation of the MLP's width. The backward recomputes it:
     d up = dy * silu(gate), d gate = silu'(gate) * dy * up, the latter by aten's fused
-    silu_backward, written over its dy * up input. Four elementwise passes and two MLP-wide
-    allocations (on the CPU a fresh allocation of that size costs as much as a pass: its pages
-    fault in on first touch), where the composite with sigmoid took nine passes and three."""
+    silu_backward, written over its dy * up input: four elementwise passes and two MLP-wide
+    allocations, where the composite with sigmoid took nine passes and three."""
 
     @staticmethod
     def forward(ctx, gate, up):
@@ -201,8 +200,8 @@ def _lce_chunks(hidden: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, ig
         if row_grad is None:
             continue
         grad = _ce_grad_(x, lse, safe_targets, kept, row_grad[rows], label_smoothing, z_loss).to(w.dtype)
-        # Written in place (for fp32 weights): a fresh (V, D) product per chunk would cost an add
-        # pass plus, on the CPU, faulting in its pages, which takes as long as the add.
+        # Written in place (for fp32 weights): a fresh (V, D) product per chunk would cost an
+        # allocation of the whole head's size and an add pass over it.
         if grad_hidden is not None:
             torch.mm(grad, w, out=grad_hidden[rows])
         if grad_weight is None:

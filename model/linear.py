@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 FEW_ROWS = 16         # up to this many rows a product is a stream over the weight, not a GEMM
 SPLIT_MIN = 2**18     # elements; a smaller weight is read in microseconds, less than waking threads costs
-DECODING_LAYOUT_SEQUENCES = 2
+DECODING_LAYOUT_SEQUENCES = 2   # caches of up to this many sequences get the decoding order (see above)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
