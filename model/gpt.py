@@ -214,11 +214,14 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=residual_std if name.endswith("out.weight") else self.cfg.init_std)
 
+    @torch.compiler.disable
     def lay_out_weights(self, for_decoding: bool) -> None:
         """Store the weights in the memory order decoding reads fastest, or contiguous (model/linear.py
         says why). forward() switches as it goes: to the decoding order when it gets a KV cache of
         at most DECODING_LAYOUT_SEQUENCES sequences, back to contiguous when it gets a larger one
-        or needs gradients."""
+        or needs gradients. Under torch.compile this runs eagerly, before the compiled graph, which
+        assumes its weights' strides: a sample taken with the bare module in between transposes
+        them, and the next compiled training step must find them contiguous again."""
         if self.decoding_layout != for_decoding:
             self.decoding_layout = for_decoding
             lay_out(self, for_decoding)

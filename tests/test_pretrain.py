@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,18 @@ def test_clear_errors_for_runs(dataset, tmp_path, capsys):
         main(flags(dataset, tmp_path / "bad", 2, 4, "--kernels", "rms_norm=cuda"))
     assert "valid backends are auto, triton, torch" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="torch.compile on the CPU needs a C++ compiler (g++, or $CXX)")
+def test_compiled_run_trains_on_after_sampling(dataset, tmp_path):
+    """torch.compile'd training continues after an evaluation whose sample decoded with the bare
+    module (which stores the weights in the decoding order), with the uncompiled run's losses."""
+    main(flags(dataset, tmp_path / "eager", 8, 2, "--eval-interval", "4"))
+    main(flags(dataset, tmp_path / "compiled", 8, 2, "--eval-interval", "4", "--compile"))
+    assert (tmp_path / "compiled" / "samples.txt").read_text().count("step 4") == 1
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4, abs=1e-5)
 
 
 def test_kernel_parity_torch_vs_triton(dataset, tmp_path):
