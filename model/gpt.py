@@ -238,7 +238,9 @@ class GPT(nn.Module):
         are ignored. With a cache, idx continues the cached positions."""
         B, T = idx.shape
         if cache is not None or torch.is_grad_enabled():
-            self.lay_out_weights(for_decoding=cache is not None and cache.sequences <= DECODING_LAYOUT_SEQUENCES)
+            for_decoding = cache is not None and cache.sequences <= DECODING_LAYOUT_SEQUENCES
+            if for_decoding != self.decoding_layout:      # checked here too: torch.compile traces no call
+                self.lay_out_weights(for_decoding)
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.cfg.block_size}; "
