@@ -29,8 +29,8 @@ attn_implementation="eager"):
 Every row runs at 1 thread and at all threads (torch.set_num_threads, restored after). Ours rows
 carry vs_transformers (our tokens/s / transformers') and peak_vs_transformers (our peak /
 transformers') in extra_info, written once both rows of a group have run, and
-vs_transformers_paired: the median over paired rounds (as many as the timed rounds; 3 for the
-small preset on CPU) of transformers' (sdpa) seconds / ours, the two run back to back in
+vs_transformers_paired: the median over paired rounds (as many as the row's timed rounds) of
+transformers' (sdpa) seconds / ours, the two run back to back in
 alternating order. A burst of load on a shared machine then slows both sides of one ratio, where
 it may slow one whole row; the paired ratio is the one to quote.
 
@@ -131,7 +131,7 @@ def _time(benchmark, run, warmup: int, timed: int, estimate: float | None = None
         sync()
 
     if estimate and not ON_GPU and not FULL and estimate * (warmup + timed) > ROW_BUDGET_S:
-        warmup, timed = 0, max(1, min(timed, int(ROW_BUDGET_S / estimate)))
+        warmup, timed = 0, _within_budget(timed, estimate)
     for _ in range(warmup):
         once()
     benchmark.pedantic(once, rounds=timed, iterations=1, warmup_rounds=0)
@@ -317,11 +317,12 @@ def _paired_rounds(preset: str, seconds_per_pair: float) -> int:
     """Paired rounds for an ours row: the timed rounds' count, fewer on CPU outside the full
     set when they would take over ROW_BUDGET_S."""
     timed = rounds(preset)[1]
-    if preset == "small" and not ON_GPU:
-        timed = 3
-    if not ON_GPU and not FULL:
-        timed = max(1, min(timed, int(ROW_BUDGET_S / seconds_per_pair)))
-    return timed
+    return timed if ON_GPU or FULL else _within_budget(timed, seconds_per_pair)
+
+
+def _within_budget(count: int, seconds_each: float) -> int:
+    """At most count rounds, as many as fit in ROW_BUDGET_S, at least one."""
+    return max(1, min(count, int(ROW_BUDGET_S / seconds_each)))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
