@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in facts.items():
         print(f"{key}: {value}")
     if args:
-        from model.files import atomic_write_text
+        from model.io.files import atomic_write_text
         atomic_write_text(args[0], json.dumps(facts, indent=2) + "\n")
     return 0
 

@@ -65,7 +65,7 @@ step() {
 
 # No -x: every failure is recorded. A module whose imports fail (say hypothesis is missing) is
 # reported as an error while the other modules still run.
-step kernel-tests 100 "${PYTEST[@]}" --continue-on-collection-errors tests/test_triton_*.py tests/test_kernels*.py
+step kernel-tests 100 "${PYTEST[@]}" --continue-on-collection-errors tests/kernels/test_triton_*.py tests/kernels/test_kernels*.py
 
 # Seconds per suite at the quick shapes, about 5 minutes in all: estimates, not yet timed on a GPU,
 # with room for a fresh process's imports and torch.compile's first compiles in each. The train
@@ -109,7 +109,7 @@ fi
     echo "|---|---|---|"
     awk -F'\t' '{ printf "| %s | %s | %s |\n", $1, $2, $3 }' "$OUT/steps.txt"
     echo
-    echo "## Kernel tests (tests/test_triton_*.py, tests/test_kernels*.py on CUDA)"
+    echo "## Kernel tests (tests/kernels/test_triton_*.py, tests/kernels/test_kernels*.py on CUDA)"
     echo
     echo "    $(tail -n 1 "$OUT/logs/kernel-tests.log" 2>/dev/null)"
     grep -E '^(FAILED|ERROR) ' "$OUT/logs/kernel-tests.log" 2>/dev/null | head -n 60 | sed 's/^/    /'

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.files import atomic_write_text
+from model.io.files import atomic_write_text
 
 # Backends in column order; any other backend name found in a file follows, alphabetically.
 BACKEND_ORDER = ("triton", "torch", "compile", "sdpa", "sdpa_flash", "sdpa_cudnn", "liger")

@@ -1,4 +1,4 @@
-"""What continuous batching buys: aggregate tokens/s of model.serve with 1, 4 and 16 concurrent
+"""What continuous batching buys: aggregate tokens/s of model.serve.api with 1, 4 and 16 concurrent
 clients, batched (--max-batch 16) against one request at a time (--max-batch 1).
 
     python -m bench.serving [--presets tiny,small] [--clients 1,4,16] [--json FILE] [--md FILE]
@@ -34,10 +34,10 @@ import torch
 
 from bench.ceilings import cpu_model
 from model import GPT, ModelConfig
-from model.checkpoint import write
+from model.io.checkpoint import write
 from model.command import run_command
-from model.files import atomic_write_text
-from model.serve import listen
+from model.io.files import atomic_write_text
+from model.serve.api import listen
 from model.tokenizer import Tokenizer
 
 VOCAB = {"tiny": 4096, "small": 8192}          # as bench/test_vs_transformers.py

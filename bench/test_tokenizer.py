@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from train.sources import iter_documents
+from train.data.sources import iter_documents
 from model.tokenizer import DEFAULT_SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 TRAIN_BYTES, HELD_OUT_BYTES, VOCAB = 10_000_000, 2_000_000, 8192

@@ -63,7 +63,7 @@ from train.config import TrainConfig
 from train.loop import make_optimizer
 
 pytest.importorskip("transformers")
-from model.hf import llama_model  # noqa: E402
+from model.io.hf import llama_model  # noqa: E402
 
 FULL = os.environ.get("TRITONGPT_BENCH_FULL") == "1"
 ALL_THREADS = torch.get_num_threads()

@@ -51,7 +51,7 @@ Shared launcher helpers live in ``kernels/launching.py``: ``interpreting()`` (th
 the Triton interpreter), ``Gpu``/``gpu_of``, ``Launch``/``run``, ``as_rows``, ``reduce_losses``, ``default_chunk_rows``,
 ``compute_dtype``. ``kernels/reference.py`` holds only the torch references.
 ``kernels/quantization.py`` defines the weight formats of ``quantized_linear`` (int8 and fp4:
-quantize, pack, dequantize), which both backends and model/quantize.py share.
+quantize, pack, dequantize), which both backends and model/io/quantized.py share.
 """
 from __future__ import annotations
 

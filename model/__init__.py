@@ -1,7 +1,7 @@
 """The tritongpt model: configuration, the GPT, generation (model.generate), the tokenizer and chat
-template, and reading trained runs (model.checkpoint).
+template, and reading trained runs (model.io.checkpoint).
 
-GPT and ModelConfig are imported on first use, so the modules that need no torch (model.files,
+GPT and ModelConfig are imported on first use, so the modules that need no torch (model.io.files,
 model.chat_format) stay light for tools such as bench.report.
 """
 from __future__ import annotations

@@ -67,7 +67,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Keys and values of every layer for the positions seen so far, preallocated to block_size.
 
-    What GPT.forward asks of a cache (model/engine.py's SlotCache keeps one sequence per row, each at
+    What GPT.forward asks of a cache (model/serve/engine.py's SlotCache keeps one sequence per row, each at
     its own position, on the same terms): `sequences`, how many it holds (which decides the weights'
     layout, model/linear.py); `length`, the positions already filled (the longest row's);
     positions(T), what indexes the RoPE tables for the T new positions (a slice here, the same for

@@ -45,7 +45,7 @@ import regex
 import tiktoken
 
 from model.chat_format import SPECIALS
-from model.files import atomic_write_text
+from model.io.files import atomic_write_text
 
 # Digits split one per chunk, as LLaMA's tokenizer does: with GPT-4's groups of up to 3, BPE made 67 of
 # the numbers 0..99 one token and the rest two, and a small model learns no arithmetic over that.

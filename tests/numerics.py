@@ -48,3 +48,22 @@ def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0, d
 
 
 cpu_randn = functools.partial(randn, device="cpu")   # for tests of the references and of input checks
+
+
+def exact_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                        reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+    """kernels.cross_entropy's definition, evaluated in float64."""
+    x = logits.double()                                                          # (N, V)
+    kept = targets != ignore_index
+    lse = torch.logsumexp(x, dim=-1)
+    nll = lse - x.gather(1, targets.masked_fill(~kept, 0)[:, None]).squeeze(1)
+    losses = (1 - label_smoothing) * nll + label_smoothing * (lse - x.mean(dim=-1)) + z_loss * lse.square()
+    losses = torch.where(kept, losses, 0.0)
+    if reduction == "none":
+        return losses
+    return losses.sum() if reduction == "sum" else losses.sum() / kept.sum().clamp(min=1)
+
+
+def make_targets(n: int, v: int, ignore_index: int = -100, ignored: float = 0.25) -> torch.Tensor:
+    targets = torch.randint(0, v, (n,), device=DEVICE)
+    return targets.masked_fill(torch.rand(n, device=DEVICE) < ignored, ignore_index)

@@ -9,7 +9,7 @@ import torch
 
 from model import GPT, ModelConfig
 from train import checkpoint
-from train.tasks import make_tasks
+from train.data.tasks import make_tasks
 from model.tokenizer import Tokenizer
 
 

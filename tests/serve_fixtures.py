@@ -6,7 +6,7 @@ import time
 
 import uvicorn
 
-from model.serve import listen
+from model.serve.api import listen
 
 
 class LoopbackServer:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.checkpoint import write
+from model.io.checkpoint import write
 
 
 def rng_state() -> dict:

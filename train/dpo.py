@@ -22,12 +22,13 @@ import torch.nn.functional as F
 
 from model import GPT
 from model.command import run_command
-from train import evaluate, tasks
+from train.data import tasks
+from train.eval import evaluate
 from train.config import TrainConfig, non_negative, option, positive
 from train.launch import Stage, run
 from train.posttrain import PostConfig, PostJob, held_out_tasks, holdout, load_init, report
 from train.runtime import Runtime
-from train.sft_data import IGNORE, Example, collate, encode_pairs, load_dpo
+from train.data.sft_data import IGNORE, Example, collate, encode_pairs, load_dpo
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 import kernels
 from model import GPT
-from model import checkpoint as saved
+from model.io import checkpoint as saved
 from train import cli, runtime
 from train.config import TrainConfig
 from train.loop import Job, fit

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from tqdm.auto import tqdm
 
 from model import GPT
-from model import checkpoint as saved
+from model.io import checkpoint as saved
 from model.tokenizer import Tokenizer
 from train import checkpoint
 from train.config import TrainConfig

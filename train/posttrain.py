@@ -9,13 +9,14 @@ import torch
 
 from model import GPT
 from model.chat_format import ChatTokens
-from model.checkpoint import load_model, load_tokenizer
+from model.io.checkpoint import load_model, load_tokenizer
 from model.tokenizer import Tokenizer
-from train import evaluate, tasks
+from train.data import tasks
+from train.eval import evaluate
 from train.config import TrainConfig, absolute_path, option, positive
 from train.runlog import RunLog
 from train.runtime import Runtime
-from train.sft_data import stream_indices
+from train.data.sft_data import stream_indices
 
 
 @dataclass

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from model import GPT, ModelConfig
-from model.checkpoint import load_model, load_tokenizer
+from model.io.checkpoint import load_model, load_tokenizer
 from model.command import run_command
 from model.config import PRESETS
 from model.generate import generate
 from model.tokenizer import Tokenizer
 from train.config import TrainConfig, absolute_path, at_least, greater_than, option, positive
-from train.data import MIN_VOCAB, PreparedData, non_empty, prepare
+from train.data.prepare import MIN_VOCAB, PreparedData, non_empty, prepare
 from train.launch import Stage, run
 from train.runtime import Runtime
 

@@ -5,7 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from model.files import atomic_write_text
+from model.io.files import atomic_write_text
 
 
 class RunLog:

@@ -15,12 +15,12 @@ import torch
 
 from model import GPT
 from model.command import run_command
-from train import tasks
+from train.data import tasks
 from train.config import TrainConfig, option
 from train.launch import Stage, run
 from train.posttrain import PostConfig, PostJob, held_out_tasks, holdout, load_init, report
 from train.runtime import Runtime
-from train.sft_data import IGNORE, Example, collate, encode, load_sft
+from train.data.sft_data import IGNORE, Example, collate, encode, load_sft
 
 
 @dataclass

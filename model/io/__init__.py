@@ -1,0 +1,1 @@
+"""File formats and I/O: checkpoints, quantized runs, transformers interop, atomic writes."""

@@ -1,0 +1,1 @@
+"""Serving: the continuous-batching engine, the OpenAI-compatible API, the web and terminal chats."""

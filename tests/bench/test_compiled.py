@@ -1,0 +1,122 @@
+"""bench/compiled.py: every kernel compiles for Hopper and Ampere, ahead of time on the CPU, and
+the compiled code keeps the static goals (DESIGN.md section 6, issue 13).
+
+The report runs in a subprocess without TRITON_INTERPRET (this suite interprets the kernels,
+and interpreted kernels cannot be compiled), once per architecture for the whole module, on the
+quick set: bf16, one benchmark shape per op and pass, every autotune candidate on sm_90a and
+the first candidate of each launch on sm_80.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import compiled
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def report(tmp_path_factory, *flags: str) -> list[dict]:
+    out = tmp_path_factory.mktemp("compiled") / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-m", "bench.compiled", "--quick", "--json", str(out), *flags],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.exists(), done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def hopper(tmp_path_factory) -> list[dict]:
+    return report(tmp_path_factory, "--arch", "sm_90a")
+
+
+@pytest.fixture(scope="module")
+def ampere(tmp_path_factory) -> list[dict]:
+    return report(tmp_path_factory, "--arch", "sm_80", "--one-config")
+
+
+def test_every_kernel_compiles_for_sm90a_and_sm80(hopper, ampere):
+    for rows in (hopper, ampere):
+        assert [r for r in rows if "error" in r] == []
+    kernels = {r["kernel"] for r in hopper}
+    assert kernels == {r["kernel"] for r in ampere}
+    assert {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
+            "_cross_entropy_fwd_kernel", "_cross_entropy_bwd_kernel", "_causal_attention_fwd_kernel",
+            "_causal_attention_delta_kernel", "_causal_attention_dkdv_kernel", "_causal_attention_dq_kernel",
+            "_causal_attention_decode_kernel", "_causal_attention_combine_kernel", "_quantized_linear_fwd_kernel"} <= kernels
+
+
+def test_no_selectable_candidate_spills(hopper):
+    spilling = [(r["kernel"], r["spec"], r["num_warps"]) for r in hopper if r["spill_stores"] or r["spill_loads"]]
+    assert spilling == []
+
+
+def test_attention_tiles_of_64_rows_use_wgmma_and_tma_candidates_use_tma(hopper):
+    attention = [r for r in hopper if r["kernel"].startswith("_causal_attention") and "BLOCK_N" in r["spec"]]
+    wide = [r for r in attention if int(compiled.constexprs_of(r)["BLOCK_M"]) >= 64]
+    assert wide and all(r["hgmma"] > 0 for r in wide)
+    tma = [r for r in attention if compiled.constexprs_of(r).get("USE_TMA") == "True"]
+    assert {r["kernel"] for r in tma} == {"_causal_attention_fwd_kernel", "_causal_attention_dkdv_kernel",
+                                          "_causal_attention_dq_kernel"}
+    assert all(r["utmaldg"] > 0 for r in tma)
+
+
+def test_attention_backward_fits_two_programs_per_sm(hopper):
+    for head_dim in ("64", "128"):
+        dkdv = [r for r in hopper if r["kernel"] == "_causal_attention_dkdv_kernel"
+                and compiled.constexprs_of(r)["HEAD_DIM"] == head_dim]
+        assert max(r["programs_per_sm"] for r in dkdv) >= 2
+
+
+def test_grids_fill_the_gpu(hopper):
+    """Decoding spreads over at least 2 waves; the RMSNorm backward's fixed grid is resident at
+    once; the cross-entropy inside linear cross-entropy runs at least 4 waves per chunk."""
+    decode = [r for r in hopper if r["kernel"] == "_causal_attention_decode_kernel"]
+    assert decode and all(w >= 2 for r in decode for s, w in r["waves"].items() if "H=32/8 T=1/4096" in s)
+    rms_backward = [r for r in hopper if r["kernel"] == "_rms_norm_bwd_kernel"]
+    assert rms_backward and all(w <= 1 for r in rms_backward for w in r["waves"].values())
+    lce = [r for r in hopper if r["op"] == "linear_cross_entropy fwd"]
+    assert lce and all(w >= 4 for r in lce for w in r["waves"].values())
+
+
+def test_quantized_linear_runs_on_warpgroup_mma_and_fills_the_gpu_when_decoding(hopper):
+    """Both formats and both paths dequantize into HGMMA on Hopper; a one-row decode step splits K
+    until every one of the 132 SMs has programs to run."""
+    rows = [r for r in hopper if r["kernel"] == "_quantized_linear_fwd_kernel"]
+    assert {compiled.constexprs_of(r)["FP4"] for r in rows} == {"True", "False"}
+    assert all(r["hgmma"] > 0 for r in rows)
+    decode = [grid for r in rows for s, grid in r["shapes"].items() if s.startswith("M=1 ")]
+    assert decode and min(decode) >= compiled.TARGETS["sm_90a"].sms
+    assert any(compiled.constexprs_of(r)["SPLIT"] == "True" for r in rows)
+
+
+def test_sass_facts_read_the_instructions():
+    sass = """
+        /*0100*/                   LDG.E.128 R4, desc[UR6][R2.64] ;
+        /*0110*/              @!P0 LDG.E.U16 R8, desc[UR6][R6.64] ;
+        /*0120*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0130*/                   UTMALDG.2D [UR8], [UR10] ;
+        /*0140*/                   STL.64 [R1], R4 ;
+    """
+    facts = compiled.sass_facts(sass)
+    assert facts == {"hgmma": 1, "hmma": 0, "utmaldg": 1, "local": 1, "loads": {"128": 1, "16": 1}}
+
+
+def test_occupancy_counts_registers_shared_memory_and_threads():
+    h100 = compiled.TARGETS["sm_90a"]
+    spec = compiled.Spec("m", "k", (), (), (), num_warps=4, num_stages=3)
+    assert compiled.programs_per_sm({"registers": 255, "shared": 0}, spec, h100) == 2      # 64K regs / (256 * 128)
+    assert compiled.programs_per_sm({"registers": 32, "shared": 100 * 1024}, spec, h100) == 2   # shared memory
+    assert compiled.programs_per_sm({"registers": 16, "shared": 0}, spec, h100) == 16     # 2048 threads
+
+
+def test_refuses_interpreted_kernels(monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert compiled.main(["--quick"]) == 2
+    assert "unset it" in capsys.readouterr().err

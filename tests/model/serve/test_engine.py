@@ -1,0 +1,185 @@
+"""model.serve.engine: batched replies equal model.generate's one at a time, token for token, whatever else
+shares the batch (late arrivals prefilled mid-decode, rows retired and moved); seeded sampling is
+reproducible; stop strings, the context's end, cancellation and a failing forward."""
+import time
+
+import pytest
+import torch
+
+from model.chat_format import ChatTokens
+from model.serve.engine import Delta, Engine, Request, SlotCache, TextStream
+from model.generate import generate
+from posttrain_fixtures import tiny_model, tokenizer
+
+TOK = tokenizer()
+STOP = tuple(ChatTokens.of(TOK).stop)
+
+
+@pytest.fixture(scope="module")
+def model():
+    # A larger init spreads the logits: replies vary and some end on a stop token early.
+    return tiny_model(n_layer=2, init_std=0.3).eval()
+
+
+@pytest.fixture
+def engine(model):
+    engine = Engine(model, TOK, max_batch=4)
+    yield engine
+    engine.close()
+
+
+def prompts(n: int) -> list[list[int]]:
+    return [[ChatTokens.of(TOK).bos, *TOK.encode(f"What is {i} + {3 * i}? {'and ' * i}")] for i in range(n)]
+
+
+def submit(engine, request):
+    deltas: list[Delta] = []
+    return engine.submit(request, deltas.append), deltas
+
+
+def wait(seqs, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not all(s.done for s in seqs):
+        assert time.monotonic() < deadline, "requests did not finish"
+        time.sleep(0.005)
+
+
+def reference(model, request) -> list[int]:
+    """model.generate's reply to the request, alone, without its stop token."""
+    out = generate(model, torch.tensor([request.prompt]), request.max_tokens, request.temperature,
+                   request.top_k, request.top_p, stop_tokens=request.stop_tokens, seed=request.seed)
+    reply = out[0, len(request.prompt):].tolist()
+    return reply[:-1] if reply[-1] in request.stop_tokens else reply
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=40, top_p=0.9)])
+def test_batched_replies_equal_generate_alone(model, engine, sampling):
+    # 10 requests through 4 rows: late ones are prefilled while others decode, rows retire at
+    # different lengths (max_tokens and stop tokens) and the last row moves into each hole.
+    requests = [Request(p, max_tokens=12 + 3 * i, stop_tokens=STOP, seed=100 + i, **sampling)
+                for i, p in enumerate(prompts(10))]
+    started = [submit(engine, r) for r in requests[:3]]
+    wait([s for s, _ in started[:1]])
+    started += [submit(engine, r) for r in requests[3:]]
+    wait([s for s, _ in started])
+    assert engine.stats.peak_batch == 4
+    for request, (seq, deltas) in zip(requests, started):
+        expected = reference(model, request)
+        assert seq.text.ids == expected, (requests.index(request), seq.text.ids, seq.generated, [d.text for d in deltas], id(seq.text))
+        assert "".join(d.text for d in deltas) == TOK.decode(expected)
+        last = deltas[-1]
+        assert last.finish_reason == ("length" if len(expected) == request.max_tokens else "stop")
+        assert (last.prompt_tokens, last.completion_tokens) == (len(request.prompt), request.max_tokens
+                                                                if last.finish_reason == "length" else len(expected) + 1)
+
+
+def test_same_seed_same_reply_alone_or_in_a_crowd(model, engine):
+    request = Request(prompts(1)[0], max_tokens=20, temperature=1.0, seed=7)
+    alone = "".join(d.text for d in engine.stream(request))
+    crowd = [submit(engine, Request(p, max_tokens=20, temperature=1.0)) for p in prompts(3)]
+    in_crowd = "".join(d.text for d in engine.stream(request))
+    other_seed = "".join(d.text for d in engine.stream(Request(request.prompt, max_tokens=20, temperature=1.0, seed=8)))
+    wait([s for s, _ in crowd])
+    assert alone == in_crowd != other_seed
+
+
+def test_batched_decoding_step_matches_separate_forwards(model):
+    # Three sequences of different lengths in one SlotCache step give the logits each gets alone.
+    cache = SlotCache(model, 3)
+    seqs = [torch.randint(0, 300, (1, n)) for n in (5, 9, 2)]
+    with torch.no_grad():
+        for row, s in enumerate(seqs):
+            cache.select(slice(row, row + 1))
+            model(s[:, :-1], cache=cache)
+        cache.select(slice(0, 3))
+        batched = model(torch.cat([s[:, -1:] for s in seqs]), cache=cache)[:, -1]          # (3, V)
+        alone = torch.cat([model(s)[:, -1] for s in seqs])
+    assert cache.lengths == [5, 9, 2]
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_stop_strings_end_the_reply_and_are_not_part_of_it(model, engine):
+    request = Request(prompts(1)[0], max_tokens=30, temperature=0.0)
+    full = "".join(d.text for d in engine.stream(request))
+    stop = full[5:7]
+    deltas = list(engine.stream(Request(request.prompt, max_tokens=30, temperature=0.0, stop=("zzz", stop))))
+    assert "".join(d.text for d in deltas) == full[:full.index(stop)]
+    assert deltas[-1].finish_reason == "stop"
+
+
+def test_text_stream_holds_back_what_may_still_become_a_stop_string_or_a_character():
+    text = TextStream(TOK, stop=("END",))
+    pushed = [text.push(t) for t in TOK.encode("ab EN")]
+    assert "".join(t for t, _ in pushed) == "ab " and not any(s for _, s in pushed)
+    assert text.push(TOK.encode("D")[0]) == ("", True)
+    euro = TextStream(TOK, stop=())
+    first, second, third = ("€".encode())
+    assert [euro.push(b)[0] for b in (first, second, third)] == ["", "", "€"]   # byte tokens 0..255
+    assert euro.flush() == ""
+
+
+def test_context_end_finishes_with_length_and_too_long_a_prompt_is_refused(model, engine):
+    block = model.cfg.block_size
+    deltas = list(engine.stream(Request([1] * (block - 3), temperature=0.0)))
+    assert deltas[-1].finish_reason == "length"
+    assert deltas[-1].completion_tokens == 4            # the last one fills position block_size - 1... and one more
+    for n in (0, block):
+        with pytest.raises(ValueError, match="context is 128 tokens"):
+            engine.submit(Request([1] * n), lambda d: None)
+    with pytest.raises(ValueError, match="max_tokens must be at least 1"):
+        engine.submit(Request([1], max_tokens=0), lambda d: None)
+    with pytest.raises(ValueError, match="top_p"):
+        engine.submit(Request([1], top_p=1.5), lambda d: None)
+
+
+def test_a_closed_stream_frees_its_row_at_once():
+    # A reply that would run to the end of a 1024-token context, closed after its first piece.
+    engine = Engine(tiny_model(block_size=1024), TOK, max_batch=2)
+    try:
+        stream = engine.stream(Request(prompts(1)[0], temperature=1.0))
+        next(stream)
+        stream.close()
+        deadline = time.monotonic() + 5
+        while engine.load()["active"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert engine.stats.tokens < 500
+    finally:
+        engine.close()
+
+
+def test_a_failing_prefill_fails_its_request_only_and_a_failing_step_its_batch(model, engine, monkeypatch):
+    failing = {"prefill": False, "step": False}
+    forward = type(model).forward
+
+    def fail(self, idx, *args, **kwargs):
+        kind = "prefill" if idx.shape[1] > 1 else "step"
+        if failing[kind]:
+            failing[kind] = False
+            raise RuntimeError(f"out of memory in a {kind}")
+        return forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", fail)
+    running = Request(prompts(2)[1], max_tokens=40, temperature=0.0)
+    seq, deltas = submit(engine, running)
+    while seq.generated < 3:
+        time.sleep(0.001)
+    failing["prefill"] = True
+    failed = list(engine.stream(Request(prompts(1)[0], max_tokens=5)))
+    assert failed[-1].finish_reason == "error" and "out of memory in a prefill" in failed[-1].text
+    wait([seq])
+    assert deltas[-1].finish_reason == "length" and seq.text.ids == reference(model, running)
+
+    failing["step"] = True
+    failed = list(engine.stream(Request(prompts(1)[0], max_tokens=5)))
+    assert failed[-1].finish_reason == "error" and "out of memory in a step" in failed[-1].text
+    assert list(engine.stream(Request(prompts(1)[0], max_tokens=5)))[-1].finish_reason == "length"
+
+
+def test_close_ends_waiting_requests():
+    engine = Engine(tiny_model(), TOK, max_batch=1)
+    seqs = [submit(engine, Request(p, max_tokens=10_000)) for p in prompts(3)]
+    engine.close()
+    assert all(deltas[-1].finish_reason == "error" for _, deltas in seqs)
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit(Request([1]), lambda d: None)

@@ -1,0 +1,158 @@
+"""The shared training loop, driven by a synthetic job so it is tested apart from any data pipeline."""
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+from model import GPT, ModelConfig
+from model.io import checkpoint as model_checkpoint
+from model.io.checkpoint import load_model, load_weights, resolve
+from train import checkpoint
+from train.config import TrainConfig
+from train.loop import fit, lr_at, make_optimizer
+from train.runtime import setup
+
+V, T = 64, 16
+
+
+class CountingJob:
+    """Learn to continue a fixed arithmetic pattern; batches are a pure function of the step."""
+    name = "synthetic"
+    tokenizer = None
+
+    def __init__(self, batch_size=4):
+        self.batch_size = batch_size
+
+    def batch(self, step, micro):
+        g = torch.Generator().manual_seed(step * 131 + micro)
+        start = torch.randint(0, V, (self.batch_size, 1), generator=g)
+        seq = (start + 3 * torch.arange(T + 1)) % V
+        return {"x": seq[:, :-1], "y": seq[:, 1:]}
+
+    def loss(self, model, batch):
+        loss = model(batch["x"], targets=batch["y"])
+        return loss, {"double_loss": 2 * loss.detach()}
+
+    def tokens(self, batch):
+        return batch["x"].numel()
+
+    def evaluate(self, model):
+        batch = self.batch(10**6, 0)
+        return {"val_loss": model(batch["x"], targets=batch["y"]).item()}
+
+    def sample(self, model):
+        return "sample text"
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return GPT(ModelConfig.preset("tiny", vocab_size=V, n_layer=2, n_embd=64, block_size=T))
+
+
+def train(tmp_path, name, **overrides):
+    run_dir = tmp_path / name
+    cfg = TrainConfig(**{"out": str(run_dir), "batch_size": 4, "max_steps": 20, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3,
+                         "eval_interval": 10, "ckpt_interval": 5, "log_interval": 1, **overrides})
+    result = fit(cfg, CountingJob(), tiny_model(), setup("cpu", "fp32"), {"job": "synthetic"})
+    return result, [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["step"] > 0]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+
+
+def test_weight_decay_only_on_matrices():
+    model = tiny_model()
+    decay, no_decay = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu")).param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 2 * 2 + 1   # the norm weights
+
+
+def test_run_directory_and_learning(tmp_path):
+    result, records = train(tmp_path, "run")
+    run_dir = tmp_path / "run"
+    assert [r["step"] for r in records] == list(range(1, 21))
+    assert records[-1]["train_loss"] < 0.7 * records[0]["train_loss"]
+    assert {"lr", "grad_norm", "tokens_per_s", "tokens", "double_loss", "val_loss"} <= set(records[-1])
+    assert records[-1]["double_loss"] == pytest.approx(2 * records[-1]["train_loss"], rel=1e-5)
+    assert json.loads((run_dir / "config.json").read_text()) == {"job": "synthetic"}
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000020"
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert kept == ["step_000015", "step_000020"]
+    assert "sample text" in (run_dir / "samples.txt").read_text()
+    assert (run_dir / "loss.png").stat().st_size > 0
+    assert result["sample"] == "sample text" and result["step"] == 20 and result["stopped_early"] == ""
+
+
+def test_exact_resume(tmp_path):
+    _, straight = train(tmp_path, "straight")
+    stopped, _ = train(tmp_path, "split", stop_after=10)
+    assert stopped["stopped_early"] == "step 10 of 20 (--stop-after 10)"
+    _, resumed = train(tmp_path, "split", resume=str(tmp_path / "split"))
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in straight]
+
+
+def test_grad_accum_counts_every_micro_batch(tmp_path):
+    _, records = train(tmp_path, "accum", grad_accum=2, max_steps=3)
+    assert [r["tokens"] for r in records] == [2 * 4 * T * s for s in (1, 2, 3)]
+
+
+def test_checkpoint_survives_a_crash_during_save(tmp_path, monkeypatch):
+    train(tmp_path, "run", max_steps=5)
+    ckpt = tmp_path / "run"
+    good = resolve(ckpt)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+    monkeypatch.setattr(model_checkpoint, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(ckpt, 99, tiny_model().state_dict(), None, {"tokens": 0, "model_config": {}})
+    assert resolve(ckpt) == good
+    model, state = load_model(ckpt)
+    assert state["step"] == 5 and isinstance(model, GPT)
+
+
+def test_checkpoints_are_readable_like_plain_files(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = checkpoint.save(tmp_path, 1, tiny_model().state_dict(), None, {"tokens": 0, "model_config": {}})
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [path, *path.iterdir(), tmp_path / "checkpoints" / "latest"]}
+    assert modes == {"step_000001": 0o755, "model.safetensors": 0o644, "state.json": 0o644, "latest": 0o644}
+
+
+def test_corrupt_and_mismatched_checkpoints(tmp_path):
+    train(tmp_path, "run", max_steps=5)
+    ckpt = resolve(tmp_path / "run")
+    other = GPT(ModelConfig.preset("tiny", vocab_size=V + 1, n_layer=2, n_embd=64, block_size=T))
+    with pytest.raises(ValueError, match=r"does not match the model.*embed.weight"):
+        load_weights(ckpt, other)
+    (ckpt / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt checkpoint.*model.safetensors"):
+        load_model(ckpt)
+    with pytest.raises(ValueError, match="no checkpoint at"):
+        resolve(tmp_path / "nowhere")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_000777")
+    with pytest.raises(ValueError, match="missing or incomplete"):
+        resolve(tmp_path / "run")
+
+
+def test_profiler_writes_trace_and_table(tmp_path, capsys):
+    train(tmp_path, "prof", max_steps=6, profile=True)
+    trace = tmp_path / "prof" / "profile_trace.json"
+    assert trace.exists() and "traceEvents" in trace.read_text()[:2000]
+    assert "Self CPU" in capsys.readouterr().out
+
+
+def test_max_minutes_stops_with_a_checkpoint(tmp_path):
+    result, records = train(tmp_path, "timed", max_minutes=1e-9)
+    assert result["step"] == 1 and resolve(tmp_path / "timed").name == "step_000001"
+    assert result["stopped_early"] == "step 1 of 20 (--max-minutes 1e-09 reached)"

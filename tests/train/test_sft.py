@@ -1,0 +1,71 @@
+"""SFT: the masked loss, and short end-to-end runs of `python -m train.sft` through main(argv)."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from posttrain_fixtures import make_run, tiny_model, tokenizer
+from train import sft
+from train.data import tasks
+from model.chat_format import ChatTokens
+from train.config import TrainConfig
+from train.runtime import setup
+from train.data.sft_data import encode
+
+TINY = ["--device", "cpu", "--batch-size", "8", "--n-train", "64", "--eval-examples", "14", "--lr", "3e-3",
+        "--warmup-steps", "2", "--log-interval", "1", "--eval-interval", "0"]
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_is_cross_entropy_on_reply_tokens_only():
+    tok, model = tokenizer(), tiny_model()
+    examples, _ = encode([t.messages() for t in tasks.make_tasks("train", 8)], tok, 128)
+    job = sft.SFTJob(examples, [], tasks.make_tasks("test", 7), tok, TrainConfig(batch_size=8), setup("cpu", "fp32"))
+    batch = job.batch(0, 0)
+    loss, _ = job.loss(model, batch)
+    logits = model(batch["x"])                                                   # (B, T, V)
+    keep = batch["y"] != -100
+    expected = F.cross_entropy(logits[keep], batch["y"][keep])
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    # Only reply tokens and their <|end|> are targets: never a role tag or <|endoftext|>.
+    ct = ChatTokens.of(tok)
+    assert not torch.isin(batch["y"][keep], torch.tensor([ct.bos, ct.user, ct.assistant])).any()
+    assert (batch["y"] == ct.end).sum() == 8
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_cli_run_writes_a_run_directory_and_learns(tmp_path, capsys, pack):
+    init = make_run(tmp_path / "base")
+    out = tmp_path / "sft"
+    result = sft.main(["--init", str(init), "--out", str(out), "--max-steps", "8", *TINY]
+                      + (["--pack"] if pack else []))
+    for name in ("config.json", "metrics.jsonl", "tokenizer.json", "samples.txt", "checkpoints/latest"):
+        assert (out / name).exists(), name
+    assert (out / "tokenizer.json").read_text() == (init / "tokenizer.json").read_text()
+    logged = records(out)
+    assert logged[0]["step"] == 0 and "exact_match" in logged[0] and "em_copy" in logged[0]
+    assert [r["step"] for r in logged[1:]] == list(range(1, 9))
+    assert result["step"] == 8 and result["val_loss"] < 0.9 * result["before"]["val_loss"]
+    assert logged[0]["val_loss"] == result["before"]["val_loss"]
+    table = capsys.readouterr().out
+    assert "metric" in table and "before" in table and "exact_match" in table
+
+
+def test_jsonl_data_and_resume(tmp_path):
+    init = make_run(tmp_path / "base")
+    data = tasks.write_jsonl(tmp_path / "train.jsonl", [tasks.sft_record(t) for t in tasks.make_tasks("train", 40)])
+    out = tmp_path / "sft"
+    sft.main(["--init", str(init), "--out", str(out), "--data", str(data), "--max-steps", "4", "--stop-after", "2", *TINY])
+    assert [r["step"] for r in records(out)] == [0, 1, 2]
+    result = sft.main(["--resume", str(out)])
+    assert result["step"] == 4 and [r["step"] for r in records(out)] == [0, 1, 2, 3, 4]
+    assert "val_loss" in result          # the last 5% of the file is held out
+
+
+def test_missing_init_is_explained(tmp_path):
+    with pytest.raises(SystemExit, match="--init RUN_OR_CKPT is required"):
+        sft.main(["--out", str(tmp_path / "x"), *TINY])

@@ -1,0 +1,1 @@
+"""Evaluation: the evaluate command, lm-eval's model class, HumanEval and its sandbox."""

@@ -1,0 +1,299 @@
+"""Evaluation: the model's replies on the built-in tasks, exact match and its own wrong answers (DPO's
+rejected responses), and the language-model metrics of held-out text. The tasks themselves are
+made in train/data/tasks.py.
+
+    python -m train.evaluate RUN [--data PATH] [--tasks N] [--humaneval] [--lm-eval TASKS]
+
+prints and writes RUN/eval.json: on --data (text files, a directory or glob, as for pretraining)
+the validation loss in nats per token, perplexity, and bits per byte (the summed loss in bits over
+the UTF-8 bytes of the text: comparable across tokenizers); exact match on N held-out tasks when
+the tokenizer has the chat tokens; with --humaneval, HumanEval's pass@k (train/eval/humaneval.py; every
+completion with its outcome in RUN/humaneval_samples.jsonl); with --lm-eval, lm-evaluation-harness
+tasks through our model class (train/eval/harness.py; lm-eval's full results in RUN/lm_eval.json).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from model import GPT
+from model.chat_format import SPECIALS, ChatTokens, render_prompt, reply_text
+from model.io.checkpoint import load_model, load_tokenizer, resolve, run_dir_of
+from model.command import DEBUG_HELP, at_least, at_most, flag_type, greater_than, pick_device, run_command
+from model.io.files import atomic_write_text
+from model.generate import generate
+from model.io.quantized import format_list, projection_bytes
+from train.eval import humaneval
+from train.data.sources import iter_documents
+from train.data.tasks import Task, make_tasks
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def replies(model: GPT, tok, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
+            seed: int | None = None, batch_size: int = 64) -> list[str]:
+    """The model's reply to each single-turn prompt, through generate() with the KV cache.
+
+    Prompts are batched by token length, so no row needs padding (generate has no attention mask).
+    """
+    stop = ChatTokens.of(tok).stop
+    device = next(model.parameters()).device
+    by_length: dict[int, list[int]] = defaultdict(list)
+    encoded = [render_prompt([{"role": "user", "content": p}], tok) for p in prompts]
+    for i, ids in enumerate(encoded):
+        by_length[len(ids)].append(i)
+    out: list[str] = [""] * len(prompts)
+    for length, rows in sorted(by_length.items()):
+        new = min(max_new_tokens, model.cfg.block_size - length)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            idx = torch.tensor([encoded[i] for i in chunk], device=device)          # (b, length)
+            gen = generate(model, idx, new, temperature=temperature, stop_tokens=stop,
+                           seed=None if seed is None else seed + length * 1000 + start)
+            for i, row in zip(chunk, gen[:, length:].tolist()):
+                out[i] = reply_text(row, tok).strip()
+    return out
+
+
+def answer_budget(tok, tasks: list[Task]) -> int:
+    """Generation budget: twice the longest answer in tokens plus the end token and some slack."""
+    return 2 * max(len(tok.encode(t.answer)) for t in tasks) + 4
+
+
+def exact_match(model: GPT, tok, tasks: list[Task], batch_size: int = 64) -> dict[str, float]:
+    """Fraction of tasks whose greedy reply equals the answer exactly: overall and per kind."""
+    with eval_mode(model):
+        got = replies(model, tok, [t.prompt for t in tasks], answer_budget(tok, tasks), batch_size=batch_size)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for task, reply in zip(tasks, got):
+        hits[task.kind].append(reply == task.answer)
+    metrics = {"exact_match": sum(map(sum, hits.values())) / max(1, len(tasks))}
+    metrics.update({f"em_{kind}": sum(h) / len(h) for kind, h in hits.items()})
+    return metrics
+
+
+def sampled_rejections(model: GPT, tok, tasks: list[Task], seed: int, temperature: float = 1.0) -> list[str]:
+    """For each task, the model's own sampled reply when it is wrong (the mistakes DPO should push
+    down), else the built-in plausible wrong answer."""
+    with eval_mode(model):
+        got = replies(model, tok, [t.prompt for t in tasks], answer_budget(tok, tasks), temperature=temperature,
+                      seed=seed)
+    return [reply if reply != task.answer else task.wrong for task, reply in zip(tasks, got)]
+
+
+def task_sample(model: GPT, tok, task: Task) -> str:
+    """The model's greedy reply to a task, shown with the expected answer (for samples.txt)."""
+    reply = replies(model, tok, [task.prompt], answer_budget(tok, [task]))[0]
+    return f"user: {task.prompt}\nassistant: {reply}\n(expected: {task.answer})"
+
+
+@torch.no_grad()
+def text_metrics(model: GPT, tok, texts: Iterable[str], max_tokens: int, batch_size: int = 8) -> dict[str, float]:
+    """Loss (nats per predicted token), perplexity and bits per byte on whole documents, each after
+    <|endoftext|> as in pretraining, until at least max_tokens; the stream is cut into windows of
+    block_size, every token predicted once from the start of its window."""
+    ids, n_bytes = [], 0
+    for text in texts:
+        if len(ids) >= max_tokens + 1:
+            break
+        ids += [tok.eot_id, *tok.encode(text)]
+        n_bytes += len(text.encode("utf-8"))
+    if len(ids) < 2 or n_bytes == 0:
+        raise ValueError("the evaluation text is empty; pass --data with some text")
+    T = model.cfg.block_size
+    device = next(model.parameters()).device
+    windows = [ids[i:i + T + 1] for i in range(0, len(ids) - 1, T)]
+    total = 0.0
+    with eval_mode(model):
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start:start + batch_size]
+            x = torch.zeros(len(batch), T, dtype=torch.long)
+            y = torch.full((len(batch), T), -100, dtype=torch.long)
+            for row, w in enumerate(batch):
+                x[row, :len(w) - 1] = torch.tensor(w[:-1])
+                y[row, :len(w) - 1] = torch.tensor(w[1:])
+            losses = model(x.to(device), targets=y.to(device), reduction="none")             # (B, T)
+            total += losses.double().sum().item()
+    loss = total / (len(ids) - 1)
+    return {"val_loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total / math.log(2) / n_bytes,
+            "eval_tokens": len(ids) - 1, "eval_bytes": n_bytes}
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type= of a comma-separated list of positive integers."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,10, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", help="run directory (its latest checkpoint) or checkpoint directory")
+    parser.add_argument("--data", default=None, help="held-out text: a file, directory or glob of text, Markdown, "
+                                                     "code or JSONL with a 'text' field (not the training corpus)")
+    parser.add_argument("--max-tokens", type=flag_type(int, at_least(2)), default=65536,
+                        help="evaluate whole documents of --data until at least this many tokens")
+    parser.add_argument("--tasks", type=flag_type(int, at_least(0)), default=350,
+                        help="held-out built-in tasks for exact match (0: none; needs the chat tokens)")
+    parser.add_argument("--task-seed", type=int, default=0, help="seed of the task sets (as in SFT and DPO)")
+    parser.add_argument("--humaneval", action="store_true", help="run HumanEval (needs the eval extra)")
+    parser.add_argument("--humaneval-problems", type=flag_type(int, at_least(1)), default=None,
+                        help="only the first N of the 164 problems (default: all)")
+    parser.add_argument("--humaneval-samples", type=flag_type(int, at_least(1)), default=1,
+                        help="completions per problem; more than 1 needs --humaneval-temperature > 0")
+    parser.add_argument("--humaneval-temperature", type=flag_type(float, at_least(0)), default=0.0,
+                        help="sampling temperature (0: greedy)")
+    parser.add_argument("--humaneval-top-p", type=flag_type(float, greater_than(0), at_most(1)), default=0.95,
+                        help="nucleus sampling mass when sampling")
+    parser.add_argument("--humaneval-k", type=positive_ints, default=[1, 10, 100],
+                        help="comma-separated k of pass@k; those above --humaneval-samples are left out")
+    parser.add_argument("--humaneval-max-tokens", type=flag_type(int, at_least(1)), default=None,
+                        help="longest completion in tokens (default: 256, at most half the model's block_size)")
+    parser.add_argument("--humaneval-timeout", type=flag_type(float, greater_than(0)), default=10.0,
+                        help="seconds each completion's tests may run")
+    parser.add_argument("--lm-eval", default=None, metavar="TASKS",
+                        help="comma-separated lm-evaluation-harness tasks (needs the eval extra)")
+    parser.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                        help="a directory of your own lm-eval task YAML files")
+    parser.add_argument("--lm-eval-limit", type=flag_type(int, at_least(1)), default=None,
+                        help="at most this many documents per lm-eval task")
+    parser.add_argument("--quantize", type=format_list, default=None, metavar="FORMATS",
+                        help="evaluate the model quantized on loading: int8 or fp4, or a comma-separated list "
+                             "that may include none (full precision) to compare them side by side, e.g. "
+                             "none,int8,fp4")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    return parser
+
+
+def run_humaneval(model: GPT, tok, args: argparse.Namespace, run_dir: Path, suffix: str = "") -> dict:
+    """pass@k of HumanEval; every completion and its outcome go to run_dir/humaneval_samples<suffix>.jsonl."""
+    if args.humaneval_samples > 1 and args.humaneval_temperature == 0:
+        raise ValueError("--humaneval-samples > 1 with greedy decoding gives the same completion each time; "
+                         "pass --humaneval-temperature (0.8 is usual for pass@10)")
+    problems = humaneval.load_problems(args.humaneval_problems)
+    with eval_mode(model):
+        completions = humaneval.complete(model, tok, problems, args.humaneval_samples, args.humaneval_temperature,
+                                         args.humaneval_top_p if args.humaneval_temperature else None,
+                                         args.humaneval_max_tokens or min(256, model.cfg.block_size // 2))
+    outcomes = humaneval.execute(problems, completions, args.humaneval_timeout, memory_mb=1024)
+    lines = [json.dumps({"task_id": p["task_id"], "completion": c, "passed": o.passed, "result": o.result})
+             for p, row, results in zip(problems, completions, outcomes) for c, o in zip(row, results)]
+    atomic_write_text(run_dir / f"humaneval_samples{suffix}.jsonl", "\n".join(lines) + "\n")
+    return {**humaneval.scores(outcomes, args.humaneval_k), "humaneval_problems": len(problems),
+            "humaneval_samples_per_problem": args.humaneval_samples}
+
+
+def run_lm_eval(ckpt: Path, device: str, args: argparse.Namespace, run_dir: Path, quantize: str | None = None,
+                suffix: str = "") -> dict:
+    """lm-eval's tasks on the checkpoint (quantized on loading when quantize names a format) through
+    train.eval.harness; its full results go to run_dir/lm_eval<suffix>.json."""
+    from train.eval import harness  # noqa: F401  (imports lm-eval, registers tritongpt)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    if args.lm_eval_include is not None and not Path(args.lm_eval_include).is_dir():
+        raise ValueError(f"--lm-eval-include {args.lm_eval_include} is not a directory of lm-eval task YAML files")
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    # lm-eval's built-in index takes seconds to build: only when the tasks are not all in the include dir
+    manager = TaskManager(include_path=args.lm_eval_include, include_defaults=False) if args.lm_eval_include else None
+    if manager is None or not set(tasks) <= set(manager.all_tasks):
+        manager = TaskManager(include_path=args.lm_eval_include)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown lm-eval tasks {unknown}; list them with `python -m train.harness ls tasks`"
+                         + ("" if args.lm_eval_include else " or pass --lm-eval-include DIR for your own"))
+    model_args = {"path": str(ckpt), "device": device, **({"quantize": quantize} if quantize else {})}
+    out = lm_eval.simple_evaluate(model="tritongpt", model_args=model_args, tasks=tasks,
+                                  task_manager=manager, limit=args.lm_eval_limit)
+    print(make_table(out))
+    atomic_write_text(run_dir / f"lm_eval{suffix}.json", json.dumps({k: out[k] for k in ("results", "configs", "versions",
+                                                                               "n-samples")}, indent=2, default=str))
+    return {f"lm_eval/{task}/{metric.split(',')[0]}": value for task, metrics in out["results"].items()
+            for metric, value in metrics.items() if isinstance(value, float) and "_stderr" not in metric}
+
+
+def evaluate(model: GPT, tok, ckpt: Path, device: str, args: argparse.Namespace, run_tasks: bool,
+             quantize: str | None) -> dict:
+    """Every metric the flags ask for, of one model (the run quantized to `quantize`, or not)."""
+    run_dir, suffix = run_dir_of(ckpt), f"-{quantize}" if quantize else ""
+    stored, bf16 = projection_bytes(model)
+    results: dict = {"projection_bytes": stored, "projection_bytes_vs_bf16": stored / bf16}
+    if args.data is not None:
+        results.update(text_metrics(model, tok, (text for _, text in iter_documents(args.data)), args.max_tokens))
+        results["data"] = args.data
+    if run_tasks:
+        results.update(exact_match(model, tok, make_tasks("test", args.tasks, args.task_seed)))
+    if args.humaneval:
+        results.update(run_humaneval(model, tok, args, run_dir, suffix))
+    if args.lm_eval:
+        results.update(run_lm_eval(ckpt, device, args, run_dir, quantize, suffix))
+    return results
+
+
+def show(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.device)
+    ckpt = resolve(args.path)
+    tok = load_tokenizer(ckpt)
+    has_chat = all(s in tok.special_tokens for s in SPECIALS)
+    run_tasks = bool(args.tasks) and has_chat
+    if args.data is None and not (run_tasks or args.humaneval or args.lm_eval):
+        fix = "--tasks N, " if has_chat else ""
+        raise SystemExit(f"nothing to evaluate: pass --data, {fix}--humaneval or --lm-eval TASKS"
+                         + ("" if has_chat else " (this tokenizer has no chat tokens for the built-in tasks)"))
+    by_format = {}
+    for quantize in args.quantize or [None]:
+        model, state = load_model(ckpt, device, quantize=quantize)
+        # "none" loads a run as it is: a run written by model.io.quantized is labelled with its format
+        label = quantize or state.get("quantization", {}).get("format", "none")
+        by_format[label] = evaluate(model, tok, ckpt, device, args, run_tasks, quantize)
+    results: dict = {"checkpoint": str(ckpt), "step": state.get("step")}
+    if args.quantize is None:
+        results.update(*by_format.values())
+        width = max(map(len, results))
+        lines = [f"{name:<{width}}  {show(value)}" for name, value in results.items()]
+    else:
+        results["by_format"] = by_format
+        names = [n for n in dict.fromkeys(n for metrics in by_format.values() for n in metrics) if n != "data"]
+        width = max(map(len, names))
+        lines = [f"checkpoint  {ckpt}"] + ([f"data        {args.data}"] if args.data is not None else [])
+        lines += [f"{'':<{width}}  " + "  ".join(f"{f:>12}" for f in by_format)]
+        lines += [f"{name:<{width}}  " + "  ".join(f"{show(m.get(name, '-')):>12}" for m in by_format.values())
+                  for name in names]
+    out = run_dir_of(ckpt) / "eval.json"
+    atomic_write_text(out, json.dumps(results, indent=2))
+    print("\n".join(lines))
+    print(f"written to {out}")
+    return results
+
+
+if __name__ == "__main__":
+    run_command(main)

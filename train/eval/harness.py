@@ -1,0 +1,184 @@
+"""lm-evaluation-harness on our models: the `tritongpt` model class, and lm-eval's CLI that knows it.
+
+    python -m train.harness --model tritongpt --model_args path=RUN --tasks hellaswag,...
+    python -m train.harness --model hf --model_args pretrained=EXPORTED_DIR --tasks ...
+
+lm-eval finds a model class only in its own registry and has no plugin hook, so its command line
+runs here, after this module registered `tritongpt` (every lm-eval flag works as in `lm_eval`).
+From Python, `import train.eval.harness` is enough: `lm_eval.simple_evaluate(model="tritongpt",
+model_args="path=RUN", ...)`. model_args: path (a run or checkpoint directory), device (auto; the
+CPU when CUDA is asked for but absent, as lm-eval's CLI asks for cuda:0 by default),
+batch_size (rows per forward, default 16), max_gen_toks (default 256).
+
+The requests follow the conventions of lm-eval's `hf` model so that an exported directory scores
+the same under `--model hf`: an empty context is <|endoftext|> (the export's bos), the context
+keeps its last tokens when context + continuation exceed block_size, rolling loglikelihoods score
+disjoint block_size windows each predicted from its start (the first token from <|endoftext|>),
+generate_until continues the context as it is (<|endoftext|> when empty), decodes without special
+tokens and cuts at the first stop string. Loglikelihood
+rows of different lengths share a batch: right padding never reaches a causal model's earlier
+positions. Generation goes through model.generate (KV cache) in batches of equal context length
+(generate needs no attention mask then); it stops at <|endoftext|> and <|end|>.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from collections import defaultdict
+
+import torch
+
+from model.io.checkpoint import load_model, load_tokenizer, resolve
+from model.command import pick_device, run_command
+from model.generate import generate
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError:
+    raise SystemExit("lm-eval is not installed; pip install -e '.[eval]'") from None
+
+END_TOKENS = ("<|endoftext|>", "<|end|>")
+
+
+@register_model("tritongpt")
+class TritonGPTLM(TemplateLM):
+    """A tritongpt run or checkpoint as an lm-eval language model."""
+
+    def __init__(self, path: str, device: str | None = "auto", batch_size: int | str = 16,
+                 max_gen_toks: int | str = 256, max_batch_size: int | None = None, quantize: str | None = None,
+                 **unknown):
+        """max_batch_size is lm-eval's bound for batch_size="auto", which here means 16."""
+        super().__init__()
+        if unknown:
+            raise ValueError(f"unknown tritongpt model_args {sorted(unknown)}: it takes path, max_gen_toks and "
+                             f"quantize (int8 or fp4) "
+                             f"(batch_size and device come from lm-eval's --batch_size and --device)")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line asks for cuda:0 unless told otherwise, as its hf model does
+            print(f"tritongpt: no CUDA device here, evaluating on the CPU instead of {device}", file=sys.stderr)
+            device = "cpu"
+        device = pick_device(device)
+        checkpoint = resolve(path)
+        self.model, _ = load_model(checkpoint, device, quantize=quantize)
+        self.model.eval()
+        self.tok = load_tokenizer(checkpoint)
+        self._device = torch.device(device)
+        self.batch_size = min(16, max_batch_size or 16) if str(batch_size).startswith("auto") else _count(
+            "batch_size", batch_size)
+        self.max_gen_toks = _count("max_gen_toks", max_gen_toks)
+        self.stop_ids = [self.tok.special_tokens[s] for s in END_TOKENS if s in self.tok.special_tokens]
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eot_id
+
+    @property
+    def max_length(self) -> int:
+        return self.model.cfg.block_size
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tok.encode(string)
+
+    def tok_decode(self, ids: list[int]) -> str:
+        """Text of ids without the special tokens (as the hf model decodes)."""
+        ordinary = len(self.tok.token_bytes)
+        return self.tok.decode([i for i in ids if i < ordinary])
+
+    @torch.no_grad()
+    def _score(self, rows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
+        """For each (ids, n) the summed log-probability of the last n ids given those before them,
+        and whether each of them was the argmax; ids hold at most block_size + 1 tokens."""
+        out: list[tuple[float, bool]] = []
+        scored = [r for r in rows if r[1] > 0]                      # nothing to score: log 1 = 0, greedy
+        for start in range(0, len(scored), self.batch_size):
+            batch = scored[start:start + self.batch_size]
+            width = max(len(ids) for ids, _ in batch) - 1
+            x = torch.zeros(len(batch), width, dtype=torch.long)
+            for r, (ids, _) in enumerate(batch):
+                x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+            logprobs = self.model(x.to(self.device)).float().log_softmax(-1).cpu()     # (b, width, V)
+            for r, (ids, n) in enumerate(batch):
+                target = torch.tensor(ids[-n:])                                      # (n,)
+                rows_lp = logprobs[r, len(ids) - 1 - n:len(ids) - 1]                  # (n, V)
+                picked = rows_lp.gather(1, target[:, None]).squeeze(1)
+                out.append((picked.double().sum().item(), bool((rows_lp.argmax(-1) == target).all())))
+        results = iter(out)
+        return [next(results) if n > 0 else (0.0, True) for _, n in rows]
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        rows = []
+        for _, context, continuation in requests:
+            ids = (context + continuation)[-(self.max_length + 1):]     # keep the continuation, crop the context
+            rows.append((ids, min(len(continuation), len(ids) - 1)))    # (a continuation longer than the
+        scores = self._score(rows)                                      # window: its last block_size tokens)
+        for (key, _, _), score in zip(requests, scores):
+            self.cache_hook.add_partial("loglikelihood", key, score)
+        return scores
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for (text,) in (r.args for r in requests):
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)]
+            total = sum(lp for lp, _ in self._score([(ctx + pred, len(pred)) for ctx, pred in windows]))
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+            out.append(total)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = defaultdict(list)       # same generation settings and context length
+        encoded = []
+        for i, (context, gen_kwargs) in enumerate(r.args for r in requests):
+            settings = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+            budget = settings["max_gen_toks"]
+            if budget >= self.max_length:
+                raise ValueError(f"max_gen_toks {budget} leaves no room for a context in block_size "
+                                 f"{self.max_length}; lower it")
+            ids = (self.tok_encode(context) or [self.eot_token_id])[-(self.max_length - budget):]
+            encoded.append((ids, settings))
+            temperature = settings["temperature"] if settings["do_sample"] else 0.0
+            groups[(len(ids), budget, temperature, tuple(settings["until"]))].append(i)
+        for (length, budget, temperature, until), members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                idx = torch.tensor([encoded[i][0] for i in chunk], device=self.device)        # (b, length)
+                gen = generate(self.model, idx, budget, temperature=temperature, stop_tokens=self.stop_ids)
+                for i, row in zip(chunk, gen[:, length:].tolist()):
+                    row = row[:next((j for j, t in enumerate(row) if t in self.stop_ids), len(row))]
+                    text = postprocess_generated_text(self.tok_decode(row), list(until), None)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    out[i] = text
+        return out
+
+
+def _count(name: str, value: int | str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return count
+
+
+def main() -> None:
+    """lm-eval's own command line, with `tritongpt` registered."""
+    from lm_eval.__main__ import cli_evaluate
+    sys.argv[0] = "python -m train.harness"
+    try:
+        cli_evaluate()
+    except TypeError as e:     # lm-eval passes its --batch_size/--device as keywords next to model_args
+        twice = re.search(r"multiple values for keyword argument '(\w+)'", str(e))
+        if twice is None:
+            raise
+        raise SystemExit(f"--model_args sets {twice[1]}, which lm-eval's --{twice[1]} flag sets too; "
+                         f"use the flag") from None
+
+
+if __name__ == "__main__":
+    run_command(main)
