@@ -2,8 +2,10 @@
 
     python -m bench.compiled [--arch sm_90a|sm_80|sm_100a] [--quick] [--md FILE] [--json FILE]
 
-Method. For each op, pass and benchmark shape of DESIGN.md section 5 (bf16; attention in bf16
-and fp16, plus a decode step), build the launchers' own plan (``plan_forward`` /
+Method. For each op, pass and benchmark shape (the model's training shapes: 16k rows of bf16 at
+hidden sizes 1k-8k, SwiGLU widths 11008 and 14336, vocabularies 32000 and 128256; attention in bf16
+and fp16 at sequence lengths 512-16k and head dims 64 and 128, plus decode steps, with and without
+per-row key lengths), build the launchers' own plan (``plan_forward`` /
 ``plan_backward`` of kernels/triton_<op>.py) from meta tensors and the target's ``Gpu``, so the
 grids, the fixed configs and the autotune candidates left after pruning are exactly those of a
 launch. Each launch is bound by triton's own argument binder, so the signature carries the same
@@ -76,7 +78,8 @@ def planned(gpu, quick: bool) -> Iterator[Planned]:
     """Every launch the launchers plan at the benchmark shapes (quick: one shape per op and pass)."""
     import torch
 
-    from kernels import triton_causal_attention as att, triton_cross_entropy as ce, triton_rms_norm as rn
+    from kernels import triton_attention_decode as decode, triton_causal_attention as att
+    from kernels import triton_cross_entropy as ce, triton_rms_norm as rn
     from kernels import quantization, triton_quantized_linear as ql, triton_swiglu as sw
     from kernels.launching import default_chunk_rows
 
@@ -148,6 +151,13 @@ def planned(gpu, quick: bool) -> Iterator[Planned]:
                                                 meta(B, Hkv, Tk, D, dtype=dtype), meta(B, Hkv, Tk, D, dtype=dtype),
                                                 lse, gpu):
                     yield Planned("causal_attention bwd", label, name, launch)
+        # A serving engine's batched decode step, each row to its own length in a cache of 4096.
+        # Only the split kernel specializes on the lengths: the combine is the one planned above.
+        B, Hq, Hkv, Tk, D = 8, 32, 8, 4096, 128
+        q, k = meta(B, Hq, 1, D, dtype=dtype), meta(B, Hkv, Tk, D, dtype=dtype)
+        split = decode.plan_forward(q, k, k, D ** -0.5, meta(B, Hq, 1, D, dtype=dtype), meta(B, Hq, 1, dtype=f32),
+                                    gpu, key_lengths=meta(B, dtype=torch.int32))[0]
+        yield Planned("causal_attention fwd", f"B={B} H={Hq}/{Hkv} Tq=1 Tk<={Tk} D={D} key_lengths", name, split)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +193,7 @@ def bind(planned_launch: Planned, target: Target, one_config: bool = False) -> l
     for config in launch.configs[:1] if one_config else launch.configs:
         kwargs = {**launch.constexprs, **config}
         launch.named(config)          # runs launch.prepare: descriptor tiles are part of the signature
-        bound, specialization, options = binder(*launch.args, **kwargs)
+        bound, specialization, options = binder(**launch.args, **kwargs)
         _, signature, constexprs, attrs = kernel._pack_args(backend, options, bound, specialization, options)
         names = kernel.arg_names
         grid = math.prod(launch.grid(kwargs))

@@ -1,4 +1,6 @@
-"""Shared benchmark machinery (DESIGN.md section 5).
+"""Shared benchmark machinery: realistic shapes (rows of 16k tokens, hidden 2048-8192, vocabularies
+of 32k and 128k, attention over 16k tokens with T from 512 to 16k, head dim 64 and 128, bf16 on a GPU;
+small shapes in fp32 on the CPU), the median of warmed-up runs, and derived figures in extra_info.
 
 Every benchmark is parametrised by backend: "triton" (our kernels; CUDA only, interpreter
 timings mean nothing), "torch" (the eager reference) and "compile" (torch.compile of the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-call GPU protocol (DESIGN.md section 6, issue 13 item 6):  bash bench/gpu.sh OUT_DIR
+# The one-call GPU protocol (README, "On a GPU machine"):  bash bench/gpu.sh OUT_DIR
 #
 # On one H100/H200 with the packages preinstalled and no network, in under 8 minutes, from the
 # repo root with PYTHONPATH=. and nothing installed:

@@ -1,4 +1,4 @@
-"""What continuous batching buys: aggregate tokens/s of model.serve.api with 1, 4 and 16 concurrent
+"""What continuous batching buys: aggregate tokens/s of python -m model.serve with 1, 4 and 16 concurrent
 clients, batched (--max-batch 16) against one request at a time (--max-batch 1).
 
     python -m bench.serving [--presets tiny,small] [--clients 1,4,16] [--json FILE] [--md FILE]

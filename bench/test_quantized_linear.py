@@ -46,7 +46,7 @@ from bench.conftest import DEVICE, DTYPE, ON_GPU, QUICK, implementation, measure
 from kernels import quantization
 from model import GPT, ModelConfig
 from model.generate import generate
-from model.io.quantized import QuantizedLinear, quantize
+from model.quantized import QuantizedLinear, quantize
 
 # (M, K = N): decode rows, then the prefill row
 if ON_GPU:

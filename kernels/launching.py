@@ -1,7 +1,9 @@
 """Helpers the launchers share: launch plans, the GPU they plan for, row views, loss plumbing.
 
 A launcher does not call its kernels directly: it builds a plan, a list of ``Launch`` values
-(kernel, grid, arguments, the candidate configs), from its tensors and a ``Gpu``, and runs it.
+(kernel, grid, arguments by name, the candidate configs), from its tensors and a ``Gpu``, and
+runs it. A kernel autotuned over several tiles gets its launches from an ``Autotune`` of named
+``Tile`` configs.
 bench/compiled.py builds the same plans from meta tensors and a compile target's ``Gpu`` and
 compiles them ahead of time, so what it reports is what a launch would run, without a GPU.
 
@@ -37,16 +39,17 @@ INTERPRETER_GPU = Gpu(sms=INTERPRETER_SMS, smem_per_block=2**30)
 class Launch:
     """One kernel launch as a plain value.
 
-    configs are the candidate meta-parameters, each a dict of constexprs plus num_warps and
-    num_stages; there is exactly one unless ``tuner`` (a triton autotuner over the same kernel)
-    picks among them by measurement at run time. grid maps the chosen meta-parameters (constexprs
-    and config together) to the launch grid. prepare, when set, adjusts the arguments to a config
-    before it runs (it is also the autotuner's pre-hook): it gets the kernel's arguments by name
-    with the constexprs and the config.
+    args are the kernel's run-time arguments by name (the constexprs apart), so a launcher never
+    lists strides by position. configs are the candidate meta-parameters, each a dict of
+    constexprs plus num_warps and num_stages; there is exactly one unless ``tuner`` (a triton
+    autotuner over the same kernel) picks among them by measurement at run time. grid maps the
+    chosen meta-parameters (constexprs and config together) to the launch grid. prepare, when
+    set, adjusts the arguments to a config before it runs (it is also the autotuner's pre-hook):
+    it gets the kernel's arguments by name with the constexprs and the config.
     """
     kernel: Any
     grid: Callable[[dict], tuple[int, ...]]
-    args: tuple
+    args: dict[str, Any]
     constexprs: dict
     configs: list[dict]
     tuner: Any = None
@@ -54,25 +57,82 @@ class Launch:
 
     def named(self, config: dict) -> dict:
         """The kernel's arguments by name, with the constexprs and config, after prepare."""
-        named = {**dict(zip(self.kernel.arg_names, self.args)), **self.constexprs, **config}
+        named = {**self.args, **self.constexprs, **config}
         if self.prepare is not None:
             self.prepare(named)
         return named
 
     @classmethod
-    def fixed(cls, kernel: Any, grid: tuple[int, ...], args: tuple, num_warps: int, num_stages: int = 3,
+    def fixed(cls, kernel: Any, grid: tuple[int, ...], args: dict[str, Any], num_warps: int, num_stages: int = 3,
               **constexprs: Any) -> Launch:
         """A launch with one config and a grid that does not depend on it."""
         return cls(kernel, lambda meta: grid, args, constexprs, [{"num_warps": num_warps, "num_stages": num_stages}])
 
     def __call__(self) -> None:
         if self.tuner is not None:
-            self.tuner[self.grid](*self.args, **self.constexprs)
+            self.tuner[self.grid](**self.args, **self.constexprs)
             return
         (config,) = self.configs
         if self.prepare is not None:          # no per-launch dict for the plain kernels
             self.named(config)
-        self.kernel[self.grid({**self.constexprs, **config})](*self.args, **self.constexprs, **config)
+        self.kernel[self.grid({**self.constexprs, **config})](**self.args, **self.constexprs, **config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One candidate config of a tiled kernel, by name: a block_m x block_n tile, warps, pipeline
+    stages, whether it streams its tiles through TMA descriptors (tma) and whether it is kept to
+    Hopper and later (hopper; tma implies it), e.g. because it spills with sm_80's register-held
+    MMA operands."""
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    tma: bool = False
+    hopper: bool = False
+
+    def config(self) -> dict:
+        """The kernel's meta-parameters: constexprs BLOCK_M, BLOCK_N, USE_TMA, num_warps, num_stages."""
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.warps,
+                "num_stages": self.stages, "USE_TMA": self.tma}
+
+
+class Autotune:
+    """Launches of one kernel whose config is chosen among named Tiles.
+
+    candidates(named, gpu) says which tiles a launch may run (named: its arguments and constexprs
+    by name): on a GPU the autotuner measures those and keeps the fastest per value of key; in
+    the interpreter (gpu.capability == 0) the plan runs the first, so candidates returns one
+    there. The decision is taken per plan, from the Gpu it plans for, so nothing depends on the
+    environment at import. The triton autotuner is made on the first GPU plan, over every tile
+    in tiles, and prunes them with candidates at run time; prepare is its pre-hook (see Launch).
+    """
+
+    def __init__(self, kernel: Any, tiles: list[Tile], key: list[str],
+                 candidates: Callable[[dict, Gpu], list[Tile]], prepare: Callable[[dict], None] | None = None):
+        self.kernel, self.key, self.candidates, self.prepare = kernel, key, candidates, prepare
+        self.configs = list({tuple(t.config().items()): t.config() for t in tiles}.values())   # distinct
+
+    @functools.cached_property
+    def tuner(self) -> Any:
+        import triton   # here, not at the top: `import kernels` never imports triton
+
+        configs = [triton.Config({k: v for k, v in c.items() if not k.startswith("num_")}, num_warps=c["num_warps"],
+                                 num_stages=c["num_stages"], pre_hook=self.prepare) for c in self.configs]
+        return triton.autotune(configs, key=self.key, prune_configs_by={"early_config_prune": self._prune})(self.kernel)
+
+    def launch(self, grid: Callable[[dict], tuple[int, ...]], args: dict[str, Any], constexprs: dict,
+               gpu: Gpu) -> Launch:
+        """The Launch of the kernel on args with the candidates for gpu."""
+        configs = [t.config() for t in self.candidates({**args, **constexprs}, gpu)]
+        return Launch(self.kernel, grid, args, constexprs, configs, None if gpu.capability == 0 else self.tuner,
+                      self.prepare)
+
+    def _prune(self, configs: list, named_args: dict, **kwargs) -> list:
+        named = {**named_args, **kwargs}
+        device = next(v.device for v in named.values() if isinstance(v, torch.Tensor))
+        keep = [t.config() for t in self.candidates(named, gpu_of(device))]
+        return [c for c in configs if {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} in keep]
 
 
 def run(plan: list[Launch]) -> None:
@@ -92,6 +152,8 @@ def _cuda_gpu(device: torch.device) -> Gpu:
     props = torch.cuda.get_device_properties(device)
     return Gpu(sms=props.multi_processor_count, smem_per_block=props.shared_memory_per_block_optin,
                capability=props.major * 10 + props.minor)
+
+
 # Bytes of logits (and their gradient) one linear_cross_entropy chunk may hold at once. On a GPU
 # 256 MiB keeps every chunk a large GEMM (>= 1024 rows of bf16 logits even at a 128k vocabulary,
 # about 8 waves of the cross-entropy kernel's one-row programs on 132 SMs) while the default CUDA
@@ -107,10 +169,10 @@ def interpreting() -> bool:
     """True when the Triton interpreter runs the kernels (TRITON_INTERPRET=1, for tests).
 
     The one place that reads the variable. It reads the environment on every call, because the
-    backend switch must see what a test sets at run time. Triton itself decides when a module's
+    backend switch must see what a test sets at run time, and plans decide by it (through
+    gpu_of) when they are made, never at import. Triton itself decides when a module's
     ``@triton.jit`` functions are created, at import, which is why tests/conftest.py sets it before
-    triton is imported; a launcher that fixes something per kernel at import (the autotuned
-    attention launchers) calls this at import too, so both agree.
+    triton is imported.
     """
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -93,9 +93,19 @@ class _SwiGLU(torch.autograd.Function):
         return grad_gate.to(gate.dtype), grad_up.to(up.dtype)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
+                     key_lengths: torch.Tensor | None = None) -> torch.Tensor:
     Tq, Tk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if key_lengths is not None:
+        # Row b's query i attends keys j <= key_lengths[b] - Tq + i; the keys past the row's length
+        # are zeroed first, since a masked probability is exactly 0 and 0 * NaN would still be NaN.
+        keys = torch.arange(Tk, device=q.device)                                        # (Tk,)
+        in_row = keys < key_lengths[:, None]                                            # (B, Tk)
+        k, v = (t.masked_fill(~in_row[:, None, :, None], 0) for t in (k, v))            # (B, Hkv, Tk, D)
+        last = key_lengths[:, None] - Tq + torch.arange(Tq, device=q.device)            # (B, Tq)
+        mask = keys <= last[:, :, None]                                                 # (B, Tq, Tk)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
     if Tq == Tk:  # plain causal: SDPA's flash/efficient kernels handle it without a mask
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         return out + _nan_taint(q, k).to(out.dtype)

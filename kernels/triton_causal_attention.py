@@ -1,4 +1,4 @@
-"""Causal attention in Triton, FlashAttention-2 style: forward, backward, GQA and KV-cache offsets.
+"""Causal attention in Triton for training, FlashAttention-2 style: forward, backward, GQA, offsets.
 
 q (B, Hq, Tq, D) attends k, v (B, Hkv, Tk, D); query head h reads KV head h // (Hq / Hkv), and
 query i sits at absolute position Tk - Tq + i, so it sees keys 0 .. Tk - Tq + i.
@@ -17,13 +17,9 @@ resident and streams the query tiles that see those keys, for every query head o
 so the group sum needs no atomics: dV += P^T dO, dK += dS^T Q; (3) one program per query tile
 streams key tiles with the forward's skipping: dQ += dS K.
 
-Decoding (Tq <= DECODE_MAX_TQ: decode steps, speculative verification), flash-decoding style: one
-program per (KV head, split of the keys) packs the Tq rows of every query head of the GQA group
-into one tile of at least 64 rows (the smallest warpgroup MMA), so K and V are read once per
-group, not once per query head, and a step of a single sequence still spreads over the GPU
-(about DECODE_PROGRAMS_PER_SM programs per SM). Each split writes its rows' normalised partial
-output and base-2 logsumexp (fp32); a combine kernel weights the splits by exp2(lse_split - lse).
-Traffic: K and V once, plus the partials (splits * group * Tq * (D + 1) fp32) written and read.
+Few queries (Tq <= DECODE_MAX_TQ: decode steps, speculative verification) and calls with per-row
+key lengths go to the split-key kernels of triton_attention_decode.py; the tile helpers and the
+forward's inner loop (fwd_blocks) that both use live in triton_attention_tiles.py.
 
 Memory traffic (Tq = Tk = T, per query head): the forward reads Q and writes O once and reads K
 and V about T / (2 BLOCK_M) times; the backward reads Q, dO about T / (2 BLOCK_N) times and K, V
@@ -32,10 +28,11 @@ view, so the model's transpose back to (B, T, Hq * D) is free. All tensors are a
 their strides: transposed projections and slices of a preallocated KV cache are read in place.
 Head dims that are not powers of two run on a power-of-two tile with masked columns. fp32 dots
 are IEEE-exact; fp16/bf16 use tensor cores with fp32 accumulation. On a GPU every kernel is
-autotuned over a few tiles per head dim, pruned by shared memory and query count, none of which
-spills registers on sm_90a (python -m bench.compiled shows it); on Hopper some candidates stream
-their tiles through TMA tensor descriptors (one per (B, H, T, D) tensor, whose out-of-bounds rows
-and columns load as zeros), so the autotuner picks TMA or pointer loads by measurement. The CPU
+autotuned (launching.Autotune) over a few named tiles per head dim, pruned by shared memory and
+query count, none of which spills registers on sm_90a (python -m bench.compiled shows it); on
+Hopper some candidates stream their tiles through TMA tensor descriptors (one per (B, H, T, D)
+tensor, whose out-of-bounds rows and columns load as zeros), so the autotuner picks TMA or
+pointer loads by measurement. The CPU
 interpreter (TRITON_INTERPRET=1, for tests) uses fixed small tiles.
 
 NaN (the rule of kernels.causal_attention): a NaN in q row i, or in k or v at a key that row
@@ -46,7 +43,8 @@ their masked probabilities are exactly 0 and 0 * NaN is NaN in the P @ V dot.
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
+import functools
 from typing import Callable
 
 import torch
@@ -54,59 +52,15 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.launching import Gpu, Launch, gpu_of, interpreting, run
+from kernels import reference, triton_attention_decode as decode
+from kernels.launching import Autotune, Gpu, Launch, Tile, gpu_of, run
+from kernels.triton_attention_tiles import (LOG2E, constants, fwd_blocks, load_rows, new_outputs, store_rows,
+                                            stream_rows, strides, tile_ptrs)
 
-LOG2E = 1.4426950408889634
 DELTA_BLOCK_M = 64
-# Query counts up to this (decode steps, speculative verification) run the split-key kernels.
-DECODE_MAX_TQ = 16
-DECODE_BLOCK_N = 32
-DECODE_PROGRAMS_PER_SM = 8
 
 
-# ----------------------------------------------------------------------------- kernels: tile helpers
-
-@triton.jit
-def _tile_ptrs(base, rows, offs_d, stride_t, stride_d):
-    return base + rows[:, None] * stride_t + offs_d[None, :] * stride_d        # (rows, BLOCK_D)
-
-
-@triton.jit
-def _load_rows(ptrs, rows, n_rows, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr):
-    # Interior tiles skip the row mask so the hot loops issue unpredicated, vectorised loads.
-    if CHECK_ROWS:
-        if HEAD_DIM == BLOCK_D:
-            tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
-        else:
-            tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    else:
-        if HEAD_DIM == BLOCK_D:
-            tile = tl.load(ptrs)
-        else:
-            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    return tile
-
-
-@triton.jit
-def _stream_rows(ptrs, desc, b, h, start, rows, n_rows, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr, USE_TMA: tl.constexpr):
-    """A streamed (BLOCK_ROWS, BLOCK_D) tile: through its TMA descriptor of the (B, H, T, D) tensor,
-    whose rows past T and columns past HEAD_DIM come back as zeros like the masked loads', or
-    through pointers."""
-    if USE_TMA:
-        return desc.load([b.to(tl.int32), h.to(tl.int32), start, 0]).reshape(BLOCK_ROWS, BLOCK_D)
-    return _load_rows(ptrs, rows, n_rows, offs_d, CHECK_ROWS, HEAD_DIM, BLOCK_D)
-
-
-@triton.jit
-def _store_rows(ptrs, tile, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    if HEAD_DIM == BLOCK_D:
-        mask = rows[:, None] < n_rows
-    else:
-        mask = (rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(ptrs, tile.to(ptrs.dtype.element_ty), mask=mask)
-
+# ----------------------------------------------------------------------------- kernels: forward
 
 @triton.jit
 def _query_tile(pid, Tq, BLOCK_M: tl.constexpr):
@@ -114,38 +68,6 @@ def _query_tile(pid, Tq, BLOCK_M: tl.constexpr):
     n_tiles = tl.cdiv(Tq, BLOCK_M)
     return n_tiles - 1 - pid % n_tiles, pid // n_tiles
 
-
-# ----------------------------------------------------------------------------- kernels: forward
-
-@triton.jit
-def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                k_desc, v_desc, b, hk, pos, lo, hi, Tk, qk_scale, offs_n, offs_d,
-                MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
-    k_ptrs = _tile_ptrs(k_base, lo + offs_n, offs_d, stride_kt, stride_kd)       # (BLOCK_N, BLOCK_D)
-    v_ptrs = _tile_ptrs(v_base, lo + offs_n, offs_d, stride_vt, stride_vd)
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        keys = start_n + offs_n                                                   # (BLOCK_N,)
-        k = _stream_rows(k_ptrs, k_desc, b, hk, start_n, keys, Tk, offs_d, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N,
-                         USE_TMA)                                                 # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale     # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            s = tl.where(keys[None, :] <= pos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))                                     # (BLOCK_M,)
-        # A row that has seen no key yet (a decode split after its position) keeps m = -inf;
-        # subtracting 0 instead keeps its p and alpha at 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _stream_rows(v_ptrs, v_desc, b, hk, start_n, keys, Tk, offs_d, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N,
-                         USE_TMA)                                                 # (BLOCK_N, BLOCK_D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
-    return acc, m_i, l_i
 
 
 @triton.jit(do_not_specialize=["Tq", "Tk", "Q_BUCKET", "K_BUCKET"])
@@ -161,7 +83,7 @@ def _causal_attention_fwd_kernel(Q, K, V, K_DESC, V_DESC, O, LSE,
     b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                                # (BLOCK_M,)
     offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
-    q = _load_rows(_tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qt, stride_qd),
+    q = load_rows(tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qt, stride_qd),
                    rows, Tq, offs_d, True, HEAD_DIM, BLOCK_D)                     # (BLOCK_M, BLOCK_D)
     k_base = K + b * stride_kb + (h // group) * stride_kh
     v_base = V + b * stride_vb + (h // group) * stride_vh
@@ -171,91 +93,17 @@ def _causal_attention_fwd_kernel(Q, K, V, K_DESC, V_DESC, O, LSE,
     end = tl.minimum(first + BLOCK_M, Tk)                # past the last key any row sees
     m_i, l_i = tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+    acc, m_i, l_i = fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                                 K_DESC, V_DESC, b, h // group, pos, 0, clean_end, Tk, qk_scale, offs_n, offs_d,
                                 False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
     # Padding rows are not masked against keys >= Tk: those load as zeros and the rows are never stored.
-    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+    acc, m_i, l_i = fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                                 K_DESC, V_DESC, b, h // group, pos, clean_end, end, Tk, qk_scale, offs_n, offs_d,
                                 True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
-    _store_rows(_tile_ptrs(O + b * stride_ob + h * stride_oh, rows, offs_d, stride_ot, stride_od),
+    store_rows(tile_ptrs(O + b * stride_ob + h * stride_oh, rows, offs_d, stride_ot, stride_od),
                 acc / l_i[:, None], rows, Tq, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(LSE + bh.to(tl.int64) * Tq + rows, m_i + tl.math.log2(l_i), mask=rows < Tq)
 
-
-# ----------------------------------------------------------------------------- kernels: decoding
-
-@triton.jit(do_not_specialize=["Tq", "Tk", "split_keys"])
-def _causal_attention_decode_kernel(Q, K, V, O_PART, LSE_PART,
-                                    stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt,
-                                    stride_kd, stride_vb, stride_vh, stride_vt, stride_vd,
-                                    n_kv_heads, Tq, Tk, split_keys, qk_scale,
-                                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Program (b * n_kv_heads + kv head, split): the GROUP * Tq query rows of one KV head, packed
-    # into one tile (row r is query head kv * GROUP + r // Tq, query r % Tq), against the keys
-    # split * split_keys ... + split_keys.
-    bh, split = tl.program_id(0), tl.program_id(1)
-    b, hk = (bh // n_kv_heads).to(tl.int64), (bh % n_kv_heads).to(tl.int64)
-    n_rows = GROUP * Tq
-    r = tl.arange(0, BLOCK_M)                                                     # (BLOCK_M,)
-    i = r % Tq
-    h = hk * GROUP + r // Tq
-    offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
-    q_ptrs = Q + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qt + offs_d[None, :] * stride_qd
-    q = _load_rows(q_ptrs, r, n_rows, offs_d, True, HEAD_DIM, BLOCK_D)            # (BLOCK_M, BLOCK_D)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    pos = i + (Tk - Tq)
-    lo = split * split_keys
-    hi = tl.minimum(lo + split_keys, Tk)
-    clean_end = tl.maximum(tl.minimum(hi, (Tk - Tq + 1) // BLOCK_N * BLOCK_N), lo)   # keys every row sees
-    m_i, l_i = tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                                K, V, b, hk, pos, lo, clean_end, Tk, qk_scale, offs_n, offs_d,
-                                False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, False)
-    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                                K, V, b, hk, pos, clean_end, hi, Tk, qk_scale, offs_n, offs_d,
-                                True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, False)
-    # A row that sees no key of this split leaves o = 0 and lse = -inf: weight 0 in the combine.
-    seen = l_i > 0
-    part = (bh * tl.num_programs(1) + split).to(tl.int64) * n_rows
-    o_ptrs = O_PART + (part + r[:, None]) * BLOCK_D + offs_d[None, :]
-    tl.store(o_ptrs, tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0),
-             mask=r[:, None] < n_rows)
-    tl.store(LSE_PART + part + r, tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf")),
-             mask=r < n_rows)
-
-
-@triton.jit
-def _causal_attention_combine_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_ot, stride_od,
-                                     n_kv_heads, Tq, n_splits, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                     BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    # Program per packed row of one KV head: the splits' partial outputs weighted by their share
-    # of the softmax, exp2(lse_split - lse), with lse the log-sum-exp of the splits' lse.
-    n_rows = GROUP * Tq
-    bh, r = tl.program_id(0) // n_rows, tl.program_id(0) % n_rows
-    b, hk = (bh // n_kv_heads).to(tl.int64), (bh % n_kv_heads).to(tl.int64)
-    h, i = hk * GROUP + r // Tq, r % Tq
-    offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
-    m, l = float("-inf"), 0.0
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for start in range(0, n_splits, BLOCK_S):
-        splits = start + offs_s                                                   # (BLOCK_S,)
-        rows = (bh.to(tl.int64) * n_splits + splits) * n_rows + r
-        lse_s = tl.load(LSE_PART + rows, mask=splits < n_splits, other=float("-inf"))
-        o_s = tl.load(O_PART + rows[:, None] * BLOCK_D + offs_d[None, :], mask=(splits < n_splits)[:, None],
-                      other=0.0)                                                  # (BLOCK_S, BLOCK_D)
-        m_new = tl.maximum(m, tl.max(lse_s, 0))   # split 0 holds key 0, seen by every row: finite
-        w = tl.math.exp2(lse_s - m_new)
-        alpha = tl.math.exp2(m - m_new)
-        l = l * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * o_s, 0)
-        m = m_new
-    o_ptrs = O + b * stride_ob + h * stride_oh + i * stride_ot + offs_d * stride_od
-    tl.store(o_ptrs, (acc / l).to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
-    tl.store(LSE + (b * n_kv_heads * GROUP + h) * Tq + i, m + tl.math.log2(l))
 
 
 # ----------------------------------------------------------------------------- kernels: backward
@@ -268,9 +116,9 @@ def _causal_attention_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot
     b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(_tile_ptrs(O + b * stride_ob + h * stride_oh, rows, offs_d, stride_ot, stride_od),
+    o = load_rows(tile_ptrs(O + b * stride_ob + h * stride_oh, rows, offs_d, stride_ot, stride_od),
                    rows, Tq, offs_d, True, HEAD_DIM, BLOCK_D)                     # (BLOCK_M, BLOCK_D)
-    do = _load_rows(_tile_ptrs(DO + b * stride_db + h * stride_dh, rows, offs_d, stride_dt, stride_dd),
+    do = load_rows(tile_ptrs(DO + b * stride_db + h * stride_dh, rows, offs_d, stride_dt, stride_dd),
                     rows, Tq, offs_d, True, HEAD_DIM, BLOCK_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)                       # (BLOCK_M,)
     tl.store(DELTA + bh.to(tl.int64) * Tq + rows, delta, mask=rows < Tq)
@@ -282,14 +130,14 @@ def _dkdv_blocks(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                  lo, hi, offset, Tq, qk_scale, offs_m, offs_d,
                  MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
-    q_ptrs = _tile_ptrs(q_base, lo + offs_m, offs_d, stride_qt, stride_qd)       # (BLOCK_M, BLOCK_D)
-    do_ptrs = _tile_ptrs(do_base, lo + offs_m, offs_d, stride_dt, stride_dd)
+    q_ptrs = tile_ptrs(q_base, lo + offs_m, offs_d, stride_qt, stride_qd)       # (BLOCK_M, BLOCK_D)
+    do_ptrs = tile_ptrs(do_base, lo + offs_m, offs_d, stride_dt, stride_dd)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m                                                   # (BLOCK_M,)
-        q = _stream_rows(q_ptrs, q_desc, b, h, start_m, rows, Tq, offs_d, MASKED, HEAD_DIM, BLOCK_D, BLOCK_M,
+        q = stream_rows(q_ptrs, q_desc, b, h, start_m, rows, Tq, offs_d, MASKED, HEAD_DIM, BLOCK_D, BLOCK_M,
                          USE_TMA)                                                 # (BLOCK_M, BLOCK_D)
-        do = _stream_rows(do_ptrs, do_desc, b, h, start_m, rows, Tq, offs_d, MASKED, HEAD_DIM, BLOCK_D, BLOCK_M,
+        do = stream_rows(do_ptrs, do_desc, b, h, start_m, rows, Tq, offs_d, MASKED, HEAD_DIM, BLOCK_D, BLOCK_M,
                           USE_TMA)
         q_ptrs += BLOCK_M * stride_qt
         do_ptrs += BLOCK_M * stride_dt
@@ -325,9 +173,9 @@ def _causal_attention_dkdv_kernel(Q, K, V, DO, Q_DESC, DO_DESC, DK, DV, LSE, DEL
     b, hk = (bh // n_kv_heads).to(tl.int64), (bh % n_kv_heads).to(tl.int64)
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                # (BLOCK_N,)
     offs_m, offs_d = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
-    k = _load_rows(_tile_ptrs(K + b * stride_kb + hk * stride_kh, keys, offs_d, stride_kt, stride_kd),
+    k = load_rows(tile_ptrs(K + b * stride_kb + hk * stride_kh, keys, offs_d, stride_kt, stride_kd),
                    keys, Tk, offs_d, True, HEAD_DIM, BLOCK_D)                     # (BLOCK_N, BLOCK_D)
-    v = _load_rows(_tile_ptrs(V + b * stride_vb + hk * stride_vh, keys, offs_d, stride_vt, stride_vd),
+    v = load_rows(tile_ptrs(V + b * stride_vb + hk * stride_vh, keys, offs_d, stride_vt, stride_vd),
                    keys, Tk, offs_d, True, HEAD_DIM, BLOCK_D)
     dk, dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32), tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     offset = Tk - Tq                                     # query row i sees key j iff i + offset >= j
@@ -357,9 +205,9 @@ def _causal_attention_dkdv_kernel(Q, K, V, DO, Q_DESC, DO_DESC, DK, DV, LSE, DEL
                               tl.maximum(clean_start, full_end), q_end, offset, Tq, qk_scale, offs_m, offs_d,
                               True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA)
     g_offset = b * stride_gb + hk * stride_gh
-    _store_rows(_tile_ptrs(DK + g_offset, keys, offs_d, stride_gt, stride_gd), dk * sm_scale, keys, Tk,
+    store_rows(tile_ptrs(DK + g_offset, keys, offs_d, stride_gt, stride_gd), dk * sm_scale, keys, Tk,
                 offs_d, HEAD_DIM, BLOCK_D)
-    _store_rows(_tile_ptrs(DV + g_offset, keys, offs_d, stride_gt, stride_gd), dv, keys, Tk,
+    store_rows(tile_ptrs(DV + g_offset, keys, offs_d, stride_gt, stride_gd), dv, keys, Tk,
                 offs_d, HEAD_DIM, BLOCK_D)
 
 
@@ -368,14 +216,14 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stri
                k_desc, v_desc, b, hk, pos, lo, hi, Tk, qk_scale, offs_n, offs_d,
                MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
-    k_ptrs = _tile_ptrs(k_base, lo + offs_n, offs_d, stride_kt, stride_kd)       # (BLOCK_N, BLOCK_D)
-    v_ptrs = _tile_ptrs(v_base, lo + offs_n, offs_d, stride_vt, stride_vd)
+    k_ptrs = tile_ptrs(k_base, lo + offs_n, offs_d, stride_kt, stride_kd)       # (BLOCK_N, BLOCK_D)
+    v_ptrs = tile_ptrs(v_base, lo + offs_n, offs_d, stride_vt, stride_vd)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         keys = start_n + offs_n                                                   # (BLOCK_N,)
-        k = _stream_rows(k_ptrs, k_desc, b, hk, start_n, keys, Tk, offs_d, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N,
+        k = stream_rows(k_ptrs, k_desc, b, hk, start_n, keys, Tk, offs_d, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N,
                          USE_TMA)                                                 # (BLOCK_N, BLOCK_D)
-        v = _stream_rows(v_ptrs, v_desc, b, hk, start_n, keys, Tk, offs_d, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N,
+        v = stream_rows(v_ptrs, v_desc, b, hk, start_n, keys, Tk, offs_d, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N,
                          USE_TMA)
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
@@ -401,9 +249,9 @@ def _causal_attention_dq_kernel(Q, K, V, DO, K_DESC, V_DESC, DQ, LSE, DELTA,
     b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                                # (BLOCK_M,)
     offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
-    q = _load_rows(_tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qt, stride_qd),
+    q = load_rows(tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qt, stride_qd),
                    rows, Tq, offs_d, True, HEAD_DIM, BLOCK_D)                     # (BLOCK_M, BLOCK_D)
-    do = _load_rows(_tile_ptrs(DO + b * stride_db + h * stride_dh, rows, offs_d, stride_dt, stride_dd),
+    do = load_rows(tile_ptrs(DO + b * stride_db + h * stride_dh, rows, offs_d, stride_dt, stride_dd),
                     rows, Tq, offs_d, True, HEAD_DIM, BLOCK_D)
     lse = tl.load(LSE + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=float("inf"))   # (BLOCK_M,)
     delta = tl.load(DELTA + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0)
@@ -420,167 +268,108 @@ def _causal_attention_dq_kernel(Q, K, V, DO, K_DESC, V_DESC, DQ, LSE, DELTA,
     dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                     K_DESC, V_DESC, b, h // group, pos, clean_end, end, Tk, qk_scale, offs_n, offs_d,
                     True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
-    _store_rows(_tile_ptrs(DQ + b * stride_gb + h * stride_gh, rows, offs_d, stride_gt, stride_gd),
+    store_rows(tile_ptrs(DQ + b * stride_gb + h * stride_gh, rows, offs_d, stride_gt, stride_gd),
                 dq * sm_scale, rows, Tq, offs_d, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-def _config_dict(config: triton.Config) -> dict:
-    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-
-
 def _descriptor(t: torch.Tensor, block_d: int) -> TensorDescriptor | None:
-    """A TMA descriptor of a (B, H, T, D) tensor, its tile rows set per config by _Tiles.prepare;
+    """A TMA descriptor of a (B, H, T, D) tensor, its tile rows set per config by _set_tile_rows;
     None when TMA cannot address it (16-byte aligned base and strides, unit column stride)."""
     if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
         return None
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, block_d])
 
 
-class _Tiles:
-    """The tiles of one attention kernel: on a GPU, autotune candidates (BLOCK_M, BLOCK_N, warps,
-    stages, TMA) pruned by shared memory, query count and TMA support; in the interpreter, one
-    fixed small tile. streamed names the descriptor arguments and the tile rows they load."""
-
-    def __init__(self, kernel, name: str, tiles: dict[int, list[tuple]], smem_rows: Callable[[int, int, int], int],
-                 streamed: dict[str, str]):
-        """tiles: for each widest BLOCK_D it serves (ascending), (BLOCK_M, BLOCK_N, warps, stages[,
-        kind]); kind "sm90": Hopper or later only, "tma": that and through TMA."""
-        self.kernel, self.name, self.smem_rows, self.streamed = kernel, name, smem_rows, streamed
-        self.arg_names = [n for n, p in inspect.signature(kernel.fn).parameters.items()
-                          if "constexpr" not in str(p.annotation)]              # the run-time arguments
-        self.tiles = {d: [{"BLOCK_M": t[0], "BLOCK_N": t[1], "num_warps": t[2], "num_stages": t[3],
-                           "USE_TMA": t[4:] == ("tma",)} for t in ts] for d, ts in tiles.items()}
-        self.hopper_only = {(d, tuple(c.items())) for d, ts in tiles.items() for t, c in zip(ts, self.tiles[d])
-                            if t[4:]}
-        every = {tuple(c.items()) for ts in self.tiles.values() for c in ts}
-        # Created at import, when triton also decided whether the @triton.jit kernels run interpreted.
-        self.tuner = None if interpreting() else triton.autotune(
-            [triton.Config({k: v for k, v in c.items() if not k.startswith("num_")}, num_warps=c["num_warps"],
-                           num_stages=c["num_stages"], pre_hook=self.prepare) for c in map(dict, sorted(every))],
-            key=["HEAD_DIM", "Q_BUCKET", "K_BUCKET"], prune_configs_by={"early_config_prune": self._prune})(kernel)
-
-    def candidates(self, q: torch.Tensor, block_d: int, q_bucket: int, tma: bool, gpu: Gpu) -> list[dict]:
-        """The configs the autotuner may pick: the tiles for this head dim whose shared-memory
-        estimate fits the GPU, whose query tile is not far larger than the query count (decode
-        steps get 16-row tiles), and which use TMA only on Hopper or later when the tensors allow
-        it (tma); never empty. In the interpreter: INTERPRETER_TILES."""
-        if gpu.capability == 0:
-            fixed = INTERPRETER_TILES[self.name]
-            return [{**fixed, "USE_TMA": fixed.get("USE_TMA", False) and tma, "num_warps": 4, "num_stages": 1}]
-        dim = next((d for d in self.tiles if block_d <= d), list(self.tiles)[-1])
-        configs = self.tiles[dim]
-        row_bytes = q.element_size() * block_d
-
-        def smem(c):
-            return row_bytes * self.smem_rows(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"])
-
-        usable = [c for c in configs if (gpu.capability >= 90 and (tma or not c["USE_TMA"]))
-                  or (dim, tuple(c.items())) not in self.hopper_only]
-        kept = [c for c in usable if smem(c) <= gpu.smem_per_block and c["BLOCK_M"] <= max(16, q_bucket)]
-        return kept or [min(usable, key=smem)]
-
-    def prepare(self, named: dict) -> None:
-        """Set the descriptors' tile rows to the config's (they are part of the kernel's signature)."""
-        for arg, rows in self.streamed.items():
-            if isinstance(named[arg], TensorDescriptor):
-                named[arg].block_shape = [1, 1, named[rows], named["BLOCK_D"]]
-
-    def launch(self, grid: Callable[[dict], tuple[int]], args: tuple, consts: dict, q: torch.Tensor,
-               q_bucket: int, gpu: Gpu) -> Launch:
-        """The Launch of the kernel on args (every run-time argument but the streamed ones, in
-        order); each streamed argument gets its tensor's descriptor or, where TMA cannot address
-        one of them, the tensor itself."""
-        named = dict(zip([n for n in self.arg_names if n not in self.streamed], args))
-        descriptors = {arg: _descriptor(named[arg.removesuffix("_DESC")], consts["BLOCK_D"]) for arg in self.streamed}
-        tma = all(d is not None for d in descriptors.values())
-        named.update({arg: d if tma else named[arg.removesuffix("_DESC")] for arg, d in descriptors.items()})
-        configs = self.candidates(q, consts["BLOCK_D"], q_bucket, tma, gpu)
-        ordered = tuple(named[n] for n in self.arg_names)
-        return Launch(self.kernel, grid, ordered, consts, configs, None if gpu.capability == 0 else self.tuner,
-                      self.prepare)
-
-    def _prune(self, configs: list, named_args: dict, **kwargs) -> list:
-        args = {**named_args, **kwargs}
-        tma = all(isinstance(args[arg], TensorDescriptor) for arg in self.streamed)
-        keep = self.candidates(args["Q"], args["BLOCK_D"], args["Q_BUCKET"], tma, gpu_of(args["Q"].device))
-        return [c for c in configs if _config_dict(c) in keep]
-
-
+# Tiles by head dim (each list serves head dims up to its key's BLOCK_D; the last, any wider):
+# bench/compiled.py shows that none spills registers at head dims 64 and 128 on sm_90a, nor the
+# others on sm_80 (the ones left out spill: a (64, 64)-tile dK/dV with 4 warps holds K, V and the
+# fp32 dK, dV for 64 keys in 128 threads). hopper=True keeps a tile to Hopper and later (it spills
+# with sm_80's register-held MMA operands); tma=True also streams its tiles through TMA when the
+# strides allow. (Triton 3.9's warp specialization does not take these loops on sm_90a: the
+# 4-warp forward fails to compile with it, the 8-warp one compiles unchanged.)
+_HOPPER, _TMA = dict(hopper=True), dict(tma=True, hopper=True)
+_DQ = [Tile(16, 64, 4, 2), Tile(64, 32, 4, 2), Tile(64, 32, 4, 3), Tile(128, 32, 8, 2), Tile(128, 32, 8, 3),
+       Tile(64, 32, 4, 2, **_TMA), Tile(128, 64, 8, 2, **_TMA)]
+TILES: dict[str, dict[int, list[Tile]]] = {
+    "fwd": {64: [Tile(16, 64, 4, 3), Tile(16, 128, 4, 2), Tile(64, 32, 4, 2), Tile(64, 64, 4, 3), Tile(64, 32, 4, 4),
+                 Tile(128, 32, 4, 4), Tile(128, 64, 8, 3), Tile(128, 64, 4, 3, **_HOPPER),
+                 Tile(128, 128, 8, 2, **_HOPPER), Tile(64, 64, 4, 3, **_TMA), Tile(128, 64, 8, 3, **_TMA),
+                 Tile(128, 128, 8, 2, **_TMA)],
+            256: [Tile(16, 64, 4, 3), Tile(16, 128, 4, 2), Tile(64, 32, 4, 2), Tile(64, 32, 4, 4),
+                  Tile(64, 64, 4, 3, **_HOPPER), Tile(128, 32, 4, 4, **_HOPPER), Tile(128, 64, 8, 3, **_HOPPER),
+                  Tile(128, 128, 8, 2, **_HOPPER), Tile(64, 64, 4, 3, **_TMA), Tile(128, 64, 8, 3, **_TMA),
+                  Tile(128, 128, 8, 2, **_TMA)]},
+    "dkdv": {64: [Tile(16, 64, 4, 2), Tile(32, 64, 4, 2), Tile(32, 64, 4, 3), Tile(32, 128, 8, 2), Tile(64, 128, 8, 3),
+                  Tile(64, 64, 8, 2, **_HOPPER), Tile(64, 128, 8, 2, **_HOPPER), Tile(32, 64, 4, 3, **_TMA),
+                  Tile(64, 128, 8, 2, **_TMA)],
+             256: [Tile(16, 64, 4, 2), Tile(32, 64, 8, 2), Tile(16, 128, 8, 2), Tile(32, 64, 4, 3, **_HOPPER),
+                   Tile(32, 128, 8, 3, **_HOPPER), Tile(32, 64, 4, 3, **_TMA), Tile(32, 128, 8, 3, **_TMA)]},
+    "dq": {64: _DQ + [Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)], 256: _DQ + [Tile(128, 64, 8, 2, **_HOPPER)]},
+}
 # Interpreter tiles, smaller than the test shapes so every tiling path runs; tests swap them for
-# the other BLOCK_M / BLOCK_N ratios of the GPU tiles.
-INTERPRETER_TILES = {"fwd": {"BLOCK_M": 32, "BLOCK_N": 16}, "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32},
-                     "dq": {"BLOCK_M": 32, "BLOCK_N": 16}}
-
-# Tiles by head dim: bench/compiled.py shows that none spills registers at head dims 64 and 128 on
-# sm_90a, nor the others on sm_80 (the ones left out spill: a (64, 64)-tile dK/dV with 4 warps
-# holds K, V and the fp32 dK, dV for 64 keys in 128 threads). A fifth entry "sm90" keeps a tile to
-# Hopper and later (it spills with sm_80's register-held MMA operands), "tma" also streams its
-# tiles through TMA when the strides allow. (Triton 3.9's warp specialization does not take these
-# loops on sm_90a: the 4-warp forward fails to compile with it, the 8-warp one compiles unchanged.)
-# Shared-memory rows per config: the resident tiles once, the streamed tiles once per stage.
-FWD_TILES = _Tiles(_causal_attention_fwd_kernel, "fwd",
-                   {64: [(16, 64, 4, 3), (16, 128, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4),
-                         (128, 32, 4, 4), (128, 64, 8, 3), (128, 64, 4, 3, "sm90"), (128, 128, 8, 2, "sm90"),
-                         (64, 64, 4, 3, "tma"), (128, 64, 8, 3, "tma"), (128, 128, 8, 2, "tma")],
-                    256: [(16, 64, 4, 3), (16, 128, 4, 2), (64, 32, 4, 2), (64, 32, 4, 4), (64, 64, 4, 3, "sm90"),
-                          (128, 32, 4, 4, "sm90"), (128, 64, 8, 3, "sm90"), (128, 128, 8, 2, "sm90"),
-                          (64, 64, 4, 3, "tma"), (128, 64, 8, 3, "tma"), (128, 128, 8, 2, "tma")]},
-                   lambda m, n, s: m + 2 * n * s, {"K_DESC": "BLOCK_N", "V_DESC": "BLOCK_N"})
-DKDV_TILES = _Tiles(_causal_attention_dkdv_kernel, "dkdv",
-                    {64: [(16, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 3),
-                          (64, 64, 8, 2, "sm90"), (64, 128, 8, 2, "sm90"), (32, 64, 4, 3, "tma"),
-                          (64, 128, 8, 2, "tma")],
-                     256: [(16, 64, 4, 2), (32, 64, 8, 2), (16, 128, 8, 2), (32, 64, 4, 3, "sm90"),
-                           (32, 128, 8, 3, "sm90"), (32, 64, 4, 3, "tma"), (32, 128, 8, 3, "tma")]},
-                    lambda m, n, s: 2 * n + 2 * m * s, {"Q_DESC": "BLOCK_M", "DO_DESC": "BLOCK_M"})
-_DQ = [(16, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2, "tma"),
-       (128, 64, 8, 2, "tma")]
-DQ_TILES = _Tiles(_causal_attention_dq_kernel, "dq", {64: _DQ + [(64, 64, 4, 2), (128, 64, 8, 2)],
-                                                      256: _DQ + [(128, 64, 8, 2, "sm90")]},
-                  lambda m, n, s: 2 * m + 2 * n * s, {"K_DESC": "BLOCK_N", "V_DESC": "BLOCK_N"})
+# the other BLOCK_M / BLOCK_N ratios of the GPU tiles, and for TMA.
+INTERPRETER_TILES = {"fwd": Tile(32, 16, 4, 1), "dkdv": Tile(16, 32, 4, 1), "dq": Tile(32, 16, 4, 1)}
+# Shared-memory rows of a tile: the resident tiles once, the streamed tiles once per stage.
+SMEM_ROWS: dict[str, Callable[[Tile], int]] = {
+    "fwd": lambda t: t.block_m + 2 * t.block_n * t.stages,
+    "dkdv": lambda t: 2 * t.block_n + 2 * t.block_m * t.stages,
+    "dq": lambda t: 2 * t.block_m + 2 * t.block_n * t.stages,
+}
+# The descriptor arguments of each kernel and the constexpr giving their tile rows.
+STREAMED = {"fwd": {"K_DESC": "BLOCK_N", "V_DESC": "BLOCK_N"}, "dkdv": {"Q_DESC": "BLOCK_M", "DO_DESC": "BLOCK_M"},
+            "dq": {"K_DESC": "BLOCK_N", "V_DESC": "BLOCK_N"}}
 
 
-def _constants(q: torch.Tensor) -> dict:
-    head_dim = q.shape[-1]
-    # fp32 must not silently drop to tf32; half-precision dots ignore the setting.
-    return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+def candidates(name: str, q: torch.Tensor, block_d: int, q_bucket: int, tma: bool, gpu: Gpu) -> list[Tile]:
+    """The tiles kernel `name` may run with: those for this head dim whose shared-memory estimate
+    fits the GPU, whose query tile is not far larger than the query count (few queries get
+    16-row tiles), and which use TMA only on Hopper or later when the tensors allow it (tma);
+    never empty. In the interpreter: INTERPRETER_TILES[name] alone (with TMA only if tma)."""
+    if gpu.capability == 0:
+        tile = INTERPRETER_TILES[name]
+        return [dataclasses.replace(tile, tma=tile.tma and tma)]
+    table = TILES[name]
+    tiles = table[next((d for d in table if block_d <= d), list(table)[-1])]
+    row_bytes = q.element_size() * block_d
+    usable = [t for t in tiles if not t.hopper or (gpu.capability >= 90 and (tma or not t.tma))]
+    kept = [t for t in usable
+            if row_bytes * SMEM_ROWS[name](t) <= gpu.smem_per_block and t.block_m <= max(16, q_bucket)]
+    return kept or [min(usable, key=SMEM_ROWS[name])]
+
+
+def _set_tile_rows(name: str, named: dict) -> None:
+    """Set the descriptors' tile rows to the config's (they are part of the kernel's signature)."""
+    for arg, rows in STREAMED[name].items():
+        if isinstance(named[arg], TensorDescriptor):
+            named[arg].block_shape = [1, 1, named[rows], named["BLOCK_D"]]
+
+
+def _autotune(name: str, kernel) -> Autotune:
+    def allowed(named: dict, gpu: Gpu) -> list[Tile]:
+        tma = all(isinstance(named[arg], TensorDescriptor) for arg in STREAMED[name])
+        return candidates(name, named["Q"], named["BLOCK_D"], named["Q_BUCKET"], tma, gpu)
+
+    return Autotune(kernel, [t for tiles in TILES[name].values() for t in tiles], ["HEAD_DIM", "Q_BUCKET", "K_BUCKET"],
+                    allowed, functools.partial(_set_tile_rows, name))
+
+
+AUTOTUNE = {"fwd": _autotune("fwd", _causal_attention_fwd_kernel),
+            "dkdv": _autotune("dkdv", _causal_attention_dkdv_kernel),
+            "dq": _autotune("dq", _causal_attention_dq_kernel)}
+
+
+def _with_descriptors(name: str, args: dict, block_d: int) -> dict:
+    """args plus kernel `name`'s descriptor arguments: each streamed tensor's TMA descriptor or,
+    where TMA cannot address one of them, the tensors themselves (the kernel then uses pointers)."""
+    descriptors = {arg: _descriptor(args[arg.removesuffix("_DESC")], block_d) for arg in STREAMED[name]}
+    tma = all(d is not None for d in descriptors.values())
+    return {**args, **{arg: d if tma else args[arg.removesuffix("_DESC")] for arg, d in descriptors.items()}}
 
 
 def _query_grid(Tq: int, bh: int) -> Callable[[dict], tuple[int]]:
     return lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]) * bh,)
-
-
-def decode_split(B: int, Hkv: int, Tk: int, gpu: Gpu) -> tuple[int, int, int]:
-    """(BLOCK_N, splits, keys per split) of a decode step: about DECODE_PROGRAMS_PER_SM programs per
-    SM, each a whole number of key tiles."""
-    block_n = 16 if gpu.capability == 0 else DECODE_BLOCK_N
-    splits = max(1, min(triton.cdiv(Tk, block_n), triton.cdiv(DECODE_PROGRAMS_PER_SM * gpu.sms, B * Hkv)))
-    split_keys = triton.cdiv(triton.cdiv(Tk, splits), block_n) * block_n
-    return block_n, triton.cdiv(Tk, split_keys), split_keys
-
-
-def _plan_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, o: torch.Tensor,
-                 lse: torch.Tensor, gpu: Gpu) -> list[Launch]:
-    B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    group = Hq // Hkv
-    consts = _constants(q)
-    block_n, splits, split_keys = decode_split(B, Hkv, Tk, gpu)
-    # Rows padded to 64, the smallest warpgroup MMA tile, on a GPU; the interpreter needs 16.
-    block_m = max(16 if gpu.capability == 0 else 64, triton.next_power_of_2(group * Tq))
-    o_part = torch.empty((B * Hkv, splits, group * Tq, consts["BLOCK_D"]), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((B * Hkv, splits, group * Tq), dtype=torch.float32, device=q.device)
-    return [
-        Launch.fixed(_causal_attention_decode_kernel, (B * Hkv, splits),
-                     (q, k, v, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(), Hkv, Tq, Tk, split_keys,
-                      scale * LOG2E), 4, 3, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, **consts),
-        Launch.fixed(_causal_attention_combine_kernel, (B * Hq * Tq,),
-                     (o_part, lse_part, o, lse, *o.stride(), Hkv, Tq, splits), 4, GROUP=group, HEAD_DIM=D,
-                     BLOCK_D=consts["BLOCK_D"], BLOCK_S=16),
-    ]
 
 
 def plan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, o: torch.Tensor,
@@ -588,12 +377,14 @@ def plan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     """The launches of forward (below): split-key decoding for Tq <= DECODE_MAX_TQ, else one."""
     B, Hq, Tq, _ = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    if Tq <= DECODE_MAX_TQ:
-        return _plan_decode(q, k, v, scale, o, lse, gpu)
-    q_bucket = triton.next_power_of_2(Tq)
-    args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            Hq, Hq // Hkv, Tq, Tk, scale * LOG2E, q_bucket, triton.next_power_of_2(Tk))
-    return [FWD_TILES.launch(_query_grid(Tq, B * Hq), args, _constants(q), q, q_bucket, gpu)]
+    if Tq <= decode.DECODE_MAX_TQ:
+        return decode.plan_forward(q, k, v, scale, o, lse, gpu)
+    consts, q_bucket = constants(q), triton.next_power_of_2(Tq)
+    args = dict(Q=q, K=k, V=v, O=o, LSE=lse, **strides("q", q), **strides("k", k), **strides("v", v),
+                **strides("o", o), n_heads=Hq, group=Hq // Hkv, Tq=Tq, Tk=Tk, qk_scale=scale * LOG2E,
+                Q_BUCKET=q_bucket, K_BUCKET=triton.next_power_of_2(Tk))
+    return [AUTOTUNE["fwd"].launch(_query_grid(Tq, B * Hq), _with_descriptors("fwd", args, consts["BLOCK_D"]),
+                                   consts, gpu)]
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -610,19 +401,19 @@ def plan_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     assert dk.stride() == dv.stride(), "dk and dv must share strides"
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    consts = _constants(q)
-    q_bucket = triton.next_power_of_2(Tq)
-    common = (Hq // Hkv, Tq, Tk, scale, scale * LOG2E, q_bucket, triton.next_power_of_2(Tk))
+    consts = constants(q)
+    inputs = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, **strides("q", q), **strides("k", k),
+                  **strides("v", v), **strides("d", do), group=Hq // Hkv, Tq=Tq, Tk=Tk, sm_scale=scale,
+                  qk_scale=scale * LOG2E, Q_BUCKET=triton.next_power_of_2(Tq), K_BUCKET=triton.next_power_of_2(Tk))
+    dkdv_args = _with_descriptors("dkdv", dict(inputs, DK=dk, DV=dv, **strides("g", dk), n_kv_heads=Hkv),
+                                  consts["BLOCK_D"])
+    dq_args = _with_descriptors("dq", dict(inputs, DQ=dq, **strides("g", dq), n_heads=Hq), consts["BLOCK_D"])
+    delta_args = dict(O=o, DO=do, DELTA=delta, **strides("o", o), **strides("d", do), n_heads=Hq, Tq=Tq)
     return [
-        Launch.fixed(_causal_attention_delta_kernel, (triton.cdiv(Tq, DELTA_BLOCK_M) * B * Hq,),
-                     (o, do, delta, *o.stride(), *do.stride(), Hq, Tq), 4,
+        Launch.fixed(_causal_attention_delta_kernel, (triton.cdiv(Tq, DELTA_BLOCK_M) * B * Hq,), delta_args, 4,
                      HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=DELTA_BLOCK_M),
-        DKDV_TILES.launch(lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]) * B * Hkv,),
-                          (q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-                           *dk.stride(), Hkv, *common), consts, q, q_bucket, gpu),
-        DQ_TILES.launch(_query_grid(Tq, B * Hq),
-                        (q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-                         *dq.stride(), Hq, *common), consts, q, q_bucket, gpu),
+        AUTOTUNE["dkdv"].launch(lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]) * B * Hkv,), dkdv_args, consts, gpu),
+        AUTOTUNE["dq"].launch(_query_grid(Tq, B * Hq), dq_args, consts, gpu),
     ]
 
 
@@ -635,12 +426,6 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 # ----------------------------------------------------------------------------- torch custom ops
 
-def _new_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    B, Hq, Tq, D = q.shape
-    o = q.new_empty_strided((B, Hq, Tq, D), (Tq * Hq * D, D, Hq * D, 1))   # (B, Tq, Hq, D) in memory
-    return o, q.new_empty((B, Hq, Tq), dtype=torch.float32)
-
-
 def _new_grads(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape)
 
@@ -648,14 +433,14 @@ def _new_grads(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 @torch.library.custom_op("tritongpt::causal_attention", mutates_args=())
 def _causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    o, lse = _new_outputs(q)
+    o, lse = new_outputs(q)
     forward(q, k, v, scale, o, lse)
     return o, lse
 
 
 @_causal_attention_op.register_fake
 def _(q, k, v, scale):
-    return _new_outputs(q)
+    return new_outputs(q)
 
 
 @torch.library.custom_op("tritongpt::causal_attention_backward", mutates_args=())
@@ -691,6 +476,19 @@ _causal_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- public entry
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """The triton backend of kernels.causal_attention (inputs validated there); see the module doc."""
-    return _causal_attention_op(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale))[0]
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                     key_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The triton backend of kernels.causal_attention (inputs validated there); see the module doc.
+
+    With key_lengths, Tq <= DECODE_MAX_TQ without gradients runs the split-key decode kernels
+    (the serving engine's decode steps); more queries, or a call that needs gradients, runs the
+    torch reference: the training kernels take no per-row lengths, and a prefill of one row runs
+    without them on the cache sliced to its length.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if key_lengths is None:
+        return _causal_attention_op(q, k, v, scale)[0]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.shape[2] > decode.DECODE_MAX_TQ or needs_grad:
+        return reference.causal_attention(q, k, v, scale, key_lengths=key_lengths)
+    return decode.attend(q, k, v, scale, key_lengths)

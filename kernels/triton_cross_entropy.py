@@ -148,10 +148,10 @@ def plan_forward(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tens
     write_grad = grad is not None
     g = grad if write_grad else logits          # the pointer is unused without WRITE_GRAD
     s = scale if write_grad else losses
-    return [Launch.fixed(_cross_entropy_fwd_kernel, (n_rows,),
-                         (logits, logits.stride(0), targets, losses, lse, grad_target, g, g.stride(0), s,
-                          _scale_stride(s), vocab, ignore_index, label_smoothing, z_loss),
-                         warps, BLOCK_V=block, WRITE_GRAD=write_grad)]
+    args = dict(X=logits, stride_x=logits.stride(0), T=targets, LOSS=losses, LSE=lse, GRAD_T=grad_target, G=g,
+                stride_g=g.stride(0), SCALE=s, stride_scale=_scale_stride(s), V=vocab, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, z_loss=z_loss)
+    return [Launch.fixed(_cross_entropy_fwd_kernel, (n_rows,), args, warps, BLOCK_V=block, WRITE_GRAD=write_grad)]
 
 
 def forward(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, lse: torch.Tensor,
@@ -173,10 +173,10 @@ def plan_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor
     """The launch of backward (below) on non-empty logits with unit column stride and contiguous targets."""
     n_rows, vocab = logits.shape
     block, warps = _launch_config(vocab)
-    return [Launch.fixed(_cross_entropy_bwd_kernel, (n_rows,),
-                         (logits, logits.stride(0), targets, lse, grad_target, grad, grad.stride(0), scale,
-                          _scale_stride(scale), vocab, ignore_index, label_smoothing, z_loss),
-                         warps, BLOCK_V=block)]
+    args = dict(X=logits, stride_x=logits.stride(0), T=targets, LSE=lse, GRAD_T=grad_target, G=grad,
+                stride_g=grad.stride(0), SCALE=scale, stride_scale=_scale_stride(scale), V=vocab,
+                ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss)
+    return [Launch.fixed(_cross_entropy_bwd_kernel, (n_rows,), args, warps, BLOCK_V=block)]
 
 
 def backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_target: torch.Tensor,

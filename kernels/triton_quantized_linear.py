@@ -144,8 +144,10 @@ def plan_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, f
     grid = (triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(M, config["BLOCK_M"]), splits)
     config = dict(config)
     warps, stages = config.pop("num_warps"), config.pop("num_stages")
-    args = (x, qweight, scales, out, M, N, K, quantization.padded_in_features(fmt, K), per_split, x.stride(0),
-            x.stride(1), qweight.stride(0), scales.stride(0), out.stride(0) if splits > 1 else 0, out.stride(-2))
+    args = dict(X=x, W=qweight, S=scales, OUT=out, M=M, N=N, K=K, K_STORED=quantization.padded_in_features(fmt, K),
+                K_PER_SPLIT=per_split, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=qweight.stride(0),
+                stride_sn=scales.stride(0), stride_split=out.stride(0) if splits > 1 else 0,
+                stride_om=out.stride(-2))
     return [Launch.fixed(_quantized_linear_fwd_kernel, grid, args, warps, stages, FP4=fmt == "fp4",
                          GROUP=quantization.GROUP, SPLIT=splits > 1,
                          PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **config)]

@@ -175,9 +175,10 @@ def plan_forward(x2: torch.Tensor, weight: torch.Tensor, y2: torch.Tensor, rstd:
     rows, block, num_warps, single = _tile_config(D)
     has_residual = r2 is not None
     r2, h2 = (r2, h2) if has_residual else (x2, x2)     # unused pointers without the residual
-    return [Launch.fixed(_rms_norm_fwd_kernel, (triton.cdiv(M, rows),),
-                   (x2, r2, h2, weight, y2, rstd, x2.stride(0), r2.stride(0), h2.stride(0), y2.stride(0), M, D, eps),
-                   num_warps, HAS_RESIDUAL=has_residual, ROWS=rows, BLOCK=block, SINGLE_BLOCK=single)]
+    args = dict(X=x2, R=r2, H=h2, W=weight, Y=y2, RSTD=rstd, stride_x=x2.stride(0), stride_r=r2.stride(0),
+                stride_h=h2.stride(0), stride_y=y2.stride(0), M=M, D=D, eps=eps)
+    return [Launch.fixed(_rms_norm_fwd_kernel, (triton.cdiv(M, rows),), args, num_warps,
+                         HAS_RESIDUAL=has_residual, ROWS=rows, BLOCK=block, SINGLE_BLOCK=single)]
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
@@ -212,10 +213,11 @@ def plan_backward(dy2: torch.Tensor, h2: torch.Tensor, weight: torch.Tensor, rst
     rows, block, num_warps, single = _tile_config(D)
     programs, rows_per_program = backward_programs(M, D, gpu)
     dh = dy2 if dh2 is None else dh2
-    return [Launch.fixed(_rms_norm_bwd_kernel, (programs,),
-                   (dy2, h2, weight, rstd, dh, dx2, partial, dy2.stride(0), h2.stride(0), dh.stride(0), dx2.stride(0),
-                    M, D, rows_per_program),
-                   num_warps, HAS_DH=dh2 is not None, ROWS=rows, BLOCK=block, SINGLE_BLOCK=single)]
+    args = dict(DY=dy2, H=h2, W=weight, RSTD=rstd, DH=dh, DX=dx2, DW_PARTIAL=partial, stride_dy=dy2.stride(0),
+                stride_h=h2.stride(0), stride_dh=dh.stride(0), stride_dx=dx2.stride(0), M=M, D=D,
+                rows_per_program=rows_per_program)
+    return [Launch.fixed(_rms_norm_bwd_kernel, (programs,), args, num_warps,
+                         HAS_DH=dh2 is not None, ROWS=rows, BLOCK=block, SINGLE_BLOCK=single)]
 
 
 def backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,

@@ -55,8 +55,8 @@ def _grid(n: int) -> tuple[int]:
 
 def plan_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, gpu: Gpu) -> list[Launch]:
     """The launch writing out = silu(gate) * up; all three contiguous, non-empty."""
-    return [Launch.fixed(_swiglu_fwd_kernel, _grid(gate.numel()), (gate, up, out, gate.numel()), NUM_WARPS,
-                         BLOCK=BLOCK)]
+    return [Launch.fixed(_swiglu_fwd_kernel, _grid(gate.numel()), dict(G=gate, U=up, OUT=out, N=gate.numel()),
+                         NUM_WARPS, BLOCK=BLOCK)]
 
 
 def forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -72,8 +72,8 @@ def forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def plan_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dgate: torch.Tensor,
                   dup: torch.Tensor, gpu: Gpu) -> list[Launch]:
     """The launch writing dgate and dup; all five contiguous, non-empty."""
-    return [Launch.fixed(_swiglu_bwd_kernel, _grid(gate.numel()), (dout, gate, up, dgate, dup, gate.numel()),
-                         NUM_WARPS, BLOCK=BLOCK)]
+    args = dict(DOUT=dout, G=gate, U=up, DG=dgate, DU=dup, N=gate.numel())
+    return [Launch.fixed(_swiglu_bwd_kernel, _grid(gate.numel()), args, NUM_WARPS, BLOCK=BLOCK)]
 
 
 def backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The one chat template, shared by SFT, DPO, evaluation and model.serve.chat.
+"""The one chat template, shared by SFT, DPO, evaluation and the chats (model/serve/).
 
 A conversation of {"role", "content"} messages (roles "user" and "assistant", alternating, user
 first) is rendered as

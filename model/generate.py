@@ -11,7 +11,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from model.gpt import GPT, KVCache
+from model.cache import KVCache
+from model.gpt import GPT
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -93,7 +94,7 @@ def _decode(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: flo
         end = T + step                                 # tokens so far
         if cache is None or step == 0 or cache.length == block_size:
             if cache is not None:
-                cache.length = 0                       # (re)fill the cache from the last block_size tokens
+                cache.reset()                          # (re)fill the cache from the last block_size tokens
             context = out[:, max(0, end - block_size):end]
         else:
             context = out[:, end - 1:end]

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from model.cache import Cache
 from model.config import ModelConfig
-from model.linear import DECODING_LAYOUT_SEQUENCES, Linear, lay_out, linear
 
 
 class RMSNorm(nn.Module):
@@ -64,51 +64,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x32 * cos, x32.roll(x.shape[-1] // 2, dims=-1), sin).to(x.dtype)
 
 
-class KVCache:
-    """Keys and values of every layer for the positions seen so far, preallocated to block_size.
-
-    What GPT.forward asks of a cache (model/serve/engine.py's SlotCache keeps one sequence per row, each at
-    its own position, on the same terms): `sequences`, how many it holds (which decides the weights'
-    layout, model/linear.py); `length`, the positions already filled (the longest row's);
-    positions(T), what indexes the RoPE tables for the T new positions (a slice here, the same for
-    every row); attend(layer, q, k, v), store the new keys and values and attend to everything
-    cached; advance(T), once all layers ran.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, device, dtype: torch.dtype):
-        shape = (batch_size, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.sequences = batch_size
-        self.length = 0          # positions filled; advanced by GPT.forward after all layers ran
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, Hkv, T, D) after the cached positions; return all keys and values so far."""
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def positions(self, T: int) -> slice:
-        return slice(self.length, self.length + T)
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (B, Hq, T, D) for the T new positions, k, v (B, Hkv, T, D) -> (B, Hq, T, D)."""
-        return kernels.causal_attention(q, *self.update(layer, k, v))
-
-    def advance(self, T: int) -> None:
-        self.length += T
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.qkv = Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim)
-        self.out = Linear(cfg.n_embd, cfg.n_embd)
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.out = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
+                cache: Cache | None, layer: int) -> torch.Tensor:
         """x (B * T, C), the rows of B sequences of T positions; cos, sin (T, 1, D), or (B, T, 1, D)
         when each sequence has its own positions -> (B * T, C)."""
         BT, C = x.shape
@@ -131,9 +95,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate = Linear(cfg.n_embd, cfg.mlp_hidden)
-        self.up = Linear(cfg.n_embd, cfg.mlp_hidden)
-        self.out = Linear(cfg.mlp_hidden, cfg.n_embd)
+        self.gate = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.up = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.out = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate(x), self.up(x)                                  # (B * T, mlp_hidden)
@@ -178,7 +142,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, delta: torch.Tensor, residual: torch.Tensor | None, cos, sin, cache, layer):
+    def forward(self, delta: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                cache: Cache | None, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes the residual stream as (residual, pending delta), each (B * T, C), and returns it the
         same way, so each add runs inside the next norm. residual is None only before the first block."""
         if residual is None:
@@ -197,11 +162,10 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else Linear(cfg.n_embd, cfg.vocab_size)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.decoding_layout = False    # see lay_out_weights
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -214,33 +178,17 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=residual_std if name.endswith("out.weight") else self.cfg.init_std)
 
-    @torch.compiler.disable
-    def lay_out_weights(self, for_decoding: bool) -> None:
-        """Store the weights in the memory order decoding reads fastest, or contiguous (model/linear.py
-        says why). forward() switches as it goes: to the decoding order when it gets a KV cache of
-        at most DECODING_LAYOUT_SEQUENCES sequences, back to contiguous when it gets a larger one
-        or needs gradients. Under torch.compile this runs eagerly, before the compiled graph, which
-        assumes its weights' strides: a sample taken with the bare module in between transposes
-        them, and the next compiled training step must find them contiguous again."""
-        if self.decoding_layout != for_decoding:
-            self.decoding_layout = for_decoding
-            lay_out(self, for_decoding)
-
     @property
     def head_weight(self) -> torch.Tensor:
         """The LM head's (V, C) matrix: the embedding's when tied."""
         return self.embed.weight if self.head is None else self.head.weight
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None,
                 reduction: str = "mean", last_only: bool = False) -> torch.Tensor:
         """idx (B, T) int64 -> logits (B, T, V) (or (B, 1, V) with last_only), or with targets the
         loss: a scalar, or (B, T) per-token losses with reduction="none". Targets equal to -100
         are ignored. With a cache, idx continues the cached positions."""
         B, T = idx.shape
-        if cache is not None or torch.is_grad_enabled():
-            for_decoding = cache is not None and cache.sequences <= DECODING_LAYOUT_SEQUENCES
-            if for_decoding != self.decoding_layout:      # checked here too: torch.compile traces no call
-                self.lay_out_weights(for_decoding)
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.cfg.block_size}; "
@@ -261,7 +209,7 @@ class GPT(nn.Module):
         if targets is None:
             if last_only:
                 h, T = h.view(B, T, -1)[:, -1], 1                                     # (B, C)
-            logits = linear(h, self.embed.weight) if self.head is None else self.head(h)
+            logits = F.linear(h, self.embed.weight) if self.head is None else self.head(h)
             return logits.view(B, T, -1)                                             # (B, T, V)
         loss = kernels.linear_cross_entropy(h, self.head_weight, targets.reshape(B * T), reduction=reduction)
         return loss.view(B, T) if reduction == "none" else loss

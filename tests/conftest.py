@@ -31,13 +31,19 @@ def device() -> str:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_seed_and_backends():
-    """Every test starts from seed 0 and the default (auto) backends, whatever the last one did."""
-    import kernels
+def _fresh_seed_and_no_backend_leak(request):
+    """Every test starts from seed 0, and fails if it leaves the kernel backends changed: whatever
+    sets them (a command, a test) restores them itself, as `with kernels.use(...)` does."""
+    from kernels import backends
 
     torch.manual_seed(0)
-    with kernels.use("auto"):
-        yield
+    before = backends.chosen()
+    yield
+    after = backends.chosen()
+    if after != before:
+        backends.use(**before)          # so that the tests after this one still start clean
+        pytest.fail(f"{request.node.nodeid} left the kernel backends changed: {before} -> {after}; "
+                    f"set them with `with kernels.use(...)`", pytrace=False)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The numerical test method of DESIGN.md section 4, shared by every kernel test.
+"""The numerical test method shared by every kernel test (the method of the FlashAttention tests).
 
 A result passes when its max error against the float64 result is at most twice the error of the
 torch reference run in the same dtype, plus atol; in float32 it must also be within ~1e-5

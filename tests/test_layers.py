@@ -3,6 +3,7 @@ modules) never reaches up into its file formats (model/io) or its serving (model
 may read runs but not the reverse, the training stages are siblings that never import one another,
 no module imports itself back through others, and files stay short enough to read."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,18 @@ def test_files_stay_short():
                 for path in modules(package).values()
                 if (n := len(path.read_text().splitlines())) > limit]
     assert not too_long, too_long
+
+
+PLACEHOLDERS = {"kernels/triton_X.py", "kernels/X.py", "bench/test_other.py"}   # names in examples, not citations
+
+
+def test_cited_files_exist():
+    """Every repository file or folder that a docstring, comment or the README names
+    (kernels/reference.py, tests/model/test_gpt.py, bench/results/) exists."""
+    cited = re.compile(r"(?<![\w/.])((?:kernels|model|train|bench|tests)/[\w/.*-]*(?:\.py|\.md|\.json|\.sh|/))")
+    missing = set()
+    for path in [ROOT / "README.md", *sorted(p for d in (*LAYERS, "bench", "tests") for p in (ROOT / d).rglob("*.py"))]:
+        for name in set(cited.findall(path.read_text())) - PLACEHOLDERS:
+            if not list(ROOT.glob(name)):
+                missing.add(f"{path.relative_to(ROOT)} cites {name}")
+    assert not missing, sorted(missing)

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from model import GPT
 from model.command import run_command
 from train.data import tasks
-from train.eval import evaluate
 from train.config import TrainConfig, non_negative, option, positive
 from train.launch import Stage, run
 from train.posttrain import PostConfig, PostJob, held_out_tasks, holdout, load_init, report
+from train.replies import sampled_rejections
 from train.runtime import Runtime
 from train.data.sft_data import IGNORE, Example, collate, encode_pairs, load_dpo
 
@@ -134,7 +134,7 @@ class DPOJob(PostJob):
         nll = -logps[0].sum() / (batch["y"][:logps.shape[1]] != IGNORE).sum()
         return loss + self.nll_weight * nll, {**metrics, "dpo_loss": loss.detach(), "chosen_nll": nll.detach()}
 
-    def evaluate(self, model: GPT) -> dict[str, float]:
+    def validate(self, model: GPT) -> dict[str, float]:
         metrics = self.exact_match(model)
         if self.val:
             chunks = [self.val[i:i + self.cfg.batch_size] for i in range(0, len(self.val), self.cfg.batch_size)]
@@ -160,7 +160,7 @@ def task_pairs(task_list: list[tasks.Task], model: GPT, tok, rejected: str, seed
     with rt.autocast():
         for k in range(samples):
             # A prime stride keeps each round's seeds apart (replies() adds length * 1000 + start to the seed).
-            for t, w in zip(task_list, evaluate.sampled_rejections(model, tok, task_list, seed + k * 7919)):
+            for t, w in zip(task_list, sampled_rejections(model, tok, task_list, seed + k * 7919)):
                 pairs.setdefault((t.prompt, w), tasks.dpo_record(t, w))
     if rt.is_main:
         builtin = {(t.prompt, t.wrong) for t in task_list}

@@ -94,34 +94,34 @@ def run(stage: Stage, argv: list[str] | None = None) -> dict:
     rt = runtime.setup(cfg.device, cfg.dtype)
     lock = None
     try:
-        kernels.use(cfg.kernels)
-        torch.manual_seed(cfg.seed)
-        run_dir = run_dir_for(stage.name, cfg.out, rt)
-        if rt.is_main:
-            lock = RunLock(run_dir)
-            if note := lock.acquire():
-                print(f"{run_dir}: {note}")
-        check_run_dir(run_dir, bool(cfg.resume))
-        cfg = dataclasses.replace(cfg, out=str(run_dir))
-        job, model = stage.build(cfg, rt)
-        active = kernels.active(rt.device)
-        if rt.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            job.tokenizer.save(run_dir / "tokenizer.json")
-            print_opening(stage.name, cfg, model, active, rt)
-        record = {"job": stage.name, "args": dataclasses.asdict(cfg), "model_config": model.cfg.to_dict(),
-                  "kernels": active}
-        result = fit(cfg, job, model, rt, record)
-        if rt.is_main:
-            print_closing(stage.name, cfg, result)
-        if stage.finish:
-            result = stage.finish(cfg, result, rt)
-        # Free the model (FSDP keeps collective handles in it) while the process group is alive,
-        # and let no rank take the group down while rank 0 still writes.
-        del job, model
-        gc.collect()
-        rt.barrier()
-        return result
+        with kernels.use(cfg.kernels):      # this run's backends, restored when it ends
+            torch.manual_seed(cfg.seed)
+            run_dir = run_dir_for(stage.name, cfg.out, rt)
+            if rt.is_main:
+                lock = RunLock(run_dir)
+                if note := lock.acquire():
+                    print(f"{run_dir}: {note}")
+            check_run_dir(run_dir, bool(cfg.resume))
+            cfg = dataclasses.replace(cfg, out=str(run_dir))
+            job, model = stage.build(cfg, rt)
+            active = kernels.active(rt.device)
+            if rt.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                job.tokenizer.save(run_dir / "tokenizer.json")
+                print_opening(stage.name, cfg, model, active, rt)
+            record = {"job": stage.name, "args": dataclasses.asdict(cfg), "model_config": model.cfg.to_dict(),
+                      "kernels": active}
+            result = fit(cfg, job, model, rt, record)
+            if rt.is_main:
+                print_closing(stage.name, cfg, result)
+            if stage.finish:
+                result = stage.finish(cfg, result, rt)
+            # Free the model (FSDP keeps collective handles in it) while the process group is alive,
+            # and let no rank take the group down while rank 0 still writes.
+            del job, model
+            gc.collect()
+            rt.barrier()
+            return result
     finally:
         if lock:
             lock.release()

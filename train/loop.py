@@ -46,7 +46,7 @@ class Job(Protocol):
     def tokens(self, batch: dict) -> int:
         """Tokens the batch trains on (for tokens/s and --max-tokens)."""
 
-    def evaluate(self, model: GPT) -> dict[str, float]:
+    def validate(self, model: GPT) -> dict[str, float]:
         """Validation metrics of the bare model (called on every rank, in eval mode, without grad)."""
 
     def sample(self, model: GPT) -> str | None:
@@ -120,12 +120,13 @@ class Window:
     grad_norms: list[torch.Tensor] = field(default_factory=list)
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
+    paused: float = 0.0          # seconds spent validating inside the window: not training time
 
     def summary(self, rt: Runtime) -> dict[str, float]:
         """Mean loss (over ranks too), grad norm and job metrics, and the tokens/s of the window."""
         record = {"train_loss": rt.all_mean(torch.stack(self.losses).mean()).item(),
                   "grad_norm": torch.stack(self.grad_norms).mean().item(),
-                  "tokens_per_s": self.tokens / (time.perf_counter() - self.started)}
+                  "tokens_per_s": self.tokens / (time.perf_counter() - self.started - self.paused)}
         record.update({k: rt.all_mean(torch.stack(v).mean()).item() for k, v in self.metrics.items()})
         return record
 
@@ -176,12 +177,12 @@ def train_step(cfg: TrainConfig, job: Job, trained: torch.nn.Module, model: GPT,
     optimizer.zero_grad(set_to_none=True)
 
 
-def evaluate(job: Job, model: GPT, rt: Runtime, log: RunLog | None, step: int) -> tuple[dict[str, float], str | None]:
+def validate(job: Job, model: GPT, rt: Runtime, log: RunLog | None, step: int) -> tuple[dict[str, float], str | None]:
     """The job's validation metrics and a sample (written to samples.txt), in eval mode without
     gradients; -> (metrics, sample)."""
     model.eval()
     with torch.no_grad(), rt.autocast():
-        metrics = job.evaluate(model)
+        metrics = job.validate(model)
         sample = job.sample(model)     # on every rank: FSDP's forward gathers from all of them
     model.train()
     if log:
@@ -223,7 +224,7 @@ def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, config_record: dict
     started, steps_this_run, record, sample = time.perf_counter(), 0, {}, None
 
     if step == 0:
-        metrics, sample = evaluate(job, model, rt, log, step)
+        metrics, sample = validate(job, model, rt, log, step)
         if log:
             log.log({"step": 0, "tokens": 0, **metrics})
             print(" ".join(f"{k}={v:.4g}" for k, v in {"step": 0, "tokens": 0, **metrics}.items()))
@@ -238,18 +239,26 @@ def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, config_record: dict
         out_of_time = cfg.max_minutes > 0 and time.perf_counter() - started > 60 * cfg.max_minutes
         stop = rt.any(out_of_time or 0 < cfg.stop_after <= steps_this_run)
         last = step == n_steps or stop
-        if step % cfg.log_interval == 0 or last:
-            record = {"step": step, "tokens": tokens_seen, "lr": lr, **window.summary(rt)}
-            if peak:
-                record["mfu"] = flops_per_token * record["tokens_per_s"] / (peak * rt.world_size)
-            if cfg.eval_interval and step % cfg.eval_interval == 0 or last:
-                metrics, sample = evaluate(job, model, rt, log, step)
+        log_now = step % cfg.log_interval == 0 or last
+        validate_now = bool(cfg.eval_interval) and step % cfg.eval_interval == 0 or last
+        if log_now or validate_now:       # each on its own interval: neither waits for the other
+            record = {"step": step, "tokens": tokens_seen, "lr": lr}
+            if log_now:
+                record.update(window.summary(rt))
+                if peak:
+                    record["mfu"] = flops_per_token * record["tokens_per_s"] / (peak * rt.world_size)
+            if validate_now:
+                began = time.perf_counter()
+                metrics, sample = validate(job, model, rt, log, step)
                 record.update(metrics)
+                window.paused += time.perf_counter() - began
             if log:
                 log.log(record)
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
-            window = Window()
+                if log_now:
+                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                    **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
+            if log_now:
+                window = Window()
         if step % cfg.ckpt_interval == 0 or last:
             save(run_dir, step, tokens_seen, job, model, optimizer, rt)
         if stop:

@@ -12,8 +12,8 @@ from model.chat_format import ChatTokens
 from model.io.checkpoint import load_model, load_tokenizer
 from model.tokenizer import Tokenizer
 from train.data import tasks
-from train.eval import evaluate
 from train.config import TrainConfig, absolute_path, option, positive
+from train.replies import exact_match, task_sample
 from train.runlog import RunLog
 from train.runtime import Runtime
 from train.data.sft_data import stream_indices
@@ -76,10 +76,10 @@ class PostJob:
         return batch["x"].numel()
 
     def exact_match(self, model: GPT) -> dict[str, float]:
-        return evaluate.exact_match(model, self.tokenizer, self.test_tasks, self.cfg.batch_size)
+        return exact_match(model, self.tokenizer, self.test_tasks, self.cfg.batch_size)
 
     def sample(self, model: GPT) -> str:
-        return evaluate.task_sample(model, self.tokenizer, self.test_tasks[0])
+        return task_sample(model, self.tokenizer, self.test_tasks[0])
 
 
 def report(cfg: TrainConfig, result: dict, rt: Runtime) -> dict:

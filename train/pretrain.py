@@ -91,7 +91,7 @@ class PretrainJob:
     def tokens(self, batch) -> int:
         return batch["x"].numel()
 
-    def evaluate(self, model: GPT) -> dict[str, float]:
+    def validate(self, model: GPT) -> dict[str, float]:
         total, count = torch.zeros((), device=self.rt.device), 0
         for x, y in eval_batches(self.data.val, self.cfg.batch_size, self.block_size, self.cfg.eval_tokens):
             total += model(x.to(self.rt.device), targets=y.to(self.rt.device)).float()

@@ -51,7 +51,7 @@ class SFTJob(PostJob):
     def loss(self, model, batch):
         return model(batch["x"], targets=batch["y"]), {}
 
-    def evaluate(self, model: GPT) -> dict[str, float]:
+    def validate(self, model: GPT) -> dict[str, float]:
         metrics = self.exact_match(model)
         if self.val:
             metrics["val_loss"] = masked_loss(model, self.val, self.pad_id, self.cfg.batch_size, self.rt.device)

@@ -7,11 +7,17 @@ Layout of a run directory's checkpoints (written by train/checkpoint.py):
     checkpoints/latest                          the name of the newest complete checkpoint
     tokenizer.json                              the tokenizer (in the run directory itself)
 
-Everything that uses a trained model (training's --init and --resume, chat, export) loads it here.
-write() is the one writer (training's checkpoints, model.io.hf import): a checkpoint is written into a
-temporary directory that is renamed into place, and `latest` is replaced atomically afterwards, so
-a process killed at any moment leaves the previous checkpoint loadable and never a half-written
-one that looks complete.
+Everything that uses a trained model (training's --init and --resume, chat, export) loads it here,
+and this module is the only code that reads or writes state.json; what other code needs of a
+loaded state's entries it asks here (quantized_as, made_from). write() is the one writer (training's checkpoints; write_derived for the
+runs that model.hf import and model.quantize make): a checkpoint is written into a temporary
+directory that is renamed into place, and `latest` is replaced atomically afterwards, so a process
+killed at any moment leaves the previous checkpoint loadable and never a half-written one that
+looks complete.
+
+A quantized run (model/quantized.py) records {"quantization": {"format": "int8" or "fp4", "head":
+whether the LM head is quantized too}} in state.json, and its model.safetensors holds
+`<layer>.qweight` and `<layer>.scales` in place of `<layer>.weight`.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from kernels.quantization import FORMATS
 from model.config import ModelConfig
 from model.io.files import atomic_write_text, current_umask
 from model.gpt import GPT
+from model.quantized import prepare, quantize as quantize_model, quantized_format
 from model.tokenizer import Tokenizer
 
 
@@ -117,9 +124,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", trainable: 
                quantize: str | None = None) -> tuple[GPT, dict]:
     """A GPT built from a checkpoint's config with its weights, and the checkpoint's state.
 
-    A quantized run (state["quantization"], written by model.io.quantized) loads with its quantized
-    projections, for inference; trainable=True (training's --init) refuses it. quantize="int8" or
-    "fp4" quantizes a full-precision run's projections on loading (a --quantize flag)."""
+    A quantized run (written by python -m model.quantize) loads with its quantized projections, for
+    inference; trainable=True (training's --init) refuses it. quantize="int8" or "fp4" quantizes a
+    full-precision run's projections on loading (a --quantize flag)."""
     ckpt = resolve(path)
     state = load_state(ckpt)
     quantized = state.get("quantization")
@@ -130,19 +137,43 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", trainable: 
                          f"full-precision run again with python -m model.quantize")
     if quantized and trainable:
         raise ValueError(f"{ckpt} is quantized ({quantized['format']}), which is inference-only; start training "
-                         f"from the full-precision run it was quantized from ({state.get('source', 'its source')})")
+                         f"from the full-precision run it was quantized from ({made_from(state)})")
     if quantized and quantize:
         raise ValueError(f"{ckpt} is already quantized ({quantized['format']}); drop --quantize, or quantize the "
-                         f"full-precision run it was made from ({state.get('source', 'its source')})")
+                         f"full-precision run it was made from ({made_from(state)})")
     model = GPT(ModelConfig.from_dict(state["model_config"]))
-    if quantized or quantize:
-        import model.io.quantized as quantizer     # imported late: model.io.quantized writes runs through this module
     if quantized:
-        quantizer.prepare(model, quantized["format"], quantized["head"])
+        prepare(model, quantized["format"], quantized["head"])
     load_weights(ckpt, model)
     if quantize:
-        quantizer.quantize(model, quantize)
+        quantize_model(model, quantize)
     return model.to(device), state
+
+
+def quantized_as(state: dict) -> str | None:
+    """The format ("int8" or "fp4") of a quantized checkpoint's weights, None for full precision;
+    state as load_model returns it (which has checked the entry)."""
+    return (state.get("quantization") or {}).get("format")
+
+
+def made_from(state: dict) -> str:
+    """What a run made by a command (import, quantization) was made from, for messages."""
+    return state.get("source", "its source")
+
+
+def write_derived(run_dir: Path, model: GPT, tok: Tokenizer, job: str, source: Path,
+                  source_state: dict | None = None) -> Path:
+    """Write a run made from another model rather than trained (job "import" or "quantize"): its one
+    checkpoint, with the model's config and quantization (read off its layers), and its tokenizer.json.
+    Step and tokens carry over from source_state, the state of the checkpoint it was made from."""
+    progress = source_state or {}
+    quantization = quantized_format(model)
+    ckpt = write(run_dir, progress.get("step", 0), model.state_dict(),
+                 {"tokens": progress.get("tokens", 0), "job": job, "source": str(Path(source).resolve()),
+                  "model_config": model.cfg.to_dict(), "tokenizer": tok.fingerprint,
+                  **({"quantization": quantization} if quantization else {})})
+    tok.save(Path(run_dir) / "tokenizer.json")
+    return ckpt
 
 
 def run_dir_of(path: str | Path) -> Path:

@@ -23,7 +23,7 @@ directory (config.json, one or sharded safetensors, tokenizer.json), and needs n
 it maps the config (refusing biases, other activations or architectures, RoPE scalings other
 than Llama 3's), reorders the vocabulary to our ids (model/io/hf_tokenizer.py), adds our chat
 tokens when the tokenizer lacks them (their embedding rows start at the mean row), and writes a
-run directory that training's --init and model.serve.chat read.
+run directory that training's --init and python -m model.chat read.
 
 transformers is the optional `hf` extra, imported inside the functions that need it.
 """
@@ -40,7 +40,7 @@ import torch
 
 from model.io import hf_tokenizer
 from model.chat_format import SPECIALS
-from model.io.checkpoint import load_model, load_tokenizer, resolve, write
+from model.io.checkpoint import load_model, load_tokenizer, made_from, quantized_as, resolve, write_derived
 from model.command import DEBUG_HELP, at_least, flag_type, run_command
 from model.config import LLAMA3_KEYS, ModelConfig
 from model.io.files import atomic_write_dir, check_new_dir
@@ -158,9 +158,9 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
     check_new_dir(out_dir, "OUT_DIR")
     ckpt = resolve(path)
     model, state = load_model(ckpt)
-    if "quantization" in state:
-        raise ValueError(f"{ckpt} is quantized ({state['quantization']['format']}); transformers' Llama holds "
-                         f"full-precision weights: export the run it was quantized from ({state.get('source')})")
+    if quantized_as(state):
+        raise ValueError(f"{ckpt} is quantized ({quantized_as(state)}); transformers' Llama holds "
+                         f"full-precision weights: export the run it was quantized from ({made_from(state)})")
     tok = load_tokenizer(ckpt)
     missing = [s for s in SPECIALS if s not in tok.special_tokens]
     if missing:
@@ -302,15 +302,10 @@ def import_llama(hf_dir: str | Path, out_run: str | Path, block_size: int | None
     tok, mapping = hf_tokenizer.from_tokenizer_json(_read_json(hf_dir / "tokenizer.json"), str(hf_dir / "tokenizer.json"))
     state = _our_state(_read_tensors(hf_dir), cfg, hf_dir)
     state, cfg, tok = _reorder_vocab(state, cfg, tok, mapping)
-    with torch.device("meta"):
-        GPT(cfg).load_state_dict(state, assign=True)         # the state is exactly our model's (strict)
-
-    def fill(staging: Path) -> None:
-        write(staging, 0, state, {"tokens": 0, "job": "import", "source": str(hf_dir.resolve()),
-                                  "model_config": cfg.to_dict(), "tokenizer": tok.fingerprint})
-        tok.save(staging / "tokenizer.json")
-
-    return atomic_write_dir(out_run, fill, "OUT_RUN")
+    with torch.device("meta"):                               # no memory for weights that are replaced
+        model = GPT(cfg)
+    model.load_state_dict(state, assign=True)                # the state is exactly our model's (strict)
+    return atomic_write_dir(out_run, lambda staging: write_derived(staging, model, tok, "import", hf_dir), "OUT_RUN")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,11 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 import kernels
+from kernels.quantization import FORMATS
 from model.chat_format import ChatTokens, render_prompt
 from model.io.checkpoint import load_model, load_tokenizer
 from model.command import DEBUG_HELP, at_least, at_most, flag_type, pick_device, run_command
 from model.serve.engine import Delta, Engine, PromptTooLong, Request
-from model.io.quantized import FORMATS, QUANTIZE_HELP
+from model.io.quantized import QUANTIZE_HELP
 
 SHUTDOWN_GRACE_S = 3        # how long Ctrl-C waits for running replies before cutting them
 
@@ -271,7 +272,7 @@ def run_server(app: FastAPI, sock: socket.socket, engine: Engine) -> None:
 
 
 def add_engine_flags(parser: argparse.ArgumentParser, port: int = 8000) -> None:
-    """The flags model.serve.api and model.serve.web share: the run, where to listen, the batch and device."""
+    """The flags python -m model.serve and python -m model.web share: the run, where to listen, the batch and device."""
     parser.add_argument("path", help="run directory or checkpoint (with tokenizer.json in its run directory)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default loopback only; 0.0.0.0 exposes it to the network)")
@@ -287,8 +288,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, port: int = 8000) -> None:
 
 
 def start_engine(args: argparse.Namespace) -> tuple[Engine, str, socket.socket]:
-    """Listen first (a busy port fails before the model loads), then load the run into an engine."""
-    kernels.use(args.kernels)
+    """Listen first (a busy port fails before the model loads), then load the run into an engine.
+    The caller holds `kernels.use(args.kernels)` for as long as the engine runs."""
     sock = listen(args.host, args.port)
     try:
         model, _ = load_model(args.path, pick_device(args.device), quantize=args.quantize)
@@ -307,8 +308,9 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_flags(parser)
     args = parser.parse_args(argv)
-    engine, name, sock = start_engine(args)
-    run_server(build_app(engine, name), sock, engine)
+    with kernels.use(args.kernels):
+        engine, name, sock = start_engine(args)
+        run_server(build_app(engine, name), sock, engine)
 
 
 if __name__ == "__main__":

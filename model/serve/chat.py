@@ -15,12 +15,13 @@ from typing import TextIO
 import torch
 
 import kernels
+from kernels.quantization import FORMATS
 from model import GPT
 from model.chat_format import ChatTokens, fit_history, render_prompt, reply_text
 from model.io.checkpoint import load_model, load_tokenizer
 from model.command import DEBUG_HELP, at_least, at_most, flag_type, greater_than, pick_device, run_command
 from model.generate import generate
-from model.io.quantized import FORMATS, QUANTIZE_HELP
+from model.io.quantized import QUANTIZE_HELP
 
 
 class Chat:
@@ -119,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    kernels.use(args.kernels)
+    with kernels.use(args.kernels):
+        talk(args)
+
+
+def talk(args: argparse.Namespace) -> None:
+    """Load the run and answer: a terminal session, or the one prompt piped to stdin."""
     model, _ = load_model(args.path, pick_device(args.device), quantize=args.quantize)
     chat = Chat(model, load_tokenizer(args.path), args.temperature, args.top_k or None,
                 args.top_p, args.max_tokens, args.seed)

@@ -1,7 +1,7 @@
 """Continuous batching: many requests decode together, one batched forward per step.
 
-The engine owns the model and a SlotCache with max_batch rows of keys and values. A scheduler thread
-loops:
+The engine owns the model and a SlotCache (model/cache.py) with max_batch rows of keys and values. A
+scheduler thread loops:
   1. admit: while a row is free and a request waits, run the request's prompt alone into the next
      free row (prefill writes only that row, so the others are untouched) and sample its first token;
   2. step: one forward of (n, 1) tokens for the n active rows, each at its own position (RoPE per
@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
-import kernels
+from model.cache import SlotCache
 from model.gpt import GPT
 from model.generate import check_sampling, sample_next
 
@@ -63,66 +62,6 @@ class Delta:
     finish_reason: str | None = None           # "stop", "length", or "error" (then text is the message)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-
-
-class SlotCache:
-    """Keys and values for `slots` sequences, one per row of (slots, Hkv, block_size, D) per layer,
-    each row filled to its own length. A forward covers either one row from its length on (prefill,
-    B = 1, any T: the plain causal path, as KVCache) or rows 0..n-1 one position each (a decode
-    step, T = 1: keys written at each row's length, attention masked to each row's own keys)."""
-
-    def __init__(self, model: GPT, slots: int):
-        cfg, p = model.cfg, model.embed.weight
-        shape = (slots, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
-        # Zeros, not empty: a step reads every row up to the longest, and a masked key's weight is 0,
-        # but 0 * NaN (uninitialised memory) is NaN.
-        self.k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layer)]
-        self.sequences = slots
-        self.lengths = [0] * slots             # positions filled, per row
-        self.rows = slice(0, 0)                # the rows of the next forward
-        self.pos = torch.zeros(0, dtype=torch.int64, device=p.device)   # (B,) their lengths
-        self.length = 0                        # the longest of them
-        self.visible: torch.Tensor | None = None
-
-    def select(self, rows: slice) -> None:
-        """Make the next forward run on these rows, each continuing from its own length."""
-        self.rows = rows
-        self.pos = torch.tensor(self.lengths[rows], dtype=torch.int64, device=self.pos.device)   # (B,)
-        self.length = max(self.lengths[rows])
-        # A decoding step's mask, the same for every layer: each row sees its keys and its new one.
-        keys = torch.arange(self.length + 1, device=self.pos.device)
-        self.visible = (keys <= self.pos[:, None])[:, None, None]               # (B, 1, 1, length + 1)
-
-    def positions(self, T: int) -> torch.Tensor:
-        return self.pos[:, None] + torch.arange(T, device=self.pos.device)   # (B, T)
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (B, Hq, T, D), k, v (B, Hkv, T, D) -> (B, Hq, T, D)."""
-        K, V = self.k[layer][self.rows], self.v[layer][self.rows]            # (B, Hkv, block_size, D) views
-        B, _, T, _ = k.shape
-        if B == 1:                                                           # prefill, or one row alone
-            start = self.lengths[self.rows.start]
-            K[:, :, start:start + T], V[:, :, start:start + T] = k, v
-            return kernels.causal_attention(q, K[:, :, :start + T], V[:, :, :start + T])
-        assert T == 1, "a batched forward decodes one position per row"
-        batch = torch.arange(B, device=k.device)
-        K[batch, :, self.pos], V[batch, :, self.pos] = k[:, :, 0], v[:, :, 0]
-        end = self.length + 1
-        return F.scaled_dot_product_attention(q, K[:, :, :end], V[:, :, :end], attn_mask=self.visible,
-                                              enable_gqa=q.shape[1] != k.shape[1])
-
-    def advance(self, T: int) -> None:
-        for r in range(self.rows.start, self.rows.stop):
-            self.lengths[r] += T
-        self.length += T
-
-    def move(self, src: int, dst: int) -> None:
-        """Row src's keys and values into row dst (what retiring dst does with the last row)."""
-        n = self.lengths[src]
-        for K, V in zip(self.k, self.v):
-            K[dst, :, :n], V[dst, :, :n] = K[src, :, :n], V[src, :, :n]
-        self.lengths[dst] = n
 
 
 class TextStream:
@@ -190,7 +129,8 @@ class Engine:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model, self.tok, self.max_batch = model.eval(), tok, max_batch
         self.block_size = model.cfg.block_size
-        self.cache = SlotCache(model, max_batch)
+        self.device = model.embed.weight.device
+        self.cache = SlotCache(model.cfg, max_batch, self.device, model.embed.weight.dtype)
         self.active: list[Sequence] = []       # row i of the cache holds active[i]
         self.waiting: list[Sequence] = []
         self.stats = Stats()
@@ -210,7 +150,7 @@ class Engine:
             raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
         check_sampling(request.temperature, request.top_k, request.top_p)
         seed = secrets.randbits(63) if request.seed is None else request.seed
-        generator = torch.Generator(self.model.embed.weight.device).manual_seed(seed)
+        generator = torch.Generator(self.device).manual_seed(seed)
         seq = Sequence(request, sink, TextStream(self.tok, tuple(request.stop)), generator)
         with self._wake:
             if self._closed:
@@ -303,16 +243,16 @@ class Engine:
     def _prefill(self, seq: Sequence) -> None:
         row = len(self.active)
         self.active.append(seq)
-        self.cache.lengths[row] = 0
+        self.cache.reset(row)
         self.cache.select(slice(row, row + 1))
-        idx = torch.tensor([seq.request.prompt], device=self.cache.pos.device)          # (1, T)
+        idx = torch.tensor([seq.request.prompt], device=self.device)                    # (1, T)
         logits = self.model(idx, cache=self.cache, last_only=True)[:, -1]                # (1, V)
         self._emit(seq, int(self._sample(logits, [seq])[0]))
 
     def _step(self) -> None:
         n = len(self.active)
         self.cache.select(slice(0, n))
-        idx = torch.tensor([[s.last] for s in self.active], device=self.cache.pos.device)  # (n, 1)
+        idx = torch.tensor([[s.last] for s in self.active], device=self.device)          # (n, 1)
         logits = self.model(idx, cache=self.cache, last_only=True)[:, -1]                # (n, V)
         self.stats.steps += 1
         self.stats.peak_batch = max(self.stats.peak_batch, n)
@@ -342,7 +282,7 @@ class Engine:
         row = self.active.index(seq)
         if stopped:
             self._finish(seq, "stop", text)
-        elif seq.generated == seq.request.max_tokens or self.cache.lengths[row] >= self.block_size:
+        elif seq.generated == seq.request.max_tokens or self.cache.row_length(row) >= self.block_size:
             # the next step would write position lengths[row], past the context's last, block_size - 1
             self._finish(seq, "length", text + seq.text.flush())
         elif text:

@@ -4,7 +4,7 @@ Gradio's ChatInterface streams each reply as the engine produces it, with the sa
 (temperature, top-p, top-k, length, seed) under "Sampling" and a Reset button that forgets the
 conversation. The whole conversation is the context of each reply (the chat template of
 model/chat_format.py), its oldest turns dropped when it no longer fits. Every browser tab's
-request joins the same engine batch, and the same server also answers model.serve.api's OpenAI API
+request joins the same engine batch, and the same server also answers python -m model.serve's OpenAI API
 under /v1. Gradio stays offline: no analytics or version check, no share link, no server-side
 rendering, and the default theme's fonts come from the server itself. Needs the `serve` and `web`
 extras.
@@ -20,6 +20,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 import gradio as gr  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
+import kernels  # noqa: E402
 from model.chat_format import ChatTokens, fit_history, render_prompt  # noqa: E402
 from model.command import run_command  # noqa: E402
 from model.serve.engine import Engine, Request  # noqa: E402
@@ -75,7 +76,7 @@ def build_ui(engine: Engine, name: str) -> gr.Blocks:
 
 
 def web_app(engine: Engine, name: str) -> FastAPI:
-    """model.serve.api's API with the chat page mounted at /, both on engine."""
+    """The OpenAI API of model/serve/api.py with the chat page mounted at /, both on engine."""
     return gr.mount_gradio_app(build_app(engine, name), build_ui(engine, name), path="/", ssr_mode=False)
 
 
@@ -84,9 +85,10 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_flags(parser, port=7860)
     args = parser.parse_args(argv)
-    engine, name, sock = start_engine(args)
-    print(f"web chat at http://{args.host}:{args.port}/", flush=True)
-    run_server(web_app(engine, name), sock, engine)
+    with kernels.use(args.kernels):
+        engine, name, sock = start_engine(args)
+        print(f"web chat at http://{args.host}:{args.port}/", flush=True)
+        run_server(web_app(engine, name), sock, engine)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """bench/compiled.py: every kernel compiles for Hopper and Ampere, ahead of time on the CPU, and
-the compiled code keeps the static goals (DESIGN.md section 6, issue 13).
+the compiled code keeps the static goals of issue 13: no register spills, warpgroup MMA for
+attention tiles of 64 rows or more, TMA loads where a candidate asks for them, grids that fill
+the GPU.
 
 The report runs in a subprocess without TRITON_INTERPRET (this suite interprets the kernels,
 and interpreted kernels cannot be compiled), once per architecture for the whole module, on the
@@ -83,6 +85,15 @@ def test_grids_fill_the_gpu(hopper):
     assert rms_backward and all(w <= 1 for r in rms_backward for w in r["waves"].values())
     lce = [r for r in hopper if r["op"] == "linear_cross_entropy fwd"]
     assert lce and all(w >= 4 for r in lce for w in r["waves"].values())
+
+
+def test_decode_with_key_lengths_is_its_own_specialization(hopper):
+    """Per-row key lengths specialize the split kernel only (a None pointer otherwise), and it
+    still runs on warpgroup MMA."""
+    rows = [r for r in hopper if r["kernel"] == "_causal_attention_decode_kernel"
+            and any("key_lengths" in s for s in r["shapes"])]
+    assert len(rows) == 1 and all("key_lengths" in s for s in rows[0]["shapes"])
+    assert rows[0]["hgmma"] > 0
 
 
 def test_quantized_linear_runs_on_warpgroup_mma_and_fills_the_gpu_when_decoding(hopper):

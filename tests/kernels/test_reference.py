@@ -1,7 +1,7 @@
 """The torch backend (kernels/reference.py) against float64 computations written out here.
 
 Every op runs in float32, bfloat16 and float16 and is compared, forward and every gradient, with a
-plain float64 implementation of its definition (DESIGN.md section 2) applied to the same inputs
+plain float64 implementation of its definition (the docstrings of kernels/__init__.py) applied to the same inputs
 (already rounded to the test dtype). Here the reference IS the op under test, so assert_matches
 gets the op's own result as `ref`: that keeps its shape, NaN and fp32 ~1e-5 relative checks, and
 `check` adds a bound relative to the largest exact value for the dtype the op computed in.

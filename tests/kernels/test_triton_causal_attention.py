@@ -1,10 +1,13 @@
-"""kernels/triton_causal_attention.py against float64 (DESIGN.md section 4).
+"""kernels/triton_causal_attention.py against float64, within the error the reference itself makes
+in the same dtype (numerics.assert_matches).
 
 Runs in the Triton interpreter on CPU (fp32, fp16) and on CUDA when present (bf16 too). The
 kernels write into NaN-filled buffers so a skipped element fails; the public op is checked
 through kernels.causal_attention with autograd, torch.library.opcheck and torch.compile.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import kernels
 from kernels import reference
 from kernels import triton_causal_attention as tca
+from kernels.launching import Gpu
 from numerics import CUDA, DEVICE, assert_matches, nan_filled, needs_cuda
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda)]
@@ -106,17 +110,6 @@ def test_decode_matches_float64(case, dtype):
     check_kernels(*case, dtype=dtype)
 
 
-def test_decode_splits_the_keys():
-    """A decode step with few heads spreads one KV head over many programs, each a whole number
-    of key tiles, and the splits cover the keys exactly once."""
-    from kernels.launching import Gpu
-    h200 = Gpu(sms=132, smem_per_block=227 * 1024, capability=90)
-    block_n, splits, split_keys = tca.decode_split(1, 8, 4096, h200)
-    assert 8 * splits >= 2 * 132 and split_keys % block_n == 0
-    assert (splits - 1) * split_keys < 4096 <= splits * split_keys
-    assert tca.decode_split(1, 8, 1, h200)[1:] == (1, block_n)
-
-
 @pytest.mark.parametrize("D", [96, 128, 256])
 def test_wide_head_dims(D):
     check_kernels(1, 2, 1, 33, 40, D, "contiguous", torch.float32)
@@ -129,9 +122,8 @@ def test_wide_head_dims(D):
                          ids=lambda c: "B{}-H{}:{}-T{}:{}-D{}-{}".format(*c))
 def test_other_tilings(case, tiles, monkeypatch):
     """The GPU tiles have other BLOCK_M / BLOCK_N ratios than the default interpreter ones."""
-    for kernel_tiles in tca.INTERPRETER_TILES.values():
-        monkeypatch.setitem(kernel_tiles, "BLOCK_M", tiles[0])
-        monkeypatch.setitem(kernel_tiles, "BLOCK_N", tiles[1])
+    for name, tile in tca.INTERPRETER_TILES.items():
+        monkeypatch.setitem(tca.INTERPRETER_TILES, name, dataclasses.replace(tile, block_m=tiles[0], block_n=tiles[1]))
     check_kernels(*case, dtype=torch.float32)
 
 
@@ -144,8 +136,8 @@ def test_other_tilings(case, tiles, monkeypatch):
 def test_tma_tiles(case, dtype, monkeypatch):
     """The TMA path (tensor descriptors of the strided views; rows past T and columns past D come
     back as zeros) gives the pointer path's results, and tensors TMA cannot address fall back."""
-    for kernel_tiles in tca.INTERPRETER_TILES.values():
-        monkeypatch.setitem(kernel_tiles, "USE_TMA", True)
+    for name, tile in tca.INTERPRETER_TILES.items():
+        monkeypatch.setitem(tca.INTERPRETER_TILES, name, dataclasses.replace(tile, tma=True))
     check_kernels(*case, dtype=dtype)
 
 
@@ -159,17 +151,25 @@ def test_tma_only_where_the_strides_allow():
 def test_candidates_follow_the_target():
     """Hopper gets the TMA and Hopper-only tiles, when the tensors allow TMA; Ampere never; a few
     queries get small query tiles; every candidate fits the GPU's shared memory."""
-    from kernels.launching import Gpu
     q = torch.empty(1, 16, 4096, 128, dtype=torch.bfloat16, device="meta")
     h100, a100 = Gpu(132, 227 * 1024, 90), Gpu(108, 163 * 1024, 80)
-    for tiles in (tca.FWD_TILES, tca.DKDV_TILES, tca.DQ_TILES):
-        hopper, ampere = tiles.candidates(q, 128, 4096, True, h100), tiles.candidates(q, 128, 4096, True, a100)
-        assert any(c["USE_TMA"] for c in hopper) and not any(c["USE_TMA"] for c in ampere)
-        assert {tuple(c.items()) for c in ampere} < {tuple(c.items()) for c in hopper}
-        assert not any(c["USE_TMA"] for c in tiles.candidates(q, 128, 4096, False, h100))
-        for c in hopper:
-            assert 2 * 128 * tiles.smem_rows(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) <= h100.smem_per_block
-    assert {c["BLOCK_M"] for c in tca.FWD_TILES.candidates(q, 128, 16, True, h100)} == {16}
+    for name in ("fwd", "dkdv", "dq"):
+        hopper, ampere = (tca.candidates(name, q, 128, 4096, True, gpu) for gpu in (h100, a100))
+        assert any(t.tma for t in hopper) and not any(t.tma for t in ampere)
+        assert set(ampere) < set(hopper)
+        assert not any(t.tma for t in tca.candidates(name, q, 128, 4096, False, h100))
+        for t in hopper:
+            assert 2 * 128 * tca.SMEM_ROWS[name](t) <= h100.smem_per_block
+    assert {t.block_m for t in tca.candidates("fwd", q, 128, 16, True, h100)} == {16}
+
+
+def test_plan_lists_the_candidates_by_name():
+    """A GPU plan's configs are the candidates of its launch, its arguments passed by name."""
+    q, k = (torch.empty(1, 16, 4096, 128, dtype=torch.bfloat16, device="meta") for _ in range(2))
+    h100 = Gpu(132, 227 * 1024, 90)
+    (launch,) = tca.plan_forward(q, k, k, 0.1, q, torch.empty(1, 16, 4096, device="meta"), h100)
+    assert launch.configs == [t.config() for t in tca.candidates("fwd", q, 128, 4096, True, h100)]
+    assert launch.args["stride_kt"] == 128 and launch.args["Q_BUCKET"] == 4096
 
 
 def test_custom_scale():

@@ -38,7 +38,7 @@ class CountingJob:
     def tokens(self, batch):
         return batch["x"].numel()
 
-    def evaluate(self, model):
+    def validate(self, model):
         batch = self.batch(10**6, 0)
         return {"val_loss": model(batch["x"], targets=batch["y"]).item()}
 
@@ -88,6 +88,16 @@ def test_run_directory_and_learning(tmp_path):
     assert "sample text" in (run_dir / "samples.txt").read_text()
     assert (run_dir / "loss.png").stat().st_size > 0
     assert result["sample"] == "sample text" and result["step"] == 20 and result["stopped_early"] == ""
+
+
+def test_validation_and_logging_keep_their_own_intervals(tmp_path):
+    """--eval-interval 4 with --log-interval 6 validates at steps 4, 8, 12, 16 and 20 (and logs at
+    6, 12, 18 and the last): validation does not wait for a logging step, nor logging for it."""
+    _, records = train(tmp_path, "intervals", eval_interval=4, log_interval=6)
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8, 12, 16, 20]
+    assert [r["step"] for r in records if "train_loss" in r] == [6, 12, 18, 20]
+    assert [r["step"] for r in records] == [4, 6, 8, 12, 16, 18, 20]
+    assert all(r["tokens_per_s"] > 0 for r in records if "tokens_per_s" in r)
 
 
 def test_exact_resume(tmp_path):

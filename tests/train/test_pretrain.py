@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from model.command import run_command
+import kernels
 from corpus_fixtures import write_corpus
+from model.command import run_command
 from train.data.prepare import prepare
 from train.pretrain import main
 from train.runlock import RunLock
@@ -121,7 +122,9 @@ def test_compiled_run_trains_on_after_sampling(dataset, tmp_path):
 
 
 def test_kernel_parity_torch_vs_triton(dataset, tmp_path):
+    before = kernels.backends.chosen()
     main(flags(dataset, tmp_path / "torch", 4, 2, "--kernels", "torch", "--eval-interval", "0"))
+    assert kernels.backends.chosen() == before            # a run's --kernels ends with the run
     main(flags(dataset, tmp_path / "triton", 4, 2, "--kernels", "triton", "--eval-interval", "0"))
     config = json.loads((tmp_path / "triton" / "config.json").read_text())
     assert set(config["kernels"].values()) == {"triton"}

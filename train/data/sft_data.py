@@ -1,4 +1,4 @@
-"""SFT and DPO data: the JSONL formats of DESIGN.md section 7, encoding through the chat template,
+"""SFT and DPO data: the JSONL formats below, encoding through the chat template,
 and batches (padded, or packed into rows) that are a pure function of the step.
 
 SFT lines, any of:   {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}

@@ -1,6 +1,6 @@
-"""Evaluation: the model's replies on the built-in tasks, exact match and its own wrong answers (DPO's
-rejected responses), and the language-model metrics of held-out text. The tasks themselves are
-made in train/data/tasks.py.
+"""The evaluate command: a run's language-model metrics on held-out text, exact match on the built-in
+tasks (train/replies.py, made in train/data/tasks.py), HumanEval and lm-eval, in full precision
+or quantized on loading, side by side.
 
     python -m train.evaluate RUN [--data PATH] [--tasks N] [--humaneval] [--lm-eval TASKS]
 
@@ -14,98 +14,29 @@ tasks through our model class (train/eval/harness.py; lm-eval's full results in 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
 from model import GPT
-from model.chat_format import SPECIALS, ChatTokens, render_prompt, reply_text
-from model.io.checkpoint import load_model, load_tokenizer, resolve, run_dir_of
+from model.chat_format import SPECIALS
+from model.io.checkpoint import load_model, load_tokenizer, quantized_as, resolve, run_dir_of
 from model.command import DEBUG_HELP, at_least, at_most, flag_type, greater_than, pick_device, run_command
 from model.io.files import atomic_write_text
-from model.generate import generate
-from model.io.quantized import format_list, projection_bytes
+from model.io.quantized import format_list
+from model.quantized import projection_bytes
+from model.tokenizer import Tokenizer
 from train.eval import humaneval
 from train.data.sources import iter_documents
-from train.data.tasks import Task, make_tasks
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """The model in eval mode for the block, then back in the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+from train.data.tasks import make_tasks
+from train.replies import eval_mode, exact_match
 
 
 @torch.no_grad()
-def replies(model: GPT, tok, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
-            seed: int | None = None, batch_size: int = 64) -> list[str]:
-    """The model's reply to each single-turn prompt, through generate() with the KV cache.
-
-    Prompts are batched by token length, so no row needs padding (generate has no attention mask).
-    """
-    stop = ChatTokens.of(tok).stop
-    device = next(model.parameters()).device
-    by_length: dict[int, list[int]] = defaultdict(list)
-    encoded = [render_prompt([{"role": "user", "content": p}], tok) for p in prompts]
-    for i, ids in enumerate(encoded):
-        by_length[len(ids)].append(i)
-    out: list[str] = [""] * len(prompts)
-    for length, rows in sorted(by_length.items()):
-        new = min(max_new_tokens, model.cfg.block_size - length)
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            idx = torch.tensor([encoded[i] for i in chunk], device=device)          # (b, length)
-            gen = generate(model, idx, new, temperature=temperature, stop_tokens=stop,
-                           seed=None if seed is None else seed + length * 1000 + start)
-            for i, row in zip(chunk, gen[:, length:].tolist()):
-                out[i] = reply_text(row, tok).strip()
-    return out
-
-
-def answer_budget(tok, tasks: list[Task]) -> int:
-    """Generation budget: twice the longest answer in tokens plus the end token and some slack."""
-    return 2 * max(len(tok.encode(t.answer)) for t in tasks) + 4
-
-
-def exact_match(model: GPT, tok, tasks: list[Task], batch_size: int = 64) -> dict[str, float]:
-    """Fraction of tasks whose greedy reply equals the answer exactly: overall and per kind."""
-    with eval_mode(model):
-        got = replies(model, tok, [t.prompt for t in tasks], answer_budget(tok, tasks), batch_size=batch_size)
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for task, reply in zip(tasks, got):
-        hits[task.kind].append(reply == task.answer)
-    metrics = {"exact_match": sum(map(sum, hits.values())) / max(1, len(tasks))}
-    metrics.update({f"em_{kind}": sum(h) / len(h) for kind, h in hits.items()})
-    return metrics
-
-
-def sampled_rejections(model: GPT, tok, tasks: list[Task], seed: int, temperature: float = 1.0) -> list[str]:
-    """For each task, the model's own sampled reply when it is wrong (the mistakes DPO should push
-    down), else the built-in plausible wrong answer."""
-    with eval_mode(model):
-        got = replies(model, tok, [t.prompt for t in tasks], answer_budget(tok, tasks), temperature=temperature,
-                      seed=seed)
-    return [reply if reply != task.answer else task.wrong for task, reply in zip(tasks, got)]
-
-
-def task_sample(model: GPT, tok, task: Task) -> str:
-    """The model's greedy reply to a task, shown with the expected answer (for samples.txt)."""
-    reply = replies(model, tok, [task.prompt], answer_budget(tok, [task]))[0]
-    return f"user: {task.prompt}\nassistant: {reply}\n(expected: {task.answer})"
-
-
-@torch.no_grad()
-def text_metrics(model: GPT, tok, texts: Iterable[str], max_tokens: int, batch_size: int = 8) -> dict[str, float]:
+def text_metrics(model: GPT, tok: Tokenizer, texts: Iterable[str], max_tokens: int, batch_size: int = 8) -> dict[str, float]:
     """Loss (nats per predicted token), perplexity and bits per byte on whole documents, each after
     <|endoftext|> as in pretraining, until at least max_tokens; the stream is cut into windows of
     block_size, every token predicted once from the start of its window."""
@@ -188,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_humaneval(model: GPT, tok, args: argparse.Namespace, run_dir: Path, suffix: str = "") -> dict:
+def run_humaneval(model: GPT, tok: Tokenizer, args: argparse.Namespace, run_dir: Path, suffix: str = "") -> dict:
     """pass@k of HumanEval; every completion and its outcome go to run_dir/humaneval_samples<suffix>.jsonl."""
     if args.humaneval_samples > 1 and args.humaneval_temperature == 0:
         raise ValueError("--humaneval-samples > 1 with greedy decoding gives the same completion each time; "
@@ -236,8 +167,8 @@ def run_lm_eval(ckpt: Path, device: str, args: argparse.Namespace, run_dir: Path
             for metric, value in metrics.items() if isinstance(value, float) and "_stderr" not in metric}
 
 
-def evaluate(model: GPT, tok, ckpt: Path, device: str, args: argparse.Namespace, run_tasks: bool,
-             quantize: str | None) -> dict:
+def measure(model: GPT, tok: Tokenizer, ckpt: Path, device: str, args: argparse.Namespace, run_tasks: bool,
+            quantize: str | None) -> dict:
     """Every metric the flags ask for, of one model (the run quantized to `quantize`, or not)."""
     run_dir, suffix = run_dir_of(ckpt), f"-{quantize}" if quantize else ""
     stored, bf16 = projection_bytes(model)
@@ -272,9 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
     by_format = {}
     for quantize in args.quantize or [None]:
         model, state = load_model(ckpt, device, quantize=quantize)
-        # "none" loads a run as it is: a run written by model.io.quantized is labelled with its format
-        label = quantize or state.get("quantization", {}).get("format", "none")
-        by_format[label] = evaluate(model, tok, ckpt, device, args, run_tasks, quantize)
+        # "none" loads a run as it is: a run written by python -m model.quantize is labelled with its format
+        label = quantize or quantized_as(state) or "none"
+        by_format[label] = measure(model, tok, ckpt, device, args, run_tasks, quantize)
     results: dict = {"checkpoint": str(ckpt), "step": state.get("step")}
     if args.quantize is None:
         results.update(*by_format.values())

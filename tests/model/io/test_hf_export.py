@@ -1,4 +1,4 @@
-"""model.io.hf export: a run directory becomes a transformers Llama directory that AutoModelForCausalLM
+"""python -m model.hf export: a run directory becomes a transformers Llama directory that AutoModelForCausalLM
 and AutoTokenizer load with no custom code, computing our logits, greedy tokens and token ids."""
 from __future__ import annotations
 

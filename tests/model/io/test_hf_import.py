@@ -1,4 +1,4 @@
-"""model.io.hf import: local Llama directories (transformers' own, with a `tokenizers` BPE in its own
+"""python -m model.hf import: local Llama directories (transformers' own, with a `tokenizers` BPE in its own
 id order) become run directories whose model computes their logits, and which SFT fine-tunes;
 our own exports come back bit for bit; what we cannot represent is refused, naming the field."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""model.serve.api on loopback with the official openai client: chat and completions, streamed or not,
+"""python -m model.serve on loopback with the official openai client: chat and completions, streamed or not,
 stop strings, seeds, usage; concurrent greedy replies equal one-at-a-time ones; a bounded load test
 with a client that walks away; every bad input is a 4xx with OpenAI's error body and the server
 goes on; the command's one-line errors and a clean Ctrl-C."""
@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from model.chat_format import ChatTokens, render_prompt  # noqa: E402
 from model.io.checkpoint import load_model, load_tokenizer  # noqa: E402
 from model.serve.engine import Engine, Request  # noqa: E402
-from model.io.quantized import quantized_format  # noqa: E402
+from model.quantized import quantized_format  # noqa: E402
 from model.generate import generate  # noqa: E402
 from model.serve import api as serve  # noqa: E402
 from model.command import run_command  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.chat_format import ChatTokens
-from model.serve.engine import Delta, Engine, Request, SlotCache, TextStream
+from model.serve.engine import Delta, Engine, Request, TextStream
 from model.generate import generate
 from posttrain_fixtures import tiny_model, tokenizer
 
@@ -81,21 +81,6 @@ def test_same_seed_same_reply_alone_or_in_a_crowd(model, engine):
     other_seed = "".join(d.text for d in engine.stream(Request(request.prompt, max_tokens=20, temperature=1.0, seed=8)))
     wait([s for s, _ in crowd])
     assert alone == in_crowd != other_seed
-
-
-def test_batched_decoding_step_matches_separate_forwards(model):
-    # Three sequences of different lengths in one SlotCache step give the logits each gets alone.
-    cache = SlotCache(model, 3)
-    seqs = [torch.randint(0, 300, (1, n)) for n in (5, 9, 2)]
-    with torch.no_grad():
-        for row, s in enumerate(seqs):
-            cache.select(slice(row, row + 1))
-            model(s[:, :-1], cache=cache)
-        cache.select(slice(0, 3))
-        batched = model(torch.cat([s[:, -1:] for s in seqs]), cache=cache)[:, -1]          # (3, V)
-        alone = torch.cat([model(s)[:, -1] for s in seqs])
-    assert cache.lengths == [5, 9, 2]
-    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_stop_strings_end_the_reply_and_are_not_part_of_it(model, engine):

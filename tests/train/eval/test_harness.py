@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-import train.eval.harness  # noqa: E402,F401  (registers tritongpt)
+from train.eval import harness  # noqa: E402  (importing it registers tritongpt)
 from model.io import hf  # noqa: E402
 from posttrain_fixtures import make_run  # noqa: E402
 
@@ -123,17 +123,17 @@ def test_the_command_line_runs_lm_eval_with_tritongpt_and_writes_results(setup, 
 
 def test_a_missing_run_and_bad_model_args_are_errors_naming_them(setup, tmp_path):
     with pytest.raises(ValueError, match="nope"):
-        train.harness.TritonGPTLM(path=str(tmp_path / "nope"))
+        harness.TritonGPTLM(path=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match=r"unknown tritongpt model_args \['foo'\]"):
-        train.harness.TritonGPTLM(path=str(setup[0]), foo="1")
+        harness.TritonGPTLM(path=str(setup[0]), foo="1")
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 'x'"):
-        train.harness.TritonGPTLM(path=str(setup[0]), batch_size="x")
+        harness.TritonGPTLM(path=str(setup[0]), batch_size="x")
 
 
 def test_scores_are_the_models_log_probabilities_and_edge_cases_are_scored(setup):
     import torch
     run = setup[0]
-    lm = train.harness.TritonGPTLM(path=str(run), device="cpu", batch_size=2)
+    lm = harness.TritonGPTLM(path=str(run), device="cpu", batch_size=2)
     context, continuation = [5, 9, 13, 2], [7, 3]
     logprobs = lm.model(torch.tensor([context + continuation[:-1]])).log_softmax(-1)[0]   # (5, V)
     expected = logprobs[3, 7] + logprobs[4, 3]
