@@ -138,8 +138,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     key_lengths (FlashAttention's cache_seqlens), an int32 or int64 tensor (B,) on q's device:
     row b uses only its first key_lengths[b] keys of k, v, so Tk is the cache's capacity, and its
     query i sits at position key_lengths[b] - Tq + i and attends keys 0 .. key_lengths[b] - Tq + i.
-    Each length must be in [Tq, Tk] (checked at a host sync while check_key_lengths is on). Keys
-    past a row's length are never read, whatever they hold, NaN included.
+    Each length must be in [Tq, Tk] (checked at a host sync while check_key_lengths is on, once
+    per lengths tensor: pass one tensor to every layer of a forward, and do not change it in place
+    after a call). Keys past a row's length are never read, whatever they hold, NaN included.
 
     NaN: output row i is NaN whenever q row i, or k or v at a key it attends, holds a NaN, and the
     gradients then hold NaN too (dv not for a NaN in v, which dv does not depend on). A NaN at a

@@ -61,12 +61,23 @@ def key_lengths(lengths: torch.Tensor, q: torch.Tensor) -> None:
         raise ValueError(f"key_lengths is on {lengths.device} but q on {q.device}; move key_lengths to q's device")
 
 
+# The lengths that last passed key_length_range, with the Tq and Tk they passed for. A model passes
+# the same lengths tensor to the attention of every layer of a forward: checking it once saves a host
+# sync per layer. A strong reference, so that no other tensor can take its id while it is kept.
+_checked_lengths: tuple[torch.Tensor, int, int] | None = None
+
+
 def key_length_range(lengths: torch.Tensor, Tq: int, Tk: int) -> None:
+    """Each of lengths in [Tq, Tk]; a host sync, done once per lengths tensor and (Tq, Tk)."""
+    global _checked_lengths
+    if _checked_lengths is not None and _checked_lengths[0] is lengths and _checked_lengths[1:] == (Tq, Tk):
+        return
     if lengths.numel() and not torch.compiler.is_compiling():
         bad = lengths[(lengths < Tq) | (lengths > Tk)]
         if bad.numel():
             raise ValueError(f"key length {int(bad[0])} is outside [{Tq}, {Tk}]: a row needs at least its Tq "
                              f"queries' keys and at most the cache's Tk; fix the lengths or the cache size")
+        _checked_lengths = (lengths, Tq, Tk)
 
 
 def eps(eps) -> float:

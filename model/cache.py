@@ -82,6 +82,7 @@ class SlotCache:
         self._rows = slice(0, 0)                   # the rows of the next forward
         self._starts = torch.zeros(0, dtype=torch.int64, device=device)   # (B,) their lengths, on the device
         self._length = 0                           # the longest of them
+        self._key_lengths = self._starts           # (B,) their lengths with this forward's positions
 
     @property
     def length(self) -> int:
@@ -110,8 +111,10 @@ class SlotCache:
         rows = torch.arange(B, device=k.device)[:, None]                     # (B, 1)
         new = self.positions(T)                                              # (B, T)
         K[rows, :, new], V[rows, :, new] = k.transpose(1, 2), v.transpose(1, 2)   # (B, T, Hkv, D) each
+        if layer == 0:                     # one lengths tensor for every layer: kernels checks it once
+            self._key_lengths = self._starts + T                             # (B,)
         end = self._length + T                                               # the longest row's keys
-        return kernels.causal_attention(q, K[:, :, :end], V[:, :, :end], key_lengths=self._starts + T)
+        return kernels.causal_attention(q, K[:, :, :end], V[:, :, :end], key_lengths=self._key_lengths)
 
     def advance(self, T: int) -> None:
         for r in range(self._rows.start, self._rows.stop):

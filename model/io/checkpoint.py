@@ -9,11 +9,11 @@ Layout of a run directory's checkpoints (written by train/checkpoint.py):
 
 Everything that uses a trained model (training's --init and --resume, chat, export) loads it here,
 and this module is the only code that reads or writes state.json; what other code needs of a
-loaded state's entries it asks here (quantized_as, made_from). write() is the one writer (training's checkpoints; write_derived for the
-runs that model.hf import and model.quantize make): a checkpoint is written into a temporary
-directory that is renamed into place, and `latest` is replaced atomically afterwards, so a process
-killed at any moment leaves the previous checkpoint loadable and never a half-written one that
-looks complete.
+loaded state's entries it asks here (quantized_as, made_from). write() is the one writer
+(training's checkpoints; write_derived for the runs that model.hf import and model.quantize
+make): a checkpoint is written into a temporary directory that is renamed into place, and
+`latest` is replaced atomically afterwards, so a process killed at any moment leaves the
+previous checkpoint loadable and never a half-written one that looks complete.
 
 A quantized run (model/quantized.py) records {"quantization": {"format": "int8" or "fp4", "head":
 whether the LM head is quantized too}} in state.json, and its model.safetensors holds

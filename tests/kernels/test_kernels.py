@@ -203,3 +203,18 @@ def test_check_key_lengths_off_skips_the_range_check(monkeypatch):
 def test_in_range_key_lengths_pass():
     out = kernels.causal_attention(q2, kv, kv, key_lengths=torch.tensor([2], dtype=torch.int32))
     torch.testing.assert_close(out, reference.causal_attention(q2, kv[:, :, :2], kv[:, :, :2]))
+
+
+def test_key_lengths_are_range_checked_once_per_tensor():
+    """A model passes one lengths tensor to every layer: the host sync of the range check runs for
+    its first call only, and any other tensor (or the same one with other Tq, Tk) is checked again."""
+    lengths, checked = torch.tensor([4]), []
+    lengths.numel = lambda: checked.append(1) or 1             # the range check's first call on lengths
+    kernels.causal_attention(q2, kv, kv, key_lengths=lengths)
+    assert checked == [1]
+    kernels.causal_attention(q2, kv, kv, key_lengths=lengths)
+    assert checked == [1]                                      # the same tensor: no second check
+    with pytest.raises(ValueError, match=r"key length 1 is outside \[2, 5\]"):
+        kernels.causal_attention(q2, kv, kv, key_lengths=torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"key length 4 is outside \[2, 3\]"):
+        kernels.causal_attention(q2, kv[:, :, :3], kv[:, :, :3], key_lengths=lengths)
