@@ -111,9 +111,11 @@ class SlotCache:
         rows = torch.arange(B, device=k.device)[:, None]                     # (B, 1)
         new = self.positions(T)                                              # (B, T)
         K[rows, :, new], V[rows, :, new] = k.transpose(1, 2), v.transpose(1, 2)   # (B, T, Hkv, D) each
+        end = self._length + T                                               # the longest row's keys
+        if B == 1:          # one row (a prefill): its keys are the first `end`, the plain causal case
+            return kernels.causal_attention(q, K[:, :, :end], V[:, :, :end])
         if layer == 0:                     # one lengths tensor for every layer: kernels checks it once
             self._key_lengths = self._starts + T                             # (B,)
-        end = self._length + T                                               # the longest row's keys
         return kernels.causal_attention(q, K[:, :, :end], V[:, :, :end], key_lengths=self._key_lengths)
 
     def advance(self, T: int) -> None:
