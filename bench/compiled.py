@@ -27,7 +27,6 @@ unset: interpreted kernels cannot be compiled.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import importlib
@@ -40,6 +39,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from model.command import Parser
 
 CACHE = Path(os.environ.get("TRITONGPT_COMPILED_CACHE", Path.home() / ".cache" / "tritongpt" / "compiled"))
 
@@ -367,7 +368,7 @@ def markdown(rows: list[dict], target: Target, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.compiled", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m bench.compiled", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", choices=sorted(TARGETS), default="sm_90a", help="the GPU target to compile for")
     parser.add_argument("--quick", action="store_true", help="one benchmark shape per op and pass, bf16 only (CI)")
     parser.add_argument("--one-config", action="store_true",

@@ -14,12 +14,12 @@ Standard library only, so the report runs anywhere the JSON is, without torch.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.command import Parser
 from model.io.files import atomic_write_text
 
 # Backends in column order; any other backend name found in a file follows, alphabetically.
@@ -230,7 +230,7 @@ def render(results: Results, source: str = "", ceilings: dict | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", help="JSON file(s) from pytest --benchmark-json, read as one")
     parser.add_argument("--ceilings", help="bench/ceilings.py's JSON: show rates as fractions of the measured ceilings")
     parser.add_argument("--json", help="also write the merged pytest-benchmark JSON of all inputs to this file")

@@ -14,7 +14,6 @@ markdown table and, with --json / --md, to files, with the machine and its load 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -35,7 +34,7 @@ import torch
 from bench.ceilings import cpu_model
 from model import GPT, ModelConfig
 from model.io.checkpoint import write
-from model.command import run_command
+from model.command import Parser, run_command
 from model.io.files import atomic_write_text
 from model.serve.api import listen
 from model.tokenizer import Tokenizer
@@ -116,7 +115,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="tiny,small", help="comma-separated model presets")
     parser.add_argument("--clients", default="1,4,16", help="comma-separated numbers of concurrent clients")
     parser.add_argument("--max-batch", type=int, default=16, help="the batched server's --max-batch")

@@ -1,7 +1,8 @@
 """How every command the user types reads its flags and ends: a mistake as one line, never a traceback.
 
-Flags are parsed by flag_type(parse, check): a value of the wrong kind or out of range is an
-argparse usage error naming the flag (status 2). A command's `main` raises ValueError (bad data, a broken or mismatched file) or OSError (a missing
+Flags are parsed by a Parser with flag_type(parse, check): a value of the wrong kind or out of
+range is a usage error naming the flag (status 2), printed as the error and a hint (the closest
+flag to a misspelt one), not the whole usage, which --help shows. A command's `main` raises ValueError (bad data, a broken or mismatched file) or OSError (a missing
 path, no permission) for what the user can fix; run_command prints that as one line on stderr and
 exits with status 1. Usage errors are argparse's (status 2). Anything else is a bug and keeps its
 traceback; `--debug` (or TRITONGPT_DEBUG=1) shows the traceback of every error.
@@ -9,13 +10,35 @@ traceback; `--debug` (or TRITONGPT_DEBUG=1) shows the traceback of every error.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 DEBUG_HELP = "show the full traceback of an error instead of one line"
 Check = Callable[[Any], None]          # raises ValueError saying what is wrong with the value
 EXPECTED = {int: "a whole number", float: "a number"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose usage error is two lines: the error, then for an unknown flag
+    the known one closest to it ("did you mean --max-steps?"), else where the usage is."""
+
+    def error(self, message: str) -> NoReturn:
+        help_hint = f"{self.prog} --help lists every flag"
+        self.exit(2, f"{self.prog}: error: {message}\n{self.closest_flag(message) or help_hint}\n")
+
+    def closest_flag(self, message: str) -> str | None:
+        """"did you mean --x?" for the first unrecognized flag in argparse's message that is close to a known one."""
+        if not message.startswith("unrecognized arguments: "):
+            return None
+        known = [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]
+        for word in message.removeprefix("unrecognized arguments: ").split():
+            if word.startswith("--"):
+                close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.75)
+                if close:
+                    return f"did you mean {close[0]}? ({self.prog} --help lists every flag)"
+        return None
 
 
 def at_least(low: float) -> Check:

@@ -1,1 +1,5 @@
-"""Training: tokenizer, data pipeline, SFT/DPO tasks, the shared loop and the entry points."""
+"""Training: the shared loop and its stages; data in train/data, evaluation in train/eval.
+
+`import model` first: it sets OpenMP's wait policy before anything here imports torch.
+"""
+import model  # noqa: F401

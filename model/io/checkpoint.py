@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from kernels.quantization import FORMATS
 from model.config import ModelConfig
-from model.io.files import atomic_write_text, current_umask
+from model.io.files import atomic_write_text, give_plain_modes
 from model.gpt import GPT
 from model.quantized import prepare, quantize as quantize_model, quantized_format
 from model.tokenizer import Tokenizer
@@ -55,11 +55,7 @@ def write(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor], 
     atomic_write_text(tmp / "state.json", json.dumps({"step": step, **state}, indent=2))
     if extra is not None:
         extra(tmp)
-    # mkdtemp makes the directory 0700 and safetensors its file 0600; give the modes of a plain mkdir/open.
-    mask = current_umask()
-    os.chmod(tmp, 0o777 & ~mask)
-    for f in tmp.iterdir():
-        os.chmod(f, 0o666 & ~mask)
+    give_plain_modes(tmp)
     final = root / name
     if final.exists():
         shutil.rmtree(final)

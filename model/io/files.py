@@ -37,14 +37,15 @@ def check_new_dir(path: str | Path, what: str = "directory") -> None:
 
 def atomic_write_dir(path: str | Path, fill: Callable[[Path], None], what: str = "directory") -> Path:
     """Create the directory path, which must not exist or be empty, with the files fill(tmp) writes
-    into a temporary sibling that is then renamed into place: a failure leaves nothing behind."""
+    into a temporary sibling that is then renamed into place: a failure leaves nothing behind. Its
+    files and folders get the modes a plain open() and mkdir() give."""
     check_new_dir(path, what)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         fill(staging)
-        staging.chmod(0o777 & ~current_umask())       # mkdtemp makes 0700; a plain mkdir would not
+        give_plain_modes(staging)
         if path.exists():
             path.rmdir()
         staging.rename(path)
@@ -52,6 +53,14 @@ def atomic_write_dir(path: str | Path, fill: Callable[[Path], None], what: str =
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def give_plain_modes(directory: Path) -> None:
+    """Give directory and everything under it the modes a plain mkdir() and open() would: mkdtemp
+    makes 0700 folders, and safetensors (so transformers' save_pretrained) 0600 files."""
+    mask = current_umask()
+    for p in [directory, *directory.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def current_umask() -> int:

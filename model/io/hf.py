@@ -41,7 +41,7 @@ import torch
 from model.io import hf_tokenizer
 from model.chat_format import SPECIALS
 from model.io.checkpoint import load_model, load_tokenizer, made_from, quantized_as, resolve, write_derived
-from model.command import DEBUG_HELP, at_least, flag_type, run_command
+from model.command import DEBUG_HELP, Parser, at_least, flag_type, run_command
 from model.config import LLAMA3_KEYS, ModelConfig
 from model.io.files import atomic_write_dir, check_new_dir
 from model.gpt import GPT
@@ -298,6 +298,9 @@ def import_llama(hf_dir: str | Path, out_run: str | Path, block_size: int | None
     check_new_dir(out_run, "OUT_RUN")
     if not hf_dir.is_dir():
         raise ValueError(f"{hf_dir} is not a directory; pass a local Llama checkpoint directory (nothing is downloaded)")
+    if (hf_dir / "checkpoints" / "latest").exists() or (hf_dir / "state.json").exists():
+        raise ValueError(f"{hf_dir} is a tritongpt run, not a Hugging Face directory: it needs no import; give it "
+                         f"as it is to --init, python -m model.chat or python -m model.serve")
     cfg = config_of_llama(_read_json(hf_dir / "config.json"), str(hf_dir / "config.json"), block_size)
     tok, mapping = hf_tokenizer.from_tokenizer_json(_read_json(hf_dir / "tokenizer.json"), str(hf_dir / "tokenizer.json"))
     state = _our_state(_read_tensors(hf_dir), cfg, hf_dir)
@@ -309,7 +312,7 @@ def import_llama(hf_dir: str | Path, out_run: str | Path, block_size: int | None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model.hf", description="Hugging Face interop: export a "
+    parser = Parser(prog="python -m model.hf", description="Hugging Face interop: export a "
                                      "checkpoint as a transformers Llama directory, or import one as a run.")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from kernels.quantization import FORMATS, check_format
-from model.command import DEBUG_HELP, run_command
+from model.command import DEBUG_HELP, Parser, run_command
 from model.io.checkpoint import load_model, load_tokenizer, quantized_as, resolve, write_derived
 from model.io.files import atomic_write_dir, check_new_dir
 from model.quantized import projection_bytes, quantize
@@ -49,7 +49,7 @@ def quantize_run(path: str | Path, fmt: str, out: str | Path, head: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model.quantize", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m model.quantize", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", help="run directory (its latest checkpoint) or checkpoint directory, full precision")
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="int8: per-channel int8 weights (0.5x of bf16); fp4: E2M1 with an fp16 scale per 32 "

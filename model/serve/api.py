@@ -5,6 +5,9 @@ template of model/chat_format.py) and POST /v1/completions (a prompt continued a
 <|endoftext|>). Both take max_tokens (or max_completion_tokens), temperature, top_p, top_k (an
 extension), stop (a string or a list), seed and stream; a stream is Server-Sent Events in the
 OpenAI chunk schema, ending with `data: [DONE]`. Every request joins the engine's batch (model/serve/engine.py).
+Both end a reply at the first special token the model emits (<|end|>, <|endoftext|>, a role tag),
+with finish_reason "stop" and without the token's text: a chat run's completion ends where the
+model ends its turn, often at once (ask a chat run through /v1/chat/completions).
 
 A bad request is answered 4xx with OpenAI's error body {"error": {"message", "type", "param",
 "code"}}: the body is parsed and checked here, not by the framework, so that invalid JSON, a missing
@@ -33,7 +36,7 @@ import kernels
 from kernels.quantization import FORMATS
 from model.chat_format import ChatTokens, render_prompt
 from model.io.checkpoint import load_model, load_tokenizer
-from model.command import DEBUG_HELP, at_least, at_most, flag_type, pick_device, run_command
+from model.command import DEBUG_HELP, Parser, at_least, at_most, flag_type, pick_device, run_command
 from model.serve.engine import Delta, Engine, PromptTooLong, Request
 from model.io.quantized import QUANTIZE_HELP
 
@@ -140,14 +143,14 @@ class Api:
         self.chat_tokens = ChatTokens.of(self.tok)
 
     def request(self, body: Sampling, prompt: list[int]) -> Request:
-        """The engine's request for a checked body and its prompt ids (a chat's stop tokens; the
-        completion endpoint sets its own)."""
+        """The engine's request for a checked body and its prompt ids (no stop tokens: the engine
+        ends every reply at the model's, its special tokens)."""
         if body.model is not None and body.model != self.name:
             raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {self.name!r} "
                                 f"(GET /v1/models)", "model", "model_not_found")
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         return Request(prompt, body.max_completion_tokens or body.max_tokens, body.temperature, body.top_k or None,
-                       body.top_p, tuple(self.chat_tokens.stop), tuple(s for s in stop if s), body.seed)
+                       body.top_p, stop=tuple(s for s in stop if s), seed=body.seed)
 
     async def chat(self, http: HttpRequest) -> Response:
         body = await parse(http, ChatBody)
@@ -160,7 +163,6 @@ class Api:
     async def completion(self, http: HttpRequest) -> Response:
         body = await parse(http, CompletionBody)
         request = self.request(body, [self.chat_tokens.bos, *self.tok.encode(body.prompt)])
-        request.stop_tokens = (self.chat_tokens.bos,)
         return await self.complete(body, request, "prompt", chat=False)
 
     async def complete(self, body: Sampling, request: Request, prompt_param: str, chat: bool) -> Response:
@@ -304,7 +306,7 @@ def start_engine(args: argparse.Namespace) -> tuple[Engine, str, socket.socket]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m model.serve", description=__doc__,
+    parser = Parser(prog="python -m model.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_flags(parser)
     args = parser.parse_args(argv)

@@ -19,7 +19,7 @@ from kernels.quantization import FORMATS
 from model import GPT
 from model.chat_format import ChatTokens, fit_history, render_prompt, reply_text
 from model.io.checkpoint import load_model, load_tokenizer
-from model.command import DEBUG_HELP, at_least, at_most, flag_type, greater_than, pick_device, run_command
+from model.command import DEBUG_HELP, Parser, at_least, at_most, flag_type, greater_than, pick_device, run_command
 from model.generate import generate
 from model.io.quantized import QUANTIZE_HELP
 
@@ -99,7 +99,7 @@ def interactive(chat: Chat, out: TextIO) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model.chat", description=__doc__,
+    parser = Parser(prog="python -m model.chat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="run directory or checkpoint (with tokenizer.json in its run directory)")
     parser.add_argument("--temperature", type=flag_type(float, at_least(0)), default=0.7,

@@ -9,7 +9,9 @@ scheduler thread loops:
      token per row, sampled with that request's parameters and its own seeded torch.Generator;
   3. retire: a request that hit a stop token, a stop string, max_tokens or the end of the context,
      or whose client went away, leaves at once; the last active row moves into its place, so the
-     active rows are always 0..n-1 and a step reads the cache as a view, with no gather.
+     active rows are always 0..n-1 and a step reads the cache as a view, with no gather. Every
+     special token of the tokenizer is a stop token: <|end|>, <|endoftext|> or a role tag ends a
+     turn or a document, and none is ever part of a reply's text.
 A request waits only for free rows, never for the others to finish. Prefills run between two
 steps, one prompt at a time, so a long prompt delays the others' next token by its own prefill
 (chunked prefill would bound that). Because every request samples from its own generator and a
@@ -50,7 +52,7 @@ class Request:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
-    stop_tokens: tuple[int, ...] = ()          # ids that end the reply (not part of its text)
+    stop_tokens: tuple[int, ...] = ()          # ids that end the reply besides the special tokens, which always do
     stop: tuple[str, ...] = ()                 # strings that end the reply (not part of its text)
     seed: int | None = None                    # None: a fresh random seed
 
@@ -129,6 +131,7 @@ class Engine:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model, self.tok, self.max_batch = model.eval(), tok, max_batch
         self.block_size = model.cfg.block_size
+        self.special_ids = frozenset(tok.special_tokens.values())
         self.device = model.embed.weight.device
         self.cache = SlotCache(model.cfg, max_batch, self.device, model.embed.weight.dtype)
         self.active: list[Sequence] = []       # row i of the cache holds active[i]
@@ -275,7 +278,7 @@ class Engine:
         seq.generated += 1
         seq.last = token
         self.stats.tokens += 1
-        if token in seq.request.stop_tokens:
+        if token in seq.request.stop_tokens or token in self.special_ids:     # never part of the text
             self._finish(seq, "stop", seq.text.flush())
             return
         text, stopped = seq.text.push(token)

@@ -22,7 +22,7 @@ from fastapi import FastAPI  # noqa: E402
 
 import kernels  # noqa: E402
 from model.chat_format import ChatTokens, fit_history, render_prompt  # noqa: E402
-from model.command import run_command  # noqa: E402
+from model.command import Parser, run_command  # noqa: E402
 from model.serve.engine import Engine, Request  # noqa: E402
 from model.serve.api import add_engine_flags, build_app, run_server, start_engine  # noqa: E402
 
@@ -81,7 +81,7 @@ def web_app(engine: Engine, name: str) -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m model.web", description=__doc__,
+    parser = Parser(prog="python -m model.web", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_flags(parser, port=7860)
     args = parser.parse_args(argv)

@@ -53,3 +53,32 @@ def test_pick_device():
     from model.command import pick_device
     assert pick_device("auto") == pick_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu") == "cpu"
+
+
+def test_a_usage_error_is_the_error_and_a_hint_not_the_usage(capsys):
+    from model.command import Parser, at_least, flag_type
+    parser = Parser(prog="python -m x")
+    parser.add_argument("--max-steps", type=flag_type(int, at_least(1)))
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("path")
+    for argv, hint in ([["p", "--max-stesp", "3"], "did you mean --max-steps? (python -m x --help lists every flag)"],
+                       [["p", "--max-steps", "0"], "python -m x --help lists every flag"],
+                       [["p", "--colour"], "python -m x --help lists every flag"],
+                       [["p", "--steps-max", "3"], "python -m x --help lists every flag"]):   # near no flag
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(argv)
+        assert exit_.value.code == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 2 and lines[0].startswith("python -m x: error: ") and lines[1] == hint
+
+
+COMMANDS = ["train.pretrain", "train.sft", "train.dpo", "train.data", "train.tasks", "train.evaluate", "model.chat",
+            "model.serve", "model.web", "model.quantize", "model.hf", "bench.compiled", "bench.report", "bench.serving"]
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_every_command_answers_a_misspelt_flag_in_two_lines(module):
+    done = command(module, "--max-stesp", "3")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 2 and "error:" in lines[0], done.stderr
+    assert "usage:" not in done.stderr and "--help lists every flag" in lines[1]

@@ -32,7 +32,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from model.command import DEBUG_HELP, run_command
+from model.command import DEBUG_HELP, Parser, run_command
 from model.io.files import atomic_write_text
 from model.tokenizer import DEFAULT_SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, check_vocab_size
 from train.cli import flag_type
@@ -326,7 +326,7 @@ class PreparedData:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train.data", description=__doc__,
+    parser = Parser(prog="python -m train.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="stdlib",
                         help="corpus: stdlib (the Python standard library, offline), a file, directory or glob of "

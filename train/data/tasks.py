@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.command import DEBUG_HELP, at_least, flag_type, run_command
+from model.command import DEBUG_HELP, Parser, at_least, flag_type, run_command
 from model.io.files import atomic_write_text
 
 KINDS = ("add", "sub", "reverse", "sort", "count", "upper", "copy")
@@ -139,7 +139,7 @@ def write_jsonl(path: str | Path, records: list[dict]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.tasks", description=__doc__,
+    parser = Parser(prog="python -m train.tasks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/tasks", help="directory for the JSONL files")
     parser.add_argument("--n-train", type=flag_type(int, at_least(1)), default=20000, help="training examples")

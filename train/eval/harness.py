@@ -19,12 +19,23 @@ tokens and cuts at the first stop string. Loglikelihood
 rows of different lengths share a batch: right padding never reaches a causal model's earlier
 positions. Generation goes through model.generate (KV cache) in batches of equal context length
 (generate needs no attention mask then); it stops at <|endoftext|> and <|end|>.
+
+Offline (HF_HUB_OFFLINE, or the hub's host taking no connection within 2 seconds), tasks whose data
+sets would be downloaded (a hub data set not in the Hugging Face caches) are refused at once, in
+one line naming them, instead of after lm-eval's retries.
 """
 from __future__ import annotations
 
+import argparse
+import os
 import re
+import socket
 import sys
+import threading
+import urllib.parse
+import urllib.request
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -33,14 +44,19 @@ from model.command import pick_device, run_command
 from model.generate import generate
 
 try:
+    import datasets
+    import huggingface_hub
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
     from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._index import Kind
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError:
     raise SystemExit("lm-eval is not installed; pip install -e '.[eval]'") from None
 
 END_TOKENS = ("<|endoftext|>", "<|end|>")
+LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")   # datasets' builders of data_files on disk
 
 
 @register_model("tritongpt")
@@ -166,10 +182,101 @@ def _count(name: str, value: int | str) -> int:
     return count
 
 
+def task_manager(tasks: list[str], include_path: str | None) -> TaskManager:
+    """lm-eval's task index: of include_path alone when it holds every task (the built-in index
+    takes seconds to build), else with the built-in tasks."""
+    if include_path:
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if set(tasks) <= set(manager.all_tasks):
+            return manager
+    return TaskManager(include_path=include_path)
+
+
+def needs_download(config: dict) -> bool:
+    """Whether lm-eval would download the data set of a task's config: a hub data set not in the
+    Hugging Face caches, or data_files given as URLs. A Python task loads its own data: not known."""
+    path = config.get("dataset_path")
+    if not isinstance(path, str):
+        return False
+    if path in LOCAL_BUILDERS or Path(path).expanduser().exists():
+        return "://" in str((config.get("dataset_kwargs") or {}).get("data_files", ""))
+    hub_copy = Path(huggingface_hub.constants.HF_HUB_CACHE) / f"datasets--{path.replace('/', '--')}"
+    built_copy = Path(datasets.config.HF_DATASETS_CACHE) / path.replace("/", "___")
+    return not (hub_copy.is_dir() or built_copy.is_dir())
+
+
+def downloads(manager: TaskManager, names: list[str]) -> dict[str, str]:
+    """{task: data set} of the tasks under names (groups and tags opened) whose data sets lm-eval
+    would download; names that are not in the index are lm-eval's to report."""
+    needed: dict[str, str] = {}
+
+    def visit(name: str, overrides: dict) -> None:
+        entry = manager.task_index.get(name)
+        if entry is None:
+            return
+        if entry.kind is Kind.TAG:
+            for task in sorted(entry.tags):
+                visit(task, {})
+        elif entry.kind is Kind.GROUP:
+            for child in entry.cfg.get("task", []):
+                if isinstance(child, str):
+                    visit(child, {})
+                elif isinstance(child, dict) and isinstance(child.get("task"), str):
+                    visit(child["task"], child)            # a member with settings of its own
+        elif needs_download(config := {**(entry.cfg or {}), **overrides}):
+            needed[name] = config["dataset_path"]
+
+    for name in names:
+        visit(name, {})
+    return needed
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """False under HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE), or when the hub's host (or the HTTPS
+    proxy) takes no TCP connection within timeout seconds, name lookup included."""
+    flags = [os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")]
+    if datasets.config.HF_HUB_OFFLINE or any(flag in ("1", "ON", "YES", "TRUE") for flag in flags):
+        return False
+    url = urllib.parse.urlsplit(urllib.request.getproxies().get("https") or huggingface_hub.constants.ENDPOINT)
+    connected = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
+                                     timeout=timeout).close()
+            connected.append(True)
+        except OSError:
+            pass
+
+    # getaddrinfo ignores the socket's timeout: the thread bounds the lookup too
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(connected)
+
+
+def offline_refusal(needed: dict[str, str], include_flag: str) -> str:
+    """The one line that refuses tasks whose data sets cannot be downloaded."""
+    listed = ", ".join(f"{task} ({data})" for task, data in needed.items())
+    return (f"the Hugging Face hub cannot be reached (no network, or HF_HUB_OFFLINE is set) and lm-eval would "
+            f"download the data sets of {listed}: run them once with a network to cache them, or pass "
+            f"{include_flag} DIR with task YAML files whose dataset_path is json and whose "
+            f"dataset_kwargs.data_files name a local copy")
+
+
 def main() -> None:
     """lm-eval's own command line, with `tritongpt` registered."""
     from lm_eval.__main__ import cli_evaluate
     sys.argv[0] = "python -m train.harness"
+    task_flags = argparse.ArgumentParser(add_help=False)
+    task_flags.add_argument("--tasks", "-t", nargs="+", default=[])
+    task_flags.add_argument("--include_path", default=None)
+    given, _ = task_flags.parse_known_args(sys.argv[1:])
+    tasks = [t for group in given.tasks for t in group.split(",") if t]
+    if tasks and not hub_reachable():
+        needed = downloads(task_manager(tasks, given.include_path), tasks)
+        if needed:
+            raise SystemExit(offline_refusal(needed, "--include_path"))
     try:
         cli_evaluate()
     except TypeError as e:     # lm-eval passes its --batch_size/--device as keywords next to model_args

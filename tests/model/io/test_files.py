@@ -38,6 +38,21 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monke
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
 
+def test_atomic_write_dir_gives_the_modes_of_a_plain_open_and_mkdir(tmp_path):
+    def fill(staging):
+        os.close(os.open(staging / "model.safetensors", os.O_CREAT | os.O_WRONLY, 0o600))   # as safetensors does
+        (staging / "checkpoints").mkdir(mode=0o700)
+        os.close(os.open(staging / "checkpoints" / "latest", os.O_CREAT | os.O_WRONLY, 0o600))
+
+    old = os.umask(0o022)
+    try:
+        out = files.atomic_write_dir(tmp_path / "out", fill)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert modes == {".": 0o755, "model.safetensors": 0o644, "checkpoints": 0o755, "checkpoints/latest": 0o644}
+
+
 def test_atomic_write_dir_appears_whole_or_not_at_all(tmp_path):
     def fill(staging):
         (staging / "a.txt").write_text("a")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -18,6 +19,7 @@ import kernels
 from model import GPT, ModelConfig
 from model.chat_format import render, render_prompt
 from model.generate import generate
+from model.io.files import current_umask
 from model.tokenizer import Tokenizer
 from train import checkpoint
 from train.config import TrainConfig
@@ -59,6 +61,13 @@ def test_transformers_loads_the_export_and_computes_our_logits_and_tokens(export
         yours = theirs.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                 max_new_tokens=32, min_new_tokens=32)
     assert torch.equal(mine, yours)
+
+
+def test_files_have_the_mode_of_a_plain_open(exported):
+    _, out = exported
+    plain = 0o666 & ~current_umask()
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()}
+    assert modes == dict.fromkeys(modes, oct(plain))
 
 
 def test_config_carries_the_token_ids(exported):

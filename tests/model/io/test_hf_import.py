@@ -23,8 +23,10 @@ from train import sft
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
-from model.io import hf
+from model.io import hf  # noqa: E402
 from model.io import hf_tokenizer  # noqa: E402
+from model.command import run_command  # noqa: E402
+from hf_fixtures import make_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 SOURCES = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")))
@@ -197,6 +199,18 @@ def test_refusals_name_the_field_and_leave_nothing(tmp_path, what, message):
     with pytest.raises(ValueError, match=message):
         hf.import_llama(src, tmp_path / "run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_one_of_our_runs_needs_no_import(tmp_path, capsys):
+    run = tmp_path / "run"
+    make_run(run, trained=False)
+    for ours in (run, run / "checkpoints" / "step_000000"):
+        with pytest.raises(SystemExit):
+            run_command(lambda: hf.main(["import", str(ours), str(tmp_path / "out")]))
+        err = capsys.readouterr().err
+        assert err == (f"error: {ours} is a tritongpt run, not a Hugging Face directory: it needs no import; give it "
+                       f"as it is to --init, python -m model.chat or python -m model.serve\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_command_line(tmp_path):

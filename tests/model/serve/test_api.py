@@ -3,7 +3,9 @@ stop strings, seeds, usage; concurrent greedy replies equal one-at-a-time ones; 
 with a client that walks away; every bad input is a 4xx with OpenAI's error body and the server
 goes on; the command's one-line errors and a clean Ctrl-C."""
 import argparse
+import ast
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from model.chat_format import ChatTokens, render_prompt  # noqa: E402
+from model.chat_format import render_prompt  # noqa: E402
 from model.io.checkpoint import load_model, load_tokenizer  # noqa: E402
 from model.serve.engine import Engine, Request  # noqa: E402
 from model.quantized import quantized_format  # noqa: E402
@@ -72,9 +74,10 @@ def test_chat_reply_is_generate_s_with_our_token_counts(server):
     reply = server.client().chat.completions.create(model="tiny", messages=ask("What is 2 + 3?"),
                                                     max_tokens=20, temperature=0)
     prompt = render_prompt(ask("What is 2 + 3?"), server.tok)
-    out = generate(server.model, torch.tensor([prompt]), 20, temperature=0,
-                   stop_tokens=ChatTokens.of(server.tok).stop)[0, len(prompt):].tolist()
-    stopped = out[-1] in ChatTokens.of(server.tok).stop
+    specials = list(server.tok.special_tokens.values())          # each ends a reply
+    out = generate(server.model, torch.tensor([prompt]), 20, temperature=0, stop_tokens=specials)
+    out = out[0, len(prompt):].tolist()
+    stopped = out[-1] in specials
     choice = reply.choices[0]
     assert choice.message.role == "assistant"
     assert choice.message.content == server.tok.decode(out[:-1] if stopped else out)
@@ -121,6 +124,35 @@ def test_completions_streamed_or_not(server):
     assert streamed[-1].choices[0].finish_reason == whole.choices[0].finish_reason
     prompt = [server.tok.special_tokens["<|endoftext|>"], *server.tok.encode("def add(a, b):")]
     assert whole.usage.prompt_tokens == len(prompt)
+
+
+@pytest.mark.parametrize("special", ["<|end|>", "<|user|>"])
+def test_a_special_token_ends_the_reply_and_is_never_its_text(server, monkeypatch, special):
+    # The README's completion on a chat run: the model ends its turn, then would go on with junk.
+    said = server.tok.encode("Hi")
+    script = [*said, server.tok.special_tokens[special], *server.tok.encode("weUTUMOON4 biab")]
+    monkeypatch.setattr(server.engine, "_sample", lambda logits, seqs: torch.tensor(
+        [script[min(s.generated, len(script) - 1)] for s in seqs]))
+    client = server.client()
+    text = client.completions.create(model="tiny", prompt="def add(a, b):", max_tokens=20)
+    streamed = list(client.completions.create(model="tiny", prompt="def add(a, b):", max_tokens=20, stream=True))
+    chat = client.chat.completions.create(model="tiny", messages=ask("hi"), max_tokens=20)
+    assert (text.choices[0].text, text.choices[0].finish_reason) == ("Hi", "stop")
+    assert text.usage.completion_tokens == len(said) + 1
+    assert "".join(c.choices[0].text for c in streamed) == "Hi" and streamed[-1].choices[0].finish_reason == "stop"
+    assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == ("Hi", "stop")
+
+
+def test_the_serve_extra_installs_what_the_readme_s_client_imports():
+    tomllib = pytest.importorskip("tomllib")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    client = re.search(r"```python\n(.*?)```", readme[readme.index("### Serve"):], re.S).group(1)
+    imported = {name.split(".")[0] for node in ast.walk(ast.parse(client))
+                for name in ([a.name for a in node.names] if isinstance(node, ast.Import)
+                             else [node.module] if isinstance(node, ast.ImportFrom) else [])}
+    serve_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
+    installed = {re.match(r"[\w.-]+", requirement).group(0).lower() for requirement in serve_extra}
+    assert "openai" in imported and imported <= installed, f"pip install -e '.[serve]' lacks {imported - installed}"
 
 
 def test_stop_strings_cut_the_reply(server):

@@ -1,6 +1,7 @@
 """model.serve.engine: batched replies equal model.generate's one at a time, token for token, whatever else
 shares the batch (late arrivals prefilled mid-decode, rows retired and moved); seeded sampling is
-reproducible; stop strings, the context's end, cancellation and a failing forward."""
+reproducible; special tokens end a reply and are never text; stop strings, the context's end,
+cancellation and a failing forward."""
 import time
 
 import pytest
@@ -12,7 +13,7 @@ from model.generate import generate
 from posttrain_fixtures import tiny_model, tokenizer
 
 TOK = tokenizer()
-STOP = tuple(ChatTokens.of(TOK).stop)
+SPECIALS = tuple(TOK.special_tokens.values())        # every one ends a reply
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +48,16 @@ def wait(seqs, timeout=60.0):
 def reference(model, request) -> list[int]:
     """model.generate's reply to the request, alone, without its stop token."""
     out = generate(model, torch.tensor([request.prompt]), request.max_tokens, request.temperature,
-                   request.top_k, request.top_p, stop_tokens=request.stop_tokens, seed=request.seed)
+                   request.top_k, request.top_p, stop_tokens=SPECIALS, seed=request.seed)
     reply = out[0, len(request.prompt):].tolist()
-    return reply[:-1] if reply[-1] in request.stop_tokens else reply
+    return reply[:-1] if reply[-1] in SPECIALS else reply
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=40, top_p=0.9)])
 def test_batched_replies_equal_generate_alone(model, engine, sampling):
     # 10 requests through 4 rows: late ones are prefilled while others decode, rows retire at
     # different lengths (max_tokens and stop tokens) and the last row moves into each hole.
-    requests = [Request(p, max_tokens=12 + 3 * i, stop_tokens=STOP, seed=100 + i, **sampling)
+    requests = [Request(p, max_tokens=12 + 3 * i, seed=100 + i, **sampling)
                 for i, p in enumerate(prompts(10))]
     started = [submit(engine, r) for r in requests[:3]]
     wait([s for s, _ in started[:1]])
@@ -81,6 +82,16 @@ def test_same_seed_same_reply_alone_or_in_a_crowd(model, engine):
     other_seed = "".join(d.text for d in engine.stream(Request(request.prompt, max_tokens=20, temperature=1.0, seed=8)))
     wait([s for s, _ in crowd])
     assert alone == in_crowd != other_seed
+
+
+@pytest.mark.parametrize("special", list(TOK.special_tokens))
+def test_a_special_token_ends_the_reply_and_is_never_text(engine, monkeypatch, special):
+    # Whatever the model emits: a scripted sampler writes "ab", the special token, then more text.
+    script = [*TOK.encode("ab"), TOK.special_tokens[special], *TOK.encode("junk")]
+    monkeypatch.setattr(engine, "_sample", lambda logits, seqs: torch.tensor([script[s.generated] for s in seqs]))
+    deltas = list(engine.stream(Request(prompts(1)[0], max_tokens=len(script))))
+    assert "".join(d.text for d in deltas) == "ab"
+    assert (deltas[-1].finish_reason, deltas[-1].completion_tokens) == ("stop", len(TOK.encode("ab")) + 1)
 
 
 def test_stop_strings_end_the_reply_and_are_not_part_of_it(model, engine):
@@ -158,7 +169,7 @@ def test_a_failing_prefill_fails_its_request_only_and_a_failing_step_its_batch(m
     failing["step"] = True
     failed = list(engine.stream(Request(prompts(1)[0], max_tokens=5)))
     assert failed[-1].finish_reason == "error" and "out of memory in a step" in failed[-1].text
-    assert list(engine.stream(Request(prompts(1)[0], max_tokens=5)))[-1].finish_reason == "length"
+    assert list(engine.stream(Request(prompts(1)[0], max_tokens=5)))[-1].finish_reason in ("stop", "length")
 
 
 def test_close_ends_waiting_requests():

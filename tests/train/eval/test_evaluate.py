@@ -33,7 +33,7 @@ def test_command_line_writes_eval_json(tmp_path, capsys):
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("Some held-out prose that the model never saw.\n" * 20)
     result = evaluate.main([str(run), "--data", str(held_out), "--tasks", "7", "--device", "cpu"])
-    saved = json.loads((run / "eval.json").read_text())
+    saved = json.loads((run / "eval.json").read_text())[-1]
     assert saved == result and {"val_loss", "perplexity", "bits_per_byte", "exact_match"} <= set(saved)
     assert "bits_per_byte" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="nothing to evaluate"):
@@ -50,7 +50,7 @@ def test_quantized_formats_side_by_side(tmp_path, capsys):
     held_out.write_text("Some held-out prose that the model never saw.\n" * 20)
     result = evaluate.main([str(run), "--data", str(held_out), "--tasks", "5", "--device", "cpu",
                             "--quantize", "none,int8,fp4"])
-    assert json.loads((run / "eval.json").read_text()) == result
+    assert json.loads((run / "eval.json").read_text())[-1] == result
     by_format = result["by_format"]
     assert list(by_format) == ["none", "int8", "fp4"]
     assert by_format["none"]["projection_bytes_vs_bf16"] == 1.0
@@ -74,3 +74,62 @@ def test_a_quantized_run_is_labelled_with_its_format(tmp_path):
     assert result["by_format"]["fp4"]["projection_bytes_vs_bf16"] == 4.5 / 16
     plain = evaluate.main([str(quantized), "--data", str(held_out), "--tasks", "0"])
     assert plain["projection_bytes_vs_bf16"] == 4.5 / 16
+
+
+def pretrain_run_with_dataset(tmp_path):
+    """A run whose config.json says it pretrained on a corpus prepared (with the run's tokenizer) under
+    tmp_path/data, next to a damaged dataset directory; the run and the prepared dataset."""
+    import json
+    from posttrain_fixtures import make_run
+    from train.data.prepare import prepare
+    from train.data.tasks import make_tasks
+    run = make_run(tmp_path / "run")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, task in enumerate(make_tasks("train", 40, seed=7)):
+        (corpus / f"doc{i}.txt").write_text(f"{task.prompt}\nThe answer is {task.answer}, task {i} ({task.kind}).\n")
+    dataset = prepare(str(corpus), data_dir=tmp_path / "data", tokenizer=tokenizer(), verbose=False, val_fraction=0.2)
+    (tmp_path / "data" / "damaged").mkdir()
+    (tmp_path / "data" / "damaged" / "manifest.json").write_text("{")
+    (run / "config.json").write_text(json.dumps({"job": "pretrain", "args": {"data": str(corpus),
+                                                                             "data_dir": str(tmp_path / "data")}}))
+    return run, dataset
+
+
+def test_a_pretrain_run_is_evaluated_on_its_own_val_split_by_default(tmp_path):
+    """No --data: the val split of the dataset the run trained on, every byte of it counted once, and
+    no exact match (a base model has not learned the chat format); with the dataset gone, one line."""
+    import json
+    import shutil
+    import pytest
+    run, dataset = pretrain_run_with_dataset(tmp_path)
+    result = evaluate.main([str(run), "--device", "cpu"])
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert result["data"] == str(dataset / "val.bin") and "exact_match" not in result
+    assert result["eval_tokens"] == manifest["val"]["tokens"] - 1 and result["eval_bytes"] == manifest["val"]["bytes"]
+    assert result["perplexity"] > 1 and result["bits_per_byte"] > 0
+    assert evaluate.main([str(run), "--data", str(dataset), "--device", "cpu"])["val_loss"] == result["val_loss"]
+    shutil.rmtree(dataset)
+    with pytest.raises(SystemExit, match=r"not in .* \(removed, .*; pass --data"):
+        evaluate.main([str(run), "--device", "cpu"])
+
+
+def test_eval_json_keeps_every_evaluation_with_its_arguments(tmp_path):
+    import json
+    import pytest
+    from posttrain_fixtures import make_run
+    run = make_run(tmp_path / "run")
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("Some held-out prose that the model never saw.\n" * 20)
+    older = {"checkpoint": "from before histories", "val_loss": 9.0}
+    (run / "eval.json").write_text(json.dumps(older))                   # a single record, as eval.json was
+    first = evaluate.main([str(run), "--data", str(held_out), "--tasks", "0", "--max-tokens", "16"])
+    second = evaluate.main([str(run), "--tasks", "3"])
+    history = json.loads((run / "eval.json").read_text())
+    assert history == [older, first, second]
+    assert first["args"]["max_tokens"] == 16 and second["args"]["tasks"] == 3 and second["args"]["data"] is None
+    assert first["time"] <= second["time"] and "val_loss" in first and "exact_match" in second
+    (run / "eval.json").write_text("{")
+    with pytest.raises(ValueError, match="not JSON.*move it away"):
+        evaluate.main([str(run), "--tasks", "3"])
+    assert (run / "eval.json").read_text() == "{"

@@ -142,3 +142,61 @@ def test_scores_are_the_models_log_probabilities_and_edge_cases_are_scored(setup
     assert tail == pytest.approx(lm._loglikelihood_tokens([(("a", "b"), long[:-64], long[-64:])])[0][0], abs=1e-4)
     scores = lm._loglikelihood_tokens([(("a", "b"), context, continuation), (("c", ""), context, [])])
     assert scores[0][0] == pytest.approx(expected.item(), abs=1e-5) and scores[1] == (0.0, True)
+
+
+def hub_tasks(root: Path, tasks: Path) -> Path:
+    """An include directory: tg_hub (a hub data set nobody has cached), tg_local (local files) and a
+    group of both."""
+    hub = root / "hub_tasks"
+    hub.mkdir()
+    (hub / "hub.yaml").write_text("task: tg_hub\ndataset_path: tritongpt-tests/no-such-dataset\ntest_split: test\n"
+                                  "output_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+                                  "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n")
+    (hub / "local.yaml").write_text((tasks / "choice.yaml").read_text().replace("tg_choice", "tg_local"))
+    (hub / "group.yaml").write_text("group: tg_group\ntask:\n  - tg_hub\n  - tg_local\n")
+    return hub
+
+
+def test_offline_tasks_that_need_a_download_fail_at_once_in_one_line(setup, tmp_path, monkeypatch):
+    """Offline, a task whose data set lm-eval would download is refused before any model loads, naming
+    it and --lm-eval-include (not after the hub's retries); local tasks are not named."""
+    import time
+    from train.eval import evaluate
+    run, _, tasks = setup
+    hub = hub_tasks(tmp_path, tasks)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not harness.hub_reachable()
+    manager = harness.task_manager(["tg_group"], str(hub))
+    assert harness.downloads(manager, ["tg_group"]) == {"tg_hub": "tritongpt-tests/no-such-dataset"}
+    assert harness.downloads(manager, ["tg_local"]) == {}
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"cannot be reached.*tg_hub \(tritongpt-tests/no-such-dataset\).*"
+                                         r"--lm-eval-include DIR") as refused:
+        evaluate.main([str(run), "--tasks", "0", "--lm-eval", "tg_local,tg_hub", "--lm-eval-include", str(hub)])
+    assert "tg_local" not in str(refused.value) and time.perf_counter() - started < 10
+
+
+def test_the_command_line_refuses_offline_downloads_in_one_line(setup, tmp_path):
+    run, _, tasks = setup
+    hub = hub_tasks(tmp_path, tasks)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "train.harness", "--model", "tritongpt", "--model_args",
+                           f"path={run}", "--tasks", "tg_group", "--include_path", str(hub)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: the Hugging Face hub cannot be reached")
+    assert "tg_hub (tritongpt-tests/no-such-dataset)" in done.stderr and "--include_path DIR" in done.stderr
+
+
+def test_the_hub_is_reachable_when_its_host_takes_a_connection(monkeypatch):
+    import socket
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(harness.datasets.config, "HF_HUB_OFFLINE", False)
+    with socket.create_server(("127.0.0.1", 0)) as listening:        # a local stand-in for the hub
+        port = listening.getsockname()[1]
+        monkeypatch.setattr(harness.huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        assert harness.hub_reachable(timeout=1)
+    assert not harness.hub_reachable(timeout=1)                      # the port is closed now
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not harness.hub_reachable()
