@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from model.command import flag_type
+from model.command import Parser, flag_type
 from train.config import TrainConfig, is_loop_field
 
 Config = TypeVar("Config", bound=TrainConfig)
@@ -23,8 +23,7 @@ Config = TypeVar("Config", bound=TrainConfig)
 
 def build_parser(prog: str, description: str | None, defaults: TrainConfig) -> argparse.ArgumentParser:
     """A parser with one flag per field of type(defaults), each defaulting to the value in defaults."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups: dict[str, Any] = {}
     fields = dataclasses.fields(defaults)
     for f in [f for f in fields if not is_loop_field(f.name)] + [f for f in fields if is_loop_field(f.name)]:

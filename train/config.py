@@ -49,8 +49,10 @@ class TrainConfig:
     grad_accum: int = option(1, "micro-batches per optimizer step", positive)
     max_steps: int = option(1000, "optimizer steps in the whole run (the length of the LR schedule)", positive)
     max_tokens: int = option(0, "if > 0, the run length in tokens instead of --max-steps", non_negative)
-    max_minutes: float = option(0.0, "if > 0, stop (with a checkpoint) after this many minutes of training",
-                                non_negative)
+    max_minutes: float = option(0.0, "stop with a checkpoint after this many minutes of training in this "
+                                     "invocation, evaluations included (0: no cap; --resume continues); loading "
+                                     "and preparing data and DPO's sampling of rejected replies (redone by each "
+                                     "--resume) come before training and do not count", non_negative)
     stop_after: int = option(0, "if > 0, stop after this many steps in this invocation, keeping the "
                                 "schedule; resume later", non_negative)
     lr: float = option(1e-3, "peak learning rate", greater_than(0))

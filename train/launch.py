@@ -79,6 +79,10 @@ def print_opening(name: str, cfg: TrainConfig, model: GPT, active: dict[str, str
 def print_closing(name: str, cfg: TrainConfig, result: dict) -> None:
     print(f"done at step {result.get('step')}: " + "  ".join(
         f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
+    pace = result["throughput"]
+    print(f"throughput: {pace['tokens_per_s']:,.0f} tokens/s on average over this invocation "
+          f"({pace['tokens']:,} tokens in {pace['seconds']:,.1f} s of training, validation not counted)"
+          + (f"  mfu={pace['mfu']:.1%}" if "mfu" in pace else ""))
     if result.get("sample"):
         print(f"sample:\n{result['sample']}")
     print(f"run directory: {cfg.out}")
@@ -89,7 +93,8 @@ def print_closing(name: str, cfg: TrainConfig, result: dict) -> None:
 
 def run(stage: Stage, argv: list[str] | None = None) -> dict:
     """Parse, set up, build the job and model, train, print the summary and finish; returns fit()'s
-    result (extended by the stage's finish)."""
+    result (extended by the stage's finish). A run that fails before its first checkpoint removes
+    what it wrote into its run directory."""
     cfg = stage.parse(argv)
     rt = runtime.setup(cfg.device, cfg.dtype)
     lock = None
@@ -122,6 +127,12 @@ def run(stage: Stage, argv: list[str] | None = None) -> dict:
             gc.collect()
             rt.barrier()
             return result
+    except BaseException:
+        # A run that ends before its first checkpoint cannot be resumed, and what it wrote would make
+        # the same command refuse the directory: it takes that back, so the retry starts clean.
+        if lock and not saved.checkpoints(run_dir):
+            lock.discard_written()
+        raise
     finally:
         if lock:
             lock.release()

@@ -110,8 +110,6 @@ class Profiler:
             self.prof = None
 
 
-
-
 @dataclass
 class Window:
     """What the optimizer steps since the last log line measured (a fresh one after each log)."""
@@ -129,6 +127,38 @@ class Window:
                   "tokens_per_s": self.tokens / (time.perf_counter() - self.started - self.paused)}
         record.update({k: rt.all_mean(torch.stack(v).mean()).item() for k, v in self.metrics.items()})
         return record
+
+
+def eta(step: int, n_steps: int, seconds_per_step: float, cap_left: float | None) -> str:
+    """The progress bar's time to go after `step`: to the last step, or, when the --max-minutes cap
+    (cap_left seconds away; None: no cap) comes first, to the cap and the step the run stops near."""
+    to_end = (n_steps - step) * seconds_per_step
+    if cap_left is None or to_end <= cap_left:
+        return f"eta {tqdm.format_interval(to_end)}"
+    # The loop stops after the first step that ends past the cap.
+    stop_near = min(n_steps, step + math.floor(cap_left / seconds_per_step) + 1) if cap_left > 0 else step
+    return f"eta {tqdm.format_interval(max(cap_left, 0))}: stops at the --max-minutes cap near step {stop_near}"
+
+
+class SlowdownWatch:
+    """Says once when a logged window's tokens/s falls below 1/FACTOR of the best window before it.
+    On a CPU the usual cause is another process competing for the cores, whose OpenMP threads and
+    ours then wait on each other; the line names it and the knobs."""
+    FACTOR = 4
+
+    def __init__(self, device: torch.device):
+        self.device, self.best, self.said = device, 0.0, False
+
+    def observe(self, tokens_per_s: float) -> str | None:
+        if not self.said and tokens_per_s * self.FACTOR < self.best:
+            self.said = True
+            cause = ("another process is probably competing for the CPU cores: free them, or give this run "
+                     "fewer threads (OMP_NUM_THREADS=1), and keep OMP_WAIT_POLICY=PASSIVE (our default)"
+                     if self.device.type == "cpu" else
+                     "another process is probably using this GPU, or the CPU that feeds it")
+            return f"throughput fell from {self.best:,.0f} to {tokens_per_s:,.0f} tokens/s: {cause}"
+        self.best = max(self.best, tokens_per_s)
+        return None
 
 
 def total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:
@@ -203,8 +233,10 @@ def save(run_dir: Path, step: int, tokens: int, job: Job, model: GPT, optimizer:
 
 def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, config_record: dict) -> dict:
     """Train model (the bare module, already on rt.device) on job into the run directory cfg.out;
-    returns the last logged metrics, the last sample under "sample", and under "stopped_early" why
-    the run ended before its last step ("" when it did not)."""
+    returns the last logged metrics (without the last window's tokens_per_s and mfu), the last sample
+    under "sample", this invocation's average throughput under "throughput" (its tokens, the
+    seconds of its training loop not spent validating, tokens_per_s, and mfu on a known GPU), and
+    under "stopped_early" why the run ended before its last step ("" when it did not)."""
     run_dir = Path(cfg.out)
     log = RunLog(run_dir) if rt.is_main else None
     trained = wrap(model, rt, cfg.fsdp, cfg.compile)
@@ -220,55 +252,68 @@ def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, config_record: dict
     n_steps = total_steps(cfg, tokens_per_step)
     peak, flops_per_token = peak_flops(rt.device), model.flops_per_token()
     profiler = Profiler(cfg.profile, run_dir, rt.is_main)
-    bar = tqdm(total=n_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True, desc=job.name)
-    started, steps_this_run, record, sample = time.perf_counter(), 0, {}, None
+    started, steps_this_run, record, sample = time.perf_counter(), 0, {}, None    # started: --max-minutes' clock
 
-    if step == 0:
+    if step == 0:       # before the bar, so that what it prints (or a mistake it finds) has lines of its own
         metrics, sample = validate(job, model, rt, log, step)
         if log:
             log.log({"step": 0, "tokens": 0, **metrics})
             print(" ".join(f"{k}={v:.4g}" for k, v in {"step": 0, "tokens": 0, **metrics}.items()))
-    window = Window()
-    while step < n_steps:
-        lr = lr_at(step, cfg, n_steps)
-        train_step(cfg, job, trained, model, optimizer, rt, step, lr, window)
-        step, steps_this_run, tokens_seen = step + 1, steps_this_run + 1, tokens_seen + tokens_per_step
-        profiler.step(steps_this_run)
-        bar.update(1)
+    window, shown, slowdown = Window(), "", SlowdownWatch(rt.device)
+    loop_started, validating = time.perf_counter(), 0.0
+    # Our own eta replaces tqdm's, which knows neither the cap nor the validations to come.
+    with tqdm(total=n_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True, desc=job.name,
+              bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]") as bar:
+        while step < n_steps:
+            lr = lr_at(step, cfg, n_steps)
+            train_step(cfg, job, trained, model, optimizer, rt, step, lr, window)
+            step, steps_this_run, tokens_seen = step + 1, steps_this_run + 1, tokens_seen + tokens_per_step
+            profiler.step(steps_this_run)
 
-        out_of_time = cfg.max_minutes > 0 and time.perf_counter() - started > 60 * cfg.max_minutes
-        stop = rt.any(out_of_time or 0 < cfg.stop_after <= steps_this_run)
-        last = step == n_steps or stop
-        log_now = step % cfg.log_interval == 0 or last
-        validate_now = bool(cfg.eval_interval) and step % cfg.eval_interval == 0 or last
-        if log_now or validate_now:       # each on its own interval: neither waits for the other
-            record = {"step": step, "tokens": tokens_seen, "lr": lr}
-            if log_now:
-                record.update(window.summary(rt))
-                if peak:
-                    record["mfu"] = flops_per_token * record["tokens_per_s"] / (peak * rt.world_size)
-            if validate_now:
-                began = time.perf_counter()
-                metrics, sample = validate(job, model, rt, log, step)
-                record.update(metrics)
-                window.paused += time.perf_counter() - began
-            if log:
-                log.log(record)
+            now = time.perf_counter()
+            cap_left = 60 * cfg.max_minutes - (now - started) if cfg.max_minutes > 0 else None
+            stop = rt.any(cap_left is not None and cap_left < 0 or 0 < cfg.stop_after <= steps_this_run)
+            bar.set_postfix_str(shown + eta(step, n_steps, (now - loop_started) / steps_this_run, cap_left),
+                                refresh=False)
+            bar.update(1)
+            last = step == n_steps or stop
+            log_now = step % cfg.log_interval == 0 or last
+            validate_now = bool(cfg.eval_interval) and step % cfg.eval_interval == 0 or last
+            if log_now or validate_now:       # each on its own interval: neither waits for the other
+                record = {"step": step, "tokens": tokens_seen, "lr": lr}
                 if log_now:
-                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                    **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
-            if log_now:
-                window = Window()
-        if step % cfg.ckpt_interval == 0 or last:
-            save(run_dir, step, tokens_seen, job, model, optimizer, rt)
-        if stop:
-            break
+                    record.update(window.summary(rt))
+                    if peak:
+                        record["mfu"] = flops_per_token * record["tokens_per_s"] / (peak * rt.world_size)
+                if validate_now:
+                    began = time.perf_counter()
+                    metrics, sample = validate(job, model, rt, log, step)
+                    record.update(metrics)
+                    spent = time.perf_counter() - began
+                    window.paused, validating = window.paused + spent, validating + spent
+                if log:
+                    log.log(record)
+                if log_now:
+                    shown = f"loss={record['train_loss']:.3f}, tok_s={record['tokens_per_s']:.0f}, " + (
+                        f"mfu={record['mfu']:.1%}, " if peak else "")
+                    if (warning := slowdown.observe(record["tokens_per_s"])) and rt.is_main:
+                        bar.write(warning)
+                    window = Window()
+            if step % cfg.ckpt_interval == 0 or last:
+                save(run_dir, step, tokens_seen, job, model, optimizer, rt)
+            if stop:
+                break
 
-    bar.close()
+    trained_tokens, seconds = steps_this_run * tokens_per_step, time.perf_counter() - loop_started - validating
+    throughput = {"tokens": trained_tokens, "seconds": seconds, "tokens_per_s": trained_tokens / max(seconds, 1e-9)}
+    if peak:
+        throughput["mfu"] = flops_per_token * throughput["tokens_per_s"] / (peak * rt.world_size)
     profiler.stop()
     if log:
         log.plot()
-    return {**record, "sample": sample, "stopped_early": stopped_early(cfg, step, n_steps, steps_this_run)}
+    last_metrics = {k: v for k, v in record.items() if k not in ("tokens_per_s", "mfu")}
+    return {**last_metrics, "sample": sample, "throughput": throughput,
+            "stopped_early": stopped_early(cfg, step, n_steps, steps_this_run)}
 
 
 def stopped_early(cfg: TrainConfig, step: int, n_steps: int, steps_this_run: int) -> str:

@@ -161,6 +161,11 @@ def build(cfg: PretrainConfig, rt: Runtime) -> tuple[PretrainJob, GPT]:
     else:
         data = load_data(cfg.data, cfg.vocab_size, rt, cfg.data_dir)
         model = GPT(ModelConfig.preset(cfg.preset, vocab_size=data.tokenizer.n_vocab, **cfg.model_overrides()))
+    for split, tokens in (("train", data.train), ("val", data.val)):
+        if len(tokens) < model.cfg.block_size + 1:
+            raise SystemExit(f"the {split} split of {data.path} has {len(tokens):,} tokens, fewer than one window "
+                             f"of block_size + 1 = {model.cfg.block_size + 1}; use a larger corpus"
+                             + ("" if cfg.init else " or a smaller --block-size"))
     if rt.is_main:
         print(f"data: {data.manifest['args']['source']}  train {len(data.train):,} tokens  val {len(data.val):,} tokens")
     return PretrainJob(data, cfg, model.cfg.block_size, rt), model.to(rt.device)

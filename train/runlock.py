@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -19,6 +20,7 @@ class RunLock:
         self.path = Path(run_dir) / ".lock"
         self.file = None
         self.created: list[Path] = []      # directories acquire() made, innermost first
+        self.found: set[str] = set()       # what the run directory held before acquire()
 
     def acquire(self) -> str:
         """Take the lock; -> "" or a note about the dead owner it took over. Raises SystemExit when
@@ -26,6 +28,7 @@ class RunLock:
         missing = [d for d in [self.path.parent, *self.path.parent.parents] if not d.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.created = missing
+        self.found = {entry.name for entry in self.path.parent.iterdir()}
         file = open(self.path, "a+")
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -44,9 +47,21 @@ class RunLock:
         self.file = file
         return f"took over the lock of {previous}, which is no longer running" if previous else ""
 
+    def discard_written(self) -> None:
+        """Remove what this job added to the run directory since it took the lock (the lock aside), for
+        a run that ended before anything worth keeping; what was there before stays, whoever wrote it."""
+        for entry in self.path.parent.iterdir():
+            if entry.name in self.found or entry == self.path:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
     def release(self) -> None:
-        """Unlock; a run directory that holds nothing but the lock (the job failed before writing
-        anything) is removed with the parents acquire() made, so a failed start leaves no trace."""
+        """Unlock; when the run directory holds nothing of this job but the lock (it failed before
+        writing, or took back what it wrote), the lock goes too, and so do the directories acquire()
+        made, so a failed start leaves no trace."""
         if self.file is None:
             return
         self.file.seek(0)
@@ -54,8 +69,9 @@ class RunLock:
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
         self.file = None
-        if [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
-            self.path.unlink()
+        if {entry.name for entry in self.path.parent.iterdir()} <= self.found | {self.path.name}:
+            if self.path.name not in self.found:
+                self.path.unlink()
             for directory in self.created:          # runs/ too, when this job made it
                 if any(directory.iterdir()):
                     break

@@ -22,6 +22,18 @@ def test_every_field_is_a_flag_with_help_and_the_stage_default(stage):
     assert stage.parse(["--device", "cpu"]) == dataclasses.replace(stage.cpu_defaults, device="cpu")
 
 
+@pytest.mark.parametrize("stage, default", [(pretrain.STAGE, "12.0"), (sft.STAGE, "0.0"), (dpo.STAGE, "0.0")],
+                         ids=lambda x: getattr(x, "name", x))
+def test_max_minutes_says_its_default_what_it_counts_and_that_0_is_no_cap(stage, default):
+    """One flag for every stage (the shared loop applies it); a zero-argument pretraining run on CPU
+    is capped, SFT and DPO are not, and the help says which."""
+    parser = cli.build_parser(f"python -m train.{stage.name}", stage.description, stage.cpu_defaults)
+    text = " ".join(parser.format_help().split())
+    assert ("stop with a checkpoint after this many minutes of training in this invocation, evaluations included "
+            "(0: no cap; --resume continues); loading and preparing data and DPO's sampling of rejected replies "
+            f"(redone by each --resume) come before training and do not count (default: {default})") in text
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
     (["--grad-accum", "-1"], "argument --grad-accum: must be at least 1, got -1"),

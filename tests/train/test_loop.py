@@ -2,6 +2,7 @@
 import json
 import os
 import stat
+import time
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from model.io import checkpoint as model_checkpoint
 from model.io.checkpoint import load_model, load_weights, resolve
 from train import checkpoint
 from train.config import TrainConfig
-from train.loop import fit, lr_at, make_optimizer
+from train.loop import SlowdownWatch, eta, fit, lr_at, make_optimizer
 from train.runtime import setup
 
 V, T = 64, 16
@@ -100,6 +101,36 @@ def test_validation_and_logging_keep_their_own_intervals(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in records if "tokens_per_s" in r)
 
 
+def test_slowdown_watch_says_once_when_throughput_collapses():
+    watch = SlowdownWatch(torch.device("cpu"))
+    assert [watch.observe(t) for t in (1000, 1200, 900, 400)] == [None] * 4        # noise, not a collapse
+    warning = watch.observe(250)
+    assert warning.startswith("throughput fell from 1,200 to 250 tokens/s: another process is probably competing")
+    assert "OMP_NUM_THREADS=1" in warning and "OMP_WAIT_POLICY=PASSIVE" in warning
+    assert watch.observe(100) is None                                               # once per run
+    gpu = SlowdownWatch(torch.device("cuda"))
+    gpu.observe(100.0)
+    assert "another process is probably using this GPU" in gpu.observe(10.0)
+
+
+class SlowingJob(CountingJob):
+    """From step 12 on, every step also waits: what another process taking the cores looks like."""
+    def loss(self, model, batch):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls > 12:
+            time.sleep(0.25)
+        return super().loss(model, batch)
+
+
+def test_a_run_says_when_its_throughput_collapses(tmp_path, capsys):
+    cfg = TrainConfig(out=str(tmp_path / "slow"), batch_size=4, max_steps=16, eval_interval=0, ckpt_interval=100,
+                      log_interval=4, warmup_steps=2)
+    fit(cfg, SlowingJob(), tiny_model(), setup("cpu", "fp32"), {"job": "synthetic"})
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if "throughput fell" in line]
+    assert len(lines) == 1 and "competing for the CPU cores" in lines[0]
+
+
 def test_exact_resume(tmp_path):
     _, straight = train(tmp_path, "straight")
     stopped, _ = train(tmp_path, "split", stop_after=10)
@@ -162,7 +193,28 @@ def test_profiler_writes_trace_and_table(tmp_path, capsys):
     assert "Self CPU" in capsys.readouterr().out
 
 
-def test_max_minutes_stops_with_a_checkpoint(tmp_path):
+def test_max_minutes_stops_with_a_checkpoint_and_the_bar_says_so(tmp_path, capsys):
     result, records = train(tmp_path, "timed", max_minutes=1e-9)
     assert result["step"] == 1 and resolve(tmp_path / "timed").name == "step_000001"
     assert result["stopped_early"] == "step 1 of 20 (--max-minutes 1e-09 reached)"
+    assert "eta 00:00: stops at the --max-minutes cap near step 1" in capsys.readouterr().err
+
+
+def test_eta_counts_down_to_the_max_minutes_cap_when_it_comes_first():
+    assert eta(10, 100, 2.0, None) == "eta 03:00"                   # 90 steps of 2 s, no cap
+    assert eta(10, 100, 2.0, 600.0) == "eta 03:00"                  # the last step comes before the cap
+    # 60 s to the cap at 2 s a step: steps 11..40 end by the cap, step 41 ends past it and is the last.
+    assert eta(10, 1200, 2.0, 60.0) == "eta 01:00: stops at the --max-minutes cap near step 41"
+    assert eta(10, 1200, 2.0, -0.5) == "eta 00:00: stops at the --max-minutes cap near step 10"
+
+
+def test_the_result_reports_the_invocations_average_throughput(tmp_path):
+    """Not the last window's tokens/s (here one step): every token this invocation trained on over
+    the seconds it trained; a resumed invocation counts only its own steps."""
+    first, _ = train(tmp_path, "split", stop_after=10, log_interval=3)
+    resumed, _ = train(tmp_path, "split", resume=str(tmp_path / "split"), log_interval=3)
+    for result in (first, resumed):
+        pace = result["throughput"]
+        assert pace["tokens"] == 10 * 4 * T and pace["seconds"] > 0
+        assert pace["tokens_per_s"] == pytest.approx(pace["tokens"] / pace["seconds"])
+        assert "tokens_per_s" not in result          # the last window's figure is no longer passed off as the run's

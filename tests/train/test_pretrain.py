@@ -15,7 +15,7 @@ import kernels
 from corpus_fixtures import write_corpus
 from model.command import run_command
 from train.data.prepare import prepare
-from train.pretrain import main
+from train.pretrain import PretrainJob, main
 from train.runlock import RunLock
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +48,8 @@ def test_run_writes_its_directory_and_learns(dataset, tmp_path, capsys):
     source = json.loads((dataset / "manifest.json").read_text())["args"]["source"]
     assert f"data: {source}  train" in printed and "parameters" in printed and "kernels: rms_norm=" in printed and "sample:" in printed
     assert result["step"] == 30 and result["perplexity"] > 1 and isinstance(result["sample"], str)
+    assert result["throughput"]["tokens"] == 30 * 4 * 32
+    assert f"throughput: {result['throughput']['tokens_per_s']:,.0f} tokens/s on average over this invocation" in printed
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in records if "train_loss" in r]
@@ -173,6 +175,54 @@ def test_a_run_directory_in_use_or_left_half_done_is_refused(dataset, tmp_path):
     (leftover / "config.json").write_text(json.dumps({"job": "pretrain", "args": {}}))
     with pytest.raises(SystemExit, match="has no checkpoint yet .*start over with a new --out"):
         main(["--resume", str(leftover)])
+
+
+def interrupt_at_step(monkeypatch, step):
+    """Make the job's loss raise KeyboardInterrupt (a Ctrl-C) in optimizer step `step` (1-based)."""
+    calls, loss = [0], PretrainJob.loss
+
+    def interrupted(self, model, batch):
+        calls[0] += 1
+        if calls[0] == step:
+            raise KeyboardInterrupt
+        return loss(self, model, batch)
+    monkeypatch.setattr(PretrainJob, "loss", interrupted)
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_takes_back_what_it_wrote(dataset, tmp_path, monkeypatch):
+    """Its retry then runs; a directory the user made keeps what was in it; a run that fails after a
+    checkpoint keeps everything, and --resume finishes it."""
+    run_dir, mine = tmp_path / "runs" / "run", tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for out in (run_dir, mine):
+        interrupt_at_step(monkeypatch, 3)                     # the first checkpoint comes at step 5
+        with pytest.raises(KeyboardInterrupt):
+            main(flags(dataset, out, 12))
+        monkeypatch.undo()
+    assert not (tmp_path / "runs").exists()
+    assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "mine"
+    assert main(flags(dataset, run_dir, 12))["step"] == 12    # the same command again
+
+    later = tmp_path / "later"
+    interrupt_at_step(monkeypatch, 7)
+    with pytest.raises(KeyboardInterrupt):
+        main(flags(dataset, later, 12))
+    monkeypatch.undo()
+    assert {"config.json", "metrics.jsonl", "tokenizer.json", "checkpoints"} <= set(os.listdir(later))
+    assert main(["--resume", str(later)])["step"] == 12
+
+
+def test_a_corpus_too_small_for_the_block_size_is_one_line_before_the_bar(dataset, tmp_path, capsys):
+    val_tokens = json.loads((dataset / "manifest.json").read_text())["val"]["tokens"]
+    argv = flags(dataset, tmp_path / "run", 2, 4, "--block-size", str(val_tokens))      # train fits, val does not
+    with pytest.raises(SystemExit) as e:
+        run_command(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.endswith(
+        f"error: the val split of {dataset} has {val_tokens:,} tokens, fewer than one window of block_size + 1 = "
+        f"{val_tokens + 1}; use a larger corpus or a smaller --block-size\n")
+    assert "pretrain:" not in err and not (tmp_path / "run").exists()
 
 
 def test_resume_falls_back_to_the_older_checkpoint_when_the_latest_is_damaged(dataset, tmp_path, capsys):

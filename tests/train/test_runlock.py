@@ -55,3 +55,16 @@ def test_another_process_holding_the_lock_is_named(tmp_path):
     lock = RunLock(tmp_path / "run")       # the kernel released the dead holder's lock
     assert lock.acquire() == f"took over the lock of pid {holder.pid} on {socket.gethostname()}, which is no longer running"
     lock.release()
+
+
+def test_discard_written_takes_back_only_what_the_job_added(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("the user's")
+    lock = RunLock(tmp_path / "run")
+    lock.acquire()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    (tmp_path / "run" / "checkpoints" / "tmp").mkdir(parents=True)
+    lock.discard_written()
+    lock.release()
+    assert os.listdir(tmp_path / "run") == ["notes.txt"]            # the lock went too: no trace of the job
+    assert (tmp_path / "run" / "notes.txt").read_text() == "the user's"

@@ -66,6 +66,15 @@ def test_jsonl_data_and_resume(tmp_path):
     assert "val_loss" in result          # the last 5% of the file is held out
 
 
+def test_max_minutes_stops_sft_as_it_stops_pretraining(tmp_path, capsys):
+    init = make_run(tmp_path / "base")
+    out = tmp_path / "sft"
+    result = sft.main(["--init", str(init), "--out", str(out), "--max-steps", "8", "--max-minutes", "1e-9", *TINY])
+    assert result["stopped_early"] == "step 1 of 8 (--max-minutes 1e-09 reached)"
+    assert (out / "checkpoints" / "latest").read_text() == "step_000001"
+    assert f"Continue with: python -m train.sft --resume {out}" in capsys.readouterr().out
+
+
 def test_missing_init_is_explained(tmp_path):
     with pytest.raises(SystemExit, match="--init RUN_OR_CKPT is required"):
         sft.main(["--out", str(tmp_path / "x"), *TINY])
