@@ -152,8 +152,8 @@ class SlowdownWatch:
     def observe(self, tokens_per_s: float) -> str | None:
         if not self.said and tokens_per_s * self.FACTOR < self.best:
             self.said = True
-            cause = ("another process is probably competing for the CPU cores: free them, or give this run "
-                     "fewer threads (OMP_NUM_THREADS=1), and keep OMP_WAIT_POLICY=PASSIVE (our default)"
+            cause = ("another process is probably competing for the CPU cores: free them, or run with "
+                     "OMP_WAIT_POLICY=PASSIVE (threads that never spin) or OMP_NUM_THREADS=1"
                      if self.device.type == "cpu" else
                      "another process is probably using this GPU, or the CPU that feeds it")
             return f"throughput fell from {self.best:,.0f} to {tokens_per_s:,.0f} tokens/s: {cause}"
