@@ -98,7 +98,8 @@ def fit_history(messages: list[dict], tok, budget: int) -> list[dict]:
 
 
 def reply_text(ids: list[int], tok) -> str:
-    """Decode generated reply ids up to (not including) the first stop token."""
-    stop = set(ChatTokens.of(tok).stop)
-    cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
+    """Decode generated reply ids up to (not including) the first special token: the end of the
+    turn, or any other the model emits (a role tag is never reply text)."""
+    special = set(tok.special_tokens.values())
+    cut = next((i for i, t in enumerate(ids) if t in special), len(ids))
     return tok.decode(ids[:cut])

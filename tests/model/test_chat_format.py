@@ -68,6 +68,12 @@ def test_reply_text_stops_at_end_of_turn(tok):
     assert reply_text(tok.encode("no stop"), tok) == "no stop"
 
 
+def test_reply_text_never_shows_a_special_token(tok):
+    """A role tag the model emits mid-reply ends the reply there (as the server does), never as text."""
+    for special in tok.special_tokens.values():
+        assert reply_text([*tok.encode("42"), special, *tok.encode("more")], tok) == "42"
+
+
 @pytest.mark.parametrize("messages, ends_with, error", [
     ([], "assistant", "empty conversation"),
     ([assistant("x")], "assistant", "message 0: role 'assistant', expected 'user'"),
