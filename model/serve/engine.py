@@ -52,7 +52,6 @@ class Request:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
-    stop_tokens: tuple[int, ...] = ()          # ids that end the reply besides the special tokens, which always do
     stop: tuple[str, ...] = ()                 # strings that end the reply (not part of its text)
     seed: int | None = None                    # None: a fresh random seed
 
@@ -278,7 +277,7 @@ class Engine:
         seq.generated += 1
         seq.last = token
         self.stats.tokens += 1
-        if token in seq.request.stop_tokens or token in self.special_ids:     # never part of the text
+        if token in self.special_ids:          # ends the turn or the document, never part of the text
             self._finish(seq, "stop", seq.text.flush())
             return
         text, stopped = seq.text.push(token)

@@ -21,7 +21,7 @@ import gradio as gr  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
 import kernels  # noqa: E402
-from model.chat_format import ChatTokens, fit_history, render_prompt  # noqa: E402
+from model.chat_format import fit_history, render_prompt  # noqa: E402
 from model.command import Parser, run_command  # noqa: E402
 from model.serve.engine import Engine, Request  # noqa: E402
 from model.serve.api import add_engine_flags, build_app, run_server, start_engine  # noqa: E402
@@ -38,7 +38,6 @@ def text_of(content) -> str:
 def build_ui(engine: Engine, name: str) -> gr.Blocks:
     """The chat page: a streaming ChatInterface over engine, the sampling controls and Reset."""
     tok, block = engine.tok, engine.block_size
-    stop = tuple(ChatTokens.of(tok).stop)
 
     def respond(message: str, history: list[dict], temperature: float, top_p: float, top_k: float,
                 max_tokens: float, seed: float):
@@ -47,7 +46,7 @@ def build_ui(engine: Engine, name: str) -> gr.Blocks:
         try:
             prompt = render_prompt(fit_history(messages, tok, block - min(int(max_tokens), block // 2)), tok)
             deltas = engine.stream(Request(prompt, int(max_tokens), temperature, int(top_k) or None, top_p,
-                                           stop, (), int(seed) or None))
+                                           seed=int(seed) or None))
         except ValueError as e:
             raise gr.Error(str(e)) from None
         reply = ""
