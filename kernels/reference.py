@@ -93,6 +93,30 @@ class _SwiGLU(torch.autograd.Function):
         return grad_gate.to(gate.dtype), grad_up.to(up.dtype)
 
 
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):     # _needs_grad, inlined
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    # Without autograd (a decoding step, all per-op overhead) each op rotates q and k in one
+    # dispatch (_foreach_* broadcast each pair like the plain ops): four dispatches instead of six.
+    xs = [q, k] if q.dtype == torch.float32 or q.dtype == torch.float64 else [q.float(), k.float()]
+    half = q.shape[-1] // 2
+    out = torch._foreach_mul(xs, [cos, cos])
+    torch._foreach_addcmul_(out, [xs[0].roll(half, dims=-1), xs[1].roll(half, dims=-1)], [sin, sin])
+    if out[0].dtype != q.dtype:
+        out = [t.to(q.dtype) for t in out]
+    return out[0].contiguous(), out[1].contiguous()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + roll(x, D/2) * sin in fp32 (float64 stays), back in x's dtype: three ops, which a
+    decoding step, all per-op overhead, notices (the add in place: one allocation less; mul's
+    backward needs only its inputs); autograd's backward is dy * cos + roll(dy * sin). The tables
+    broadcast: (T, 1, D) over batch and heads, (B, T, 1, D) over heads."""
+    x32 = _wide(x)
+    return (x32 * cos).addcmul_(x32.roll(x.shape[-1] // 2, dims=-1), sin).to(x.dtype).contiguous()
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
                      key_lengths: torch.Tensor | None = None) -> torch.Tensor:
     Tq, Tk = q.shape[2], k.shape[2]
@@ -117,6 +141,75 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     cols = torch.arange(Tk, device=q.device)[None, :]
     mask = cols <= rows + offset  # (Tq, Tk), True = may attend
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
+              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, *,
+              key_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    if causal and window_size == (-1, -1) and not softcap:
+        return causal_attention(q, k, v, scale, key_lengths=key_lengths)
+    B, Tq = q.shape[0], q.shape[2]
+    k_lengths = key_lengths if key_lengths is not None else torch.full((B,), k.shape[2], device=q.device)
+    return _masked_attention(q, k, v, torch.full((B,), Tq, device=q.device), k_lengths, causal, scale,
+                             window_size, softcap)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
+                     scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                     softcap: float = 0.0) -> torch.Tensor:
+    """Unpack the sequences into a zero-padded batch, attend once with each row's lengths, pack back."""
+    q_lengths, k_lengths = cu_seqlens_q.diff(), cu_seqlens_k.diff()                    # (n,)
+    q_rows, q_kept = _unpack(q, cu_seqlens_q, max_seqlen_q)                             # (n, Hq, Tq_max, D)
+    k_rows, _ = _unpack(k, cu_seqlens_k, max_seqlen_k)                                  # (n, Hkv, Tk_max, D)
+    v_rows, _ = _unpack(v, cu_seqlens_k, max_seqlen_k)
+    out = _masked_attention(q_rows, k_rows, v_rows, q_lengths, k_lengths, causal, scale, window_size, softcap)
+    return out.transpose(1, 2)[q_kept]                                                  # (total_q, Hq, D)
+
+
+def _unpack(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed x (total, H, D) -> (n, H, max_seqlen, D), zero past each sequence's end, and the
+    (n, max_seqlen) mask of the positions that hold a token."""
+    starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff().long()                 # (n,)
+    offsets = torch.arange(max_seqlen, device=x.device)                                 # (max_seqlen,)
+    kept = offsets < lengths[:, None]                                                   # (n, max_seqlen)
+    index = (starts[:, None] + offsets).clamp_(max=max(x.shape[0] - 1, 0))
+    rows = x[index] if x.shape[0] else x.new_zeros(*index.shape, *x.shape[1:])          # (n, max_seqlen, H, D)
+    return rows.masked_fill(~kept[:, :, None, None], 0).transpose(1, 2), kept
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lengths: torch.Tensor,
+                      k_lengths: torch.Tensor, causal: bool, scale: float | None, window_size: tuple[int, int],
+                      softcap: float) -> torch.Tensor:
+    """Attention of q (B, Hq, Tq, D) to k, v (B, Hkv, Tk, D) where row b holds q_lengths[b] queries
+    and k_lengths[b] keys, its query i at position k_lengths[b] - q_lengths[b] + i; a query that
+    sees no key gets 0. With softcap the scores are computed explicitly (SDPA cannot cap them)."""
+    (B, Hq, Tq, D), (Hkv, Tk) = q.shape, k.shape[1:3]
+    scale = D ** -0.5 if scale is None else scale
+    keys = torch.arange(Tk, device=q.device)                                            # (Tk,)
+    pos = (k_lengths - q_lengths)[:, None] + torch.arange(Tq, device=q.device)          # (B, Tq)
+    visible = (keys < k_lengths[:, None, None]).expand(B, Tq, Tk).clone()               # (B, Tq, Tk)
+    left, right = window_size
+    if causal:
+        right = 0
+    if left >= 0:
+        visible &= keys >= pos[:, :, None] - left
+    if right >= 0:
+        visible &= keys <= pos[:, :, None] + right
+    # Keys past a row's length are zeroed (0 * NaN would still be NaN), and a row that sees no key
+    # attends to all of them and is zeroed after, so that neither pass meets a softmax over nothing.
+    in_row = (keys < k_lengths[:, None])[:, None, :, None]                              # (B, 1, Tk, 1)
+    k, v = k.masked_fill(~in_row, 0), v.masked_fill(~in_row, 0)
+    empty = ~visible.any(-1)                                                            # (B, Tq)
+    mask = (visible | empty[:, :, None])[:, None]                                       # (B, 1, Tq, Tk)
+    if softcap:
+        k, v = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))                   # (B, Hq, Tk, D)
+        s = torch.tanh((_wide(q) @ _wide(k).transpose(-1, -2)) * (scale / softcap)) * softcap
+        p = s.masked_fill(~mask, float("-inf")).softmax(-1)                              # (B, Hq, Tq, Tk)
+        out = p.to(v.dtype) @ v      # probabilities in v's dtype, as SDPA and the Triton kernels use them
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+    return out.masked_fill(empty[:, None, :, None], 0)                                   # (B, Hq, Tq, D)
 
 
 def _nan_taint(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

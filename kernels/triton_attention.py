@@ -54,8 +54,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import reference, triton_attention_decode as decode
 from kernels.launching import Autotune, Gpu, Launch, Tile, gpu_of, run
-from kernels.triton_attention_tiles import (LOG2E, constants, fwd_blocks, load_rows, new_outputs, store_rows,
-                                            stream_rows, strides, tile_ptrs)
+from kernels.triton_attention_tiles import (LOG2E, UNBOUNDED, constants, fwd_blocks, load_rows, new_outputs,
+                                            store_rows, stream_rows, strides, tanh, tile_ptrs, visible)
 
 DELTA_BLOCK_M = 64
 
@@ -69,66 +69,115 @@ def _query_tile(pid, Tq, BLOCK_M: tl.constexpr):
     return n_tiles - 1 - pid % n_tiles, pid // n_tiles
 
 
+@triton.jit
+def _key_range(first, last, Tk, left, right, BLOCK_N: tl.constexpr):
+    """The key tiles that query positions first..last see, in three runs: [lo, mid) masked,
+    [mid, clean_end) seen whole by every row, [clean_end, hi) masked (either run may be empty)."""
+    lo = tl.maximum(first - left, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(last + right + 1, Tk)
+    mid = tl.maximum(lo, tl.cdiv(tl.maximum(last - left, 0), BLOCK_N) * BLOCK_N)
+    clean_end = tl.maximum(mid, tl.minimum(first + right + 1, Tk) // BLOCK_N * BLOCK_N)
+    return lo, tl.minimum(mid, hi), mid, clean_end, hi
 
-@triton.jit(do_not_specialize=["Tq", "Tk", "Q_BUCKET", "K_BUCKET"])
-def _causal_attention_fwd_kernel(Q, K, V, K_DESC, V_DESC, O, LSE,
-                                 stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
-                                 stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
-                                 n_heads, group, Tq, Tk, qk_scale, Q_BUCKET, K_BUCKET,
-                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+
+@triton.jit
+def _sequence(CU, b, T):
+    """(first packed row, length) of sequence b: from the offsets CU of packed sequences, or (0, T)."""
+    if CU is None:
+        start, length = tl.zeros([], tl.int64), T
+    else:
+        start = tl.load(CU + b).to(tl.int64)
+        length = (tl.load(CU + b + 1) - start).to(tl.int32)
+    return start, length
+
+
+@triton.jit(do_not_specialize=["Tq", "Tk", "Q_BUCKET", "K_BUCKET", "left", "right"])
+def _attention_fwd_kernel(Q, K, V, K_DESC, V_DESC, O, LSE, CU_Q, CU_K,
+                          stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                          stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
+                          stride_lb, stride_lh, n_heads, group, Tq, Tk, qk_scale, cap_scale, left, right,
+                          Q_BUCKET, K_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     # Q_BUCKET, K_BUCKET (powers of two >= Tq, Tk) only key the autotuner, so that a decode loop
-    # with a growing Tk does not re-tune every step.
+    # with a growing Tk does not re-tune every step. With CU_Q, CU_K (packed sequences) b is the
+    # sequence, Tq and Tk are the longest lengths, and a tile past its sequence's queries is idle.
     pid_m, bh = _query_tile(tl.program_id(0), Tq, BLOCK_M)
     b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
+    q_start, Tq = _sequence(CU_Q, b, Tq)
+    k_start, Tk = _sequence(CU_K, b, Tk)
+    if pid_m * BLOCK_M >= Tq:
+        return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                                # (BLOCK_M,)
     offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
-    q = load_rows(tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qt, stride_qd),
-                   rows, Tq, offs_d, True, HEAD_DIM, BLOCK_D)                     # (BLOCK_M, BLOCK_D)
-    k_base = K + b * stride_kb + (h // group) * stride_kh
-    v_base = V + b * stride_vb + (h // group) * stride_vh
-    pos = rows + (Tk - Tq)                               # absolute positions; rows >= Tq are padding
+    q = load_rows(tile_ptrs(Q + b * stride_qb + h * stride_qh + q_start * stride_qt, rows, offs_d, stride_qt,
+                            stride_qd), rows, Tq, offs_d, True, HEAD_DIM, BLOCK_D)   # (BLOCK_M, BLOCK_D)
+    k_base = K + b * stride_kb + (h // group) * stride_kh + k_start * stride_kt
+    v_base = V + b * stride_vb + (h // group) * stride_vh + k_start * stride_vt
+    pos = rows + (Tk - Tq)                               # key positions; rows >= Tq are padding
     first = (Tk - Tq) + pid_m * BLOCK_M
-    clean_end = (first + 1) // BLOCK_N * BLOCK_N         # key tiles every row sees whole
-    end = tl.minimum(first + BLOCK_M, Tk)                # past the last key any row sees
+    last = (Tk - Tq) + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
+    lo, mid_masked, mid, clean_end, hi = _key_range(first, last, Tk, left, right, BLOCK_N)
     m_i, l_i = tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, m_i, l_i = fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                                K_DESC, V_DESC, b, h // group, pos, 0, clean_end, Tk, qk_scale, offs_n, offs_d,
-                                False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
-    # Padding rows are not masked against keys >= Tk: those load as zeros and the rows are never stored.
+                               K_DESC, V_DESC, b, h // group, pos, lo, mid_masked, Tk, qk_scale, cap_scale,
+                               left, right, offs_n, offs_d, True, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N,
+                               DOT_PRECISION, USE_TMA)
     acc, m_i, l_i = fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                                K_DESC, V_DESC, b, h // group, pos, clean_end, end, Tk, qk_scale, offs_n, offs_d,
-                                True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
-    store_rows(tile_ptrs(O + b * stride_ob + h * stride_oh, rows, offs_d, stride_ot, stride_od),
-                acc / l_i[:, None], rows, Tq, offs_d, HEAD_DIM, BLOCK_D)
-    tl.store(LSE + bh.to(tl.int64) * Tq + rows, m_i + tl.math.log2(l_i), mask=rows < Tq)
-
+                               K_DESC, V_DESC, b, h // group, pos, mid, clean_end, Tk, qk_scale, cap_scale,
+                               left, right, offs_n, offs_d, False, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N,
+                               DOT_PRECISION, USE_TMA)
+    acc, m_i, l_i = fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                               K_DESC, V_DESC, b, h // group, pos, clean_end, hi, Tk, qk_scale, cap_scale,
+                               left, right, offs_n, offs_d, True, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N,
+                               DOT_PRECISION, USE_TMA)
+    # A row that saw no key (l = 0) returns 0, and its lse of +inf zeroes its probabilities in the
+    # backward; a NaN row keeps l = NaN and stays NaN.
+    empty = l_i == 0.0
+    l_i = tl.where(empty, 1.0, l_i)
+    store_rows(tile_ptrs(O + b * stride_ob + h * stride_oh + q_start * stride_ot, rows, offs_d, stride_ot,
+                         stride_od), acc / l_i[:, None], rows, Tq, offs_d, HEAD_DIM, BLOCK_D)
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_i))
+    tl.store(LSE + b * stride_lb + h * stride_lh + q_start + rows, lse, mask=rows < Tq)
 
 
 # ----------------------------------------------------------------------------- kernels: backward
 
 @triton.jit
-def _causal_attention_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_od,
-                                   stride_db, stride_dh, stride_dt, stride_dd, n_heads, Tq,
-                                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attention_delta_kernel(O, DO, DELTA, CU_Q, stride_ob, stride_oh, stride_ot, stride_od,
+                            stride_db, stride_dh, stride_dt, stride_dd, stride_lb, stride_lh, n_heads, Tq,
+                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m, bh = _query_tile(tl.program_id(0), Tq, BLOCK_M)
     b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
+    q_start, Tq = _sequence(CU_Q, b, Tq)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = load_rows(tile_ptrs(O + b * stride_ob + h * stride_oh, rows, offs_d, stride_ot, stride_od),
-                   rows, Tq, offs_d, True, HEAD_DIM, BLOCK_D)                     # (BLOCK_M, BLOCK_D)
-    do = load_rows(tile_ptrs(DO + b * stride_db + h * stride_dh, rows, offs_d, stride_dt, stride_dd),
-                    rows, Tq, offs_d, True, HEAD_DIM, BLOCK_D)
+    o = load_rows(tile_ptrs(O + b * stride_ob + h * stride_oh + q_start * stride_ot, rows, offs_d, stride_ot,
+                            stride_od), rows, Tq, offs_d, True, HEAD_DIM, BLOCK_D)   # (BLOCK_M, BLOCK_D)
+    do = load_rows(tile_ptrs(DO + b * stride_db + h * stride_dh + q_start * stride_dt, rows, offs_d, stride_dt,
+                             stride_dd), rows, Tq, offs_d, True, HEAD_DIM, BLOCK_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)                       # (BLOCK_M,)
-    tl.store(DELTA + bh.to(tl.int64) * Tq + rows, delta, mask=rows < Tq)
+    tl.store(DELTA + b * stride_lb + h * stride_lh + q_start + rows, delta, mask=rows < Tq)
+
+
+@triton.jit
+def _scores(a, b_t, qk_scale, cap_scale, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Scores a @ b_t in base-2 units, and d(capped score) / d(uncapped score) (1 without softcap):
+    with softcap c, qk_scale is scale / c and cap_scale c * log2(e), and the score is
+    c * tanh(scale * s / c)."""
+    s = tl.dot(a, b_t, input_precision=DOT_PRECISION) * qk_scale
+    if SOFTCAP:
+        t = tanh(s)
+        return t * cap_scale, 1.0 - t * t
+    return s, 1.0
 
 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                  stride_qt, stride_qd, stride_dt, stride_dd, q_desc, do_desc, b, h,
-                 lo, hi, offset, Tq, qk_scale, offs_m, offs_d,
-                 MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 lo, hi, offset, Tq, qk_scale, cap_scale, left, right, offs_m, offs_d,
+                 MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     q_ptrs = tile_ptrs(q_base, lo + offs_m, offs_d, stride_qt, stride_qd)       # (BLOCK_M, BLOCK_D)
     do_ptrs = tile_ptrs(do_base, lo + offs_m, offs_d, stride_dt, stride_dd)
@@ -136,9 +185,9 @@ def _dkdv_blocks(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m                                                   # (BLOCK_M,)
         q = stream_rows(q_ptrs, q_desc, b, h, start_m, rows, Tq, offs_d, MASKED, HEAD_DIM, BLOCK_D, BLOCK_M,
-                         USE_TMA)                                                 # (BLOCK_M, BLOCK_D)
+                        USE_TMA)                                                  # (BLOCK_M, BLOCK_D)
         do = stream_rows(do_ptrs, do_desc, b, h, start_m, rows, Tq, offs_d, MASKED, HEAD_DIM, BLOCK_D, BLOCK_M,
-                          USE_TMA)
+                         USE_TMA)
         q_ptrs += BLOCK_M * stride_qt
         do_ptrs += BLOCK_M * stride_dt
         if MASKED:  # an infinite lse zeroes the padding rows' probabilities
@@ -148,73 +197,82 @@ def _dkdv_blocks(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
             lse = tl.load(lse_base + rows)
             delta = tl.load(delta_base + rows)
         # Transposed scores (keys x queries) so both accumulations are plain dots without a transpose.
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale   # (BLOCK_N, BLOCK_M)
+        s_t, cap_grad = _scores(k, tl.trans(q), qk_scale, cap_scale, SOFTCAP, DOT_PRECISION)   # (BLOCK_N, BLOCK_M)
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
-            p_t = tl.where(rows[None, :] + offset >= keys[:, None], p_t, 0.0)
+            pos = rows + offset
+            p_t = tl.where((keys[:, None] <= pos[None, :] + right) & (keys[:, None] >= pos[None, :] - left),
+                           p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)       # (BLOCK_N, BLOCK_D)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)            # (BLOCK_N, BLOCK_M)
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = p_t * (dp_t - delta[None, :]) * cap_grad
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)         # (BLOCK_N, BLOCK_D)
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["Tq", "Tk", "Q_BUCKET", "K_BUCKET"])
-def _causal_attention_dkdv_kernel(Q, K, V, DO, Q_DESC, DO_DESC, DK, DV, LSE, DELTA,
-                                  stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
-                                  stride_vb, stride_vh, stride_vt, stride_vd,
-                                  stride_db, stride_dh, stride_dt, stride_dd, stride_gb, stride_gh, stride_gt, stride_gd,
-                                  n_kv_heads, group, Tq, Tk, sm_scale, qk_scale, Q_BUCKET, K_BUCKET,
-                                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+@triton.jit(do_not_specialize=["Tq", "Tk", "Q_BUCKET", "K_BUCKET", "left", "right"])
+def _attention_dkdv_kernel(Q, K, V, DO, Q_DESC, DO_DESC, DK, DV, LSE, DELTA, CU_Q, CU_K,
+                           stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                           stride_vb, stride_vh, stride_vt, stride_vd,
+                           stride_db, stride_dh, stride_dt, stride_dd, stride_gb, stride_gh, stride_gt, stride_gd,
+                           stride_lb, stride_lh, n_kv_heads, group, Tq, Tk, sm_scale, qk_scale, cap_scale,
+                           left, right, Q_BUCKET, K_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     # DK and DV are allocated alike and share the stride_g* strides.
     n_tiles = tl.cdiv(Tk, BLOCK_N)
     pid_n, bh = tl.program_id(0) % n_tiles, tl.program_id(0) // n_tiles
     b, hk = (bh // n_kv_heads).to(tl.int64), (bh % n_kv_heads).to(tl.int64)
+    q_start, Tq = _sequence(CU_Q, b, Tq)
+    k_start, Tk = _sequence(CU_K, b, Tk)
+    if pid_n * BLOCK_N >= Tk:
+        return
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                # (BLOCK_N,)
     offs_m, offs_d = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
-    k = load_rows(tile_ptrs(K + b * stride_kb + hk * stride_kh, keys, offs_d, stride_kt, stride_kd),
-                   keys, Tk, offs_d, True, HEAD_DIM, BLOCK_D)                     # (BLOCK_N, BLOCK_D)
-    v = load_rows(tile_ptrs(V + b * stride_vb + hk * stride_vh, keys, offs_d, stride_vt, stride_vd),
-                   keys, Tk, offs_d, True, HEAD_DIM, BLOCK_D)
+    k = load_rows(tile_ptrs(K + b * stride_kb + hk * stride_kh + k_start * stride_kt, keys, offs_d, stride_kt,
+                            stride_kd), keys, Tk, offs_d, True, HEAD_DIM, BLOCK_D)   # (BLOCK_N, BLOCK_D)
+    v = load_rows(tile_ptrs(V + b * stride_vb + hk * stride_vh + k_start * stride_vt, keys, offs_d, stride_vt,
+                            stride_vd), keys, Tk, offs_d, True, HEAD_DIM, BLOCK_D)
     dk, dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32), tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    offset = Tk - Tq                                     # query row i sees key j iff i + offset >= j
+    offset = Tk - Tq                                     # query row i sits at key position i + offset
+    # The query rows that see these keys, in the forward's three runs with the roles of keys and
+    # queries swapped (a key j is seen from positions j - right .. j + left), clipped to whole
+    # tiles of real rows for the unmasked run.
     first_key = pid_n * BLOCK_N
     last_key = tl.minimum(first_key + BLOCK_N, Tk) - 1
-    diag_start = tl.maximum(first_key - offset, 0) // BLOCK_M * BLOCK_M        # first tile seeing a key
-    clean_start = tl.cdiv(tl.maximum(last_key - offset, 0), BLOCK_M) * BLOCK_M  # tiles seeing all keys
-    full_end = Tq // BLOCK_M * BLOCK_M                                        # tiles without padding rows
-    q_end = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    lo, mid_masked, mid, clean_end, hi = _key_range(first_key - offset, last_key - offset, Tq, right, left,
+                                                    BLOCK_M)
+    clean_end = tl.maximum(mid, tl.minimum(clean_end, Tq // BLOCK_M * BLOCK_M))
     n_heads = n_kv_heads * group
     for g in range(0, group):                            # the query heads sharing this KV head
         h = hk * group + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_db + h * stride_dh
-        lse_base = LSE + (b * n_heads + h) * Tq
-        delta_base = DELTA + (b * n_heads + h) * Tq
+        q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qt
+        do_base = DO + b * stride_db + h * stride_dh + q_start * stride_dt
+        lse_base = LSE + b * stride_lb + h * stride_lh + q_start
+        delta_base = DELTA + b * stride_lb + h * stride_lh + q_start
         dk, dv = _dkdv_blocks(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                               stride_qt, stride_qd, stride_dt, stride_dd, Q_DESC, DO_DESC, b, h,
-                              diag_start, tl.minimum(clean_start, q_end), offset, Tq, qk_scale, offs_m, offs_d,
-                              True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA)
+                              lo, mid_masked, offset, Tq, qk_scale, cap_scale, left, right, offs_m, offs_d,
+                              True, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA)
         dk, dv = _dkdv_blocks(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                               stride_qt, stride_qd, stride_dt, stride_dd, Q_DESC, DO_DESC, b, h,
-                              clean_start, full_end, offset, Tq, qk_scale, offs_m, offs_d,
-                              False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA)
+                              mid, clean_end, offset, Tq, qk_scale, cap_scale, left, right, offs_m, offs_d,
+                              False, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA)
         dk, dv = _dkdv_blocks(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                               stride_qt, stride_qd, stride_dt, stride_dd, Q_DESC, DO_DESC, b, h,
-                              tl.maximum(clean_start, full_end), q_end, offset, Tq, qk_scale, offs_m, offs_d,
-                              True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA)
-    g_offset = b * stride_gb + hk * stride_gh
+                              clean_end, hi, offset, Tq, qk_scale, cap_scale, left, right, offs_m, offs_d,
+                              True, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA)
+    g_offset = b * stride_gb + hk * stride_gh + k_start * stride_gt
     store_rows(tile_ptrs(DK + g_offset, keys, offs_d, stride_gt, stride_gd), dk * sm_scale, keys, Tk,
-                offs_d, HEAD_DIM, BLOCK_D)
+               offs_d, HEAD_DIM, BLOCK_D)
     store_rows(tile_ptrs(DV + g_offset, keys, offs_d, stride_gt, stride_gd), dv, keys, Tk,
-                offs_d, HEAD_DIM, BLOCK_D)
+               offs_d, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-               k_desc, v_desc, b, hk, pos, lo, hi, Tk, qk_scale, offs_n, offs_d,
-               MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               k_desc, v_desc, b, hk, pos, lo, hi, Tk, qk_scale, cap_scale, left, right, offs_n, offs_d,
+               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     k_ptrs = tile_ptrs(k_base, lo + offs_n, offs_d, stride_kt, stride_kd)       # (BLOCK_N, BLOCK_D)
     v_ptrs = tile_ptrs(v_base, lo + offs_n, offs_d, stride_vt, stride_vd)
@@ -222,54 +280,63 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stri
         start_n = tl.multiple_of(start_n, BLOCK_N)
         keys = start_n + offs_n                                                   # (BLOCK_N,)
         k = stream_rows(k_ptrs, k_desc, b, hk, start_n, keys, Tk, offs_d, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N,
-                         USE_TMA)                                                 # (BLOCK_N, BLOCK_D)
+                        USE_TMA)                                                  # (BLOCK_N, BLOCK_D)
         v = stream_rows(v_ptrs, v_desc, b, hk, start_n, keys, Tk, offs_d, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N,
-                         USE_TMA)
+                        USE_TMA)
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale     # (BLOCK_M, BLOCK_N)
+        s, cap_grad = _scores(q, tl.trans(k), qk_scale, cap_scale, SOFTCAP, DOT_PRECISION)   # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            p = tl.where(keys[None, :] <= pos[:, None], p, 0.0)
+            p = tl.where(visible(keys, pos, Tk, left, right), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)              # (BLOCK_M, BLOCK_N)
-        ds = p * (dp - delta[:, None])
+        ds = p * (dp - delta[:, None]) * cap_grad
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)           # (BLOCK_M, BLOCK_D)
     return dq
 
 
-@triton.jit(do_not_specialize=["Tq", "Tk", "Q_BUCKET", "K_BUCKET"])
-def _causal_attention_dq_kernel(Q, K, V, DO, K_DESC, V_DESC, DQ, LSE, DELTA,
-                                stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
-                                stride_vb, stride_vh, stride_vt, stride_vd,
-                                stride_db, stride_dh, stride_dt, stride_dd, stride_gb, stride_gh, stride_gt, stride_gd,
-                                n_heads, group, Tq, Tk, sm_scale, qk_scale, Q_BUCKET, K_BUCKET,
-                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+@triton.jit(do_not_specialize=["Tq", "Tk", "Q_BUCKET", "K_BUCKET", "left", "right"])
+def _attention_dq_kernel(Q, K, V, DO, K_DESC, V_DESC, DQ, LSE, DELTA, CU_Q, CU_K,
+                         stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                         stride_vb, stride_vh, stride_vt, stride_vd,
+                         stride_db, stride_dh, stride_dt, stride_dd, stride_gb, stride_gh, stride_gt, stride_gd,
+                         stride_lb, stride_lh, n_heads, group, Tq, Tk, sm_scale, qk_scale, cap_scale, left, right,
+                         Q_BUCKET, K_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     pid_m, bh = _query_tile(tl.program_id(0), Tq, BLOCK_M)
     b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
+    q_start, Tq = _sequence(CU_Q, b, Tq)
+    k_start, Tk = _sequence(CU_K, b, Tk)
+    if pid_m * BLOCK_M >= Tq:
+        return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                                # (BLOCK_M,)
     offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
-    q = load_rows(tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qt, stride_qd),
-                   rows, Tq, offs_d, True, HEAD_DIM, BLOCK_D)                     # (BLOCK_M, BLOCK_D)
-    do = load_rows(tile_ptrs(DO + b * stride_db + h * stride_dh, rows, offs_d, stride_dt, stride_dd),
-                    rows, Tq, offs_d, True, HEAD_DIM, BLOCK_D)
-    lse = tl.load(LSE + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=float("inf"))   # (BLOCK_M,)
-    delta = tl.load(DELTA + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0)
-    k_base = K + b * stride_kb + (h // group) * stride_kh
-    v_base = V + b * stride_vb + (h // group) * stride_vh
+    q = load_rows(tile_ptrs(Q + b * stride_qb + h * stride_qh + q_start * stride_qt, rows, offs_d, stride_qt,
+                            stride_qd), rows, Tq, offs_d, True, HEAD_DIM, BLOCK_D)   # (BLOCK_M, BLOCK_D)
+    do = load_rows(tile_ptrs(DO + b * stride_db + h * stride_dh + q_start * stride_dt, rows, offs_d, stride_dt,
+                             stride_dd), rows, Tq, offs_d, True, HEAD_DIM, BLOCK_D)
+    lse_offset = b * stride_lb + h * stride_lh + q_start
+    lse = tl.load(LSE + lse_offset + rows, mask=rows < Tq, other=float("inf"))   # (BLOCK_M,)
+    delta = tl.load(DELTA + lse_offset + rows, mask=rows < Tq, other=0.0)
+    k_base = K + b * stride_kb + (h // group) * stride_kh + k_start * stride_kt
+    v_base = V + b * stride_vb + (h // group) * stride_vh + k_start * stride_vt
     pos = rows + (Tk - Tq)
     first = (Tk - Tq) + pid_m * BLOCK_M
-    clean_end = (first + 1) // BLOCK_N * BLOCK_N
-    end = tl.minimum(first + BLOCK_M, Tk)
+    last = (Tk - Tq) + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
+    lo, mid_masked, mid, clean_end, hi = _key_range(first, last, Tk, left, right, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                    K_DESC, V_DESC, b, h // group, pos, 0, clean_end, Tk, qk_scale, offs_n, offs_d,
-                    False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
+                    K_DESC, V_DESC, b, h // group, pos, lo, mid_masked, Tk, qk_scale, cap_scale, left, right,
+                    offs_n, offs_d, True, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
     dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                    K_DESC, V_DESC, b, h // group, pos, clean_end, end, Tk, qk_scale, offs_n, offs_d,
-                    True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
-    store_rows(tile_ptrs(DQ + b * stride_gb + h * stride_gh, rows, offs_d, stride_gt, stride_gd),
-                dq * sm_scale, rows, Tq, offs_d, HEAD_DIM, BLOCK_D)
+                    K_DESC, V_DESC, b, h // group, pos, mid, clean_end, Tk, qk_scale, cap_scale, left, right,
+                    offs_n, offs_d, False, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
+    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                    K_DESC, V_DESC, b, h // group, pos, clean_end, hi, Tk, qk_scale, cap_scale, left, right,
+                    offs_n, offs_d, True, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
+    store_rows(tile_ptrs(DQ + b * stride_gb + h * stride_gh + q_start * stride_gt, rows, offs_d, stride_gt,
+                         stride_gd), dq * sm_scale, rows, Tq, offs_d, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -351,21 +418,82 @@ def _autotune(name: str, kernel) -> Autotune:
         tma = all(isinstance(named[arg], TensorDescriptor) for arg in STREAMED[name])
         return candidates(name, named["Q"], named["BLOCK_D"], named["Q_BUCKET"], tma, gpu)
 
-    return Autotune(kernel, [t for tiles in TILES[name].values() for t in tiles], ["HEAD_DIM", "Q_BUCKET", "K_BUCKET"],
-                    allowed, functools.partial(_set_tile_rows, name))
+    return Autotune(kernel, [t for tiles in TILES[name].values() for t in tiles],
+                    ["HEAD_DIM", "SOFTCAP", "Q_BUCKET", "K_BUCKET"], allowed, functools.partial(_set_tile_rows, name))
 
 
-AUTOTUNE = {"fwd": _autotune("fwd", _causal_attention_fwd_kernel),
-            "dkdv": _autotune("dkdv", _causal_attention_dkdv_kernel),
-            "dq": _autotune("dq", _causal_attention_dq_kernel)}
+AUTOTUNE = {"fwd": _autotune("fwd", _attention_fwd_kernel),
+            "dkdv": _autotune("dkdv", _attention_dkdv_kernel),
+            "dq": _autotune("dq", _attention_dq_kernel)}
 
 
-def _with_descriptors(name: str, args: dict, block_d: int) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Mask:
+    """Which keys a query at key position p sees, p - left .. p + right (UNBOUNDED: no limit on
+    that side), and the softcap of the scores (0: none). The default is plain causal attention."""
+    left: int = UNBOUNDED
+    right: int = 0
+    softcap: float = 0.0
+
+    @classmethod
+    def of(cls, window_size: tuple[int, int], softcap: float) -> "Mask":
+        """From kernels.attention's validated window_size (its right side 0 when causal) and softcap."""
+        left, right = window_size
+        return cls(UNBOUNDED if left < 0 else left, UNBOUNDED if right < 0 else right, softcap)
+
+
+CAUSAL = Mask()
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """Packed sequences (kernels.varlen_attention): q (total_q, Hq, D), k, v (total_k, Hkv, D), the
+    int32 offsets of each sequence and the longest lengths, which size the grids."""
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def _layout(name: str, t: torch.Tensor, packed: Packed | None) -> dict[str, int]:
+    """stride_<name>b/h/t/d of a (B, H, T, D) tensor, or of a packed (total, H, D) one (b: 0, as the
+    kernels offset each sequence by its first row)."""
+    if packed is None:
+        return strides(name, t)
+    return {f"stride_{name}b": 0, f"stride_{name}h": t.stride(1), f"stride_{name}t": t.stride(0),
+            f"stride_{name}d": t.stride(2)}
+
+
+def _common(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, mask: Mask,
+            packed: Packed | None) -> tuple[dict, int, int, int, int, int]:
+    """The arguments every training kernel shares, and (B, Hq, Hkv, Tq, Tk): for packed sequences B
+    is their count and Tq, Tk the longest lengths. lse is (B, Hq, Tq) or packed (Hq, total_q)."""
+    if packed is None:
+        (B, Hq, Tq, _), (Hkv, Tk) = q.shape, k.shape[1:3]
+        cu, lse_strides = dict(CU_Q=None, CU_K=None), dict(stride_lb=lse.stride(0), stride_lh=lse.stride(1))
+    else:
+        B, Hq, Hkv = packed.cu_seqlens_q.numel() - 1, q.shape[1], k.shape[1]
+        Tq, Tk = packed.max_seqlen_q, packed.max_seqlen_k
+        cu, lse_strides = dict(CU_Q=packed.cu_seqlens_q, CU_K=packed.cu_seqlens_k), dict(stride_lb=0,
+                                                                                        stride_lh=lse.stride(0))
+    # With a softcap c the kernels scale the dot by scale / c, take tanh and scale by c * log2(e).
+    qk_scale = scale / mask.softcap if mask.softcap else scale * LOG2E
+    args = dict(**cu, **lse_strides, group=Hq // Hkv, Tq=Tq, Tk=Tk, qk_scale=qk_scale, cap_scale=mask.softcap * LOG2E,
+                left=mask.left, right=mask.right, Q_BUCKET=triton.next_power_of_2(Tq),
+                K_BUCKET=triton.next_power_of_2(Tk))
+    return args, B, Hq, Hkv, Tq, Tk
+
+
+def _with_descriptors(name: str, args: dict, block_d: int, packed: Packed | None) -> dict:
     """args plus kernel `name`'s descriptor arguments: each streamed tensor's TMA descriptor or,
-    where TMA cannot address one of them, the tensors themselves (the kernel then uses pointers)."""
-    descriptors = {arg: _descriptor(args[arg.removesuffix("_DESC")], block_d) for arg in STREAMED[name]}
+    where TMA cannot address one of them (or the sequences are packed), the tensors themselves
+    (the kernel then uses pointers)."""
+    tensors = {arg: args[arg.removesuffix("_DESC")] for arg in STREAMED[name]}
+    if packed is not None:
+        return {**args, **tensors}
+    descriptors = {arg: _descriptor(t, block_d) for arg, t in tensors.items()}
     tma = all(d is not None for d in descriptors.values())
-    return {**args, **{arg: d if tma else args[arg.removesuffix("_DESC")] for arg, d in descriptors.items()}}
+    return {**args, **(descriptors if tma else tensors)}
 
 
 def _query_grid(Tq: int, bh: int) -> Callable[[dict], tuple[int]]:
@@ -373,55 +501,57 @@ def _query_grid(Tq: int, bh: int) -> Callable[[dict], tuple[int]]:
 
 
 def plan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, o: torch.Tensor,
-                 lse: torch.Tensor, gpu: Gpu) -> list[Launch]:
-    """The launches of forward (below): split-key decoding for Tq <= DECODE_MAX_TQ, else one."""
-    B, Hq, Tq, _ = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    if Tq <= decode.DECODE_MAX_TQ:
+                 lse: torch.Tensor, gpu: Gpu, mask: Mask = CAUSAL, packed: Packed | None = None) -> list[Launch]:
+    """The launches of forward (below): split-key decoding for plain causal attention of a padded
+    batch with Tq <= DECODE_MAX_TQ queries, each of which sees a key (Tq <= Tk), else one."""
+    if packed is None and mask == CAUSAL and q.shape[2] <= min(decode.DECODE_MAX_TQ, k.shape[2]):
         return decode.plan_forward(q, k, v, scale, o, lse, gpu)
-    consts, q_bucket = constants(q), triton.next_power_of_2(Tq)
-    args = dict(Q=q, K=k, V=v, O=o, LSE=lse, **strides("q", q), **strides("k", k), **strides("v", v),
-                **strides("o", o), n_heads=Hq, group=Hq // Hkv, Tq=Tq, Tk=Tk, qk_scale=scale * LOG2E,
-                Q_BUCKET=q_bucket, K_BUCKET=triton.next_power_of_2(Tk))
-    return [AUTOTUNE["fwd"].launch(_query_grid(Tq, B * Hq), _with_descriptors("fwd", args, consts["BLOCK_D"]),
+    consts = dict(constants(q), SOFTCAP=bool(mask.softcap))
+    common, B, Hq, _, Tq, _ = _common(q, k, lse, scale, mask, packed)
+    args = dict(Q=q, K=k, V=v, O=o, LSE=lse, **_layout("q", q, packed), **_layout("k", k, packed),
+                **_layout("v", v, packed), **_layout("o", o, packed), **common, n_heads=Hq)
+    return [AUTOTUNE["fwd"].launch(_query_grid(Tq, B * Hq), _with_descriptors("fwd", args, consts["BLOCK_D"], packed),
                                    consts, gpu)]
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-            o: torch.Tensor, lse: torch.Tensor) -> None:
-    """Write o (B, Hq, Tq, D), any strides, and lse (B, Hq, Tq) contiguous fp32 (base-2 logsumexp
-    of the scaled scores), from validated q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D)."""
-    run(plan_forward(q, k, v, scale, o, lse, gpu_of(q.device)))
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, o: torch.Tensor, lse: torch.Tensor,
+            mask: Mask = CAUSAL, packed: Packed | None = None) -> None:
+    """Write o (like q, any strides) and lse (B, Hq, Tq), or packed (Hq, total_q), contiguous fp32
+    (base-2 logsumexp of the scaled scores, +inf for a query that sees no key) from validated q
+    (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D), or packed q (total_q, Hq, D), k, v (total_k, Hkv, D)."""
+    run(plan_forward(q, k, v, scale, o, lse, gpu_of(q.device), mask, packed))
 
 
 def plan_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-                  delta: torch.Tensor, gpu: Gpu) -> list[Launch]:
-    """The launches of backward (below); delta (B, Hq, Tq) fp32 contiguous is their scratch."""
+                  delta: torch.Tensor, gpu: Gpu, mask: Mask = CAUSAL, packed: Packed | None = None) -> list[Launch]:
+    """The launches of backward (below); delta (like lse, fp32 contiguous) is their scratch."""
     assert dk.stride() == dv.stride(), "dk and dv must share strides"
-    B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    consts = constants(q)
-    inputs = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, **strides("q", q), **strides("k", k),
-                  **strides("v", v), **strides("d", do), group=Hq // Hkv, Tq=Tq, Tk=Tk, sm_scale=scale,
-                  qk_scale=scale * LOG2E, Q_BUCKET=triton.next_power_of_2(Tq), K_BUCKET=triton.next_power_of_2(Tk))
-    dkdv_args = _with_descriptors("dkdv", dict(inputs, DK=dk, DV=dv, **strides("g", dk), n_kv_heads=Hkv),
-                                  consts["BLOCK_D"])
-    dq_args = _with_descriptors("dq", dict(inputs, DQ=dq, **strides("g", dq), n_heads=Hq), consts["BLOCK_D"])
-    delta_args = dict(O=o, DO=do, DELTA=delta, **strides("o", o), **strides("d", do), n_heads=Hq, Tq=Tq)
+    consts = dict(constants(q), SOFTCAP=bool(mask.softcap))
+    common, B, Hq, Hkv, Tq, Tk = _common(q, k, lse, scale, mask, packed)
+    inputs = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, **_layout("q", q, packed), **_layout("k", k, packed),
+                  **_layout("v", v, packed), **_layout("d", do, packed), **common, sm_scale=scale)
+    dkdv_args = _with_descriptors("dkdv", dict(inputs, DK=dk, DV=dv, **_layout("g", dk, packed), n_kv_heads=Hkv),
+                                  consts["BLOCK_D"], packed)
+    dq_args = _with_descriptors("dq", dict(inputs, DQ=dq, **_layout("g", dq, packed), n_heads=Hq), consts["BLOCK_D"],
+                                packed)
+    delta_args = dict(O=o, DO=do, DELTA=delta, CU_Q=common["CU_Q"], **_layout("o", o, packed),
+                      **_layout("d", do, packed), stride_lb=common["stride_lb"], stride_lh=common["stride_lh"],
+                      n_heads=Hq, Tq=Tq)
     return [
-        Launch.fixed(_causal_attention_delta_kernel, (triton.cdiv(Tq, DELTA_BLOCK_M) * B * Hq,), delta_args, 4,
-                     HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=DELTA_BLOCK_M),
+        Launch.fixed(_attention_delta_kernel, (triton.cdiv(Tq, DELTA_BLOCK_M) * B * Hq,), delta_args, 4,
+                     HEAD_DIM=consts["HEAD_DIM"], BLOCK_D=consts["BLOCK_D"], BLOCK_M=DELTA_BLOCK_M),
         AUTOTUNE["dkdv"].launch(lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]) * B * Hkv,), dkdv_args, consts, gpu),
         AUTOTUNE["dq"].launch(_query_grid(Tq, B * Hq), dq_args, consts, gpu),
     ]
 
 
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-             lse: torch.Tensor, scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+             lse: torch.Tensor, scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+             mask: Mask = CAUSAL, packed: Packed | None = None) -> None:
     """Write dq (like q) and dk, dv (like k; both with the same strides) from the forward's o, lse."""
-    delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    run(plan_backward(do, q, k, v, o, lse, scale, dq, dk, dv, delta, gpu_of(q.device)))
+    delta = torch.empty_like(lse)
+    run(plan_backward(do, q, k, v, o, lse, scale, dq, dk, dv, delta, gpu_of(q.device), mask, packed))
 
 
 # ----------------------------------------------------------------------------- torch custom ops
@@ -430,65 +560,66 @@ def _new_grads(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape)
 
 
-@torch.library.custom_op("tritongpt::causal_attention", mutates_args=())
-def _causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("tritongpt::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, left: int, right: int,
+                  softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     o, lse = new_outputs(q)
-    forward(q, k, v, scale, o, lse)
+    forward(q, k, v, scale, o, lse, Mask(left, right, softcap))
     return o, lse
 
 
-@_causal_attention_op.register_fake
-def _(q, k, v, scale):
+@_attention_op.register_fake
+def _(q, k, v, scale, left, right, softcap):
     return new_outputs(q)
 
 
-@torch.library.custom_op("tritongpt::causal_attention_backward", mutates_args=())
-def _causal_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                  o: torch.Tensor, lse: torch.Tensor,
-                                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("tritongpt::attention_backward", mutates_args=())
+def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                           lse: torch.Tensor, scale: float, left: int, right: int,
+                           softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = _new_grads(q, k)
-    backward(do, q, k, v, o, lse, scale, dq, dk, dv)
+    backward(do, q, k, v, o, lse, scale, dq, dk, dv, Mask(left, right, softcap))
     return dq, dk, dv
 
 
-@_causal_attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, scale):
+@_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, scale, left, right, softcap):
     return _new_grads(q, k)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, scale = inputs
+    q, k, v, *ctx.options = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.scale = scale
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _causal_attention_backward_op(do, q, k, v, o, lse, ctx.scale)
-    return dq, dk, dv, None
+    dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, *ctx.options)
+    return dq, dk, dv, None, None, None, None
 
 
-_causal_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public entry
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                     key_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """The triton backend of kernels.causal_attention (inputs validated there); see the module doc.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
+              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, *,
+              key_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The triton backend of kernels.attention (inputs validated there); see the module doc.
 
-    With key_lengths, Tq <= DECODE_MAX_TQ without gradients runs the split-key decode kernels
-    (the serving engine's decode steps); more queries, or a call that needs gradients, runs the
-    torch reference: the training kernels take no per-row lengths, and a prefill of one row runs
-    without them on the cache sliced to its length.
+    With key_lengths, plain causal attention of Tq <= DECODE_MAX_TQ queries without gradients
+    runs the split-key decode kernels (the serving engine's decode steps); any other call with
+    key_lengths runs the torch reference: the training kernels take no per-row lengths, and a
+    prefill of one row runs without them on the cache sliced to its length.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    mask = Mask.of(window_size, softcap)
     if key_lengths is None:
-        return _causal_attention_op(q, k, v, scale)[0]
+        return _attention_op(q, k, v, scale, mask.left, mask.right, mask.softcap)[0]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if q.shape[2] > decode.DECODE_MAX_TQ or needs_grad:
-        return reference.causal_attention(q, k, v, scale, key_lengths=key_lengths)
+    if mask != CAUSAL or q.shape[2] > decode.DECODE_MAX_TQ or needs_grad:
+        return reference.attention(q, k, v, causal, scale, window_size, softcap, key_lengths=key_lengths)
     return decode.attend(q, k, v, scale, key_lengths)

@@ -1,4 +1,4 @@
-"""The @triton.jit tile helpers both attention modules share (triton_causal_attention.py for
+"""The @triton.jit tile helpers both attention modules share (triton_attention.py for
 training, triton_attention_decode.py for decoding), and the constexprs they derive from q.
 
 A tile is BLOCK rows of one (B, H, T, D) tensor at one (batch, head), addressed through the
@@ -7,7 +7,9 @@ that are not powers of two load onto a power-of-two BLOCK_D with masked columns.
 the forward's inner loop, an online softmax over a range of key tiles: the query tile stays in
 registers while BLOCK_N-key tiles of K and V stream past (each read once per call), with the
 running row max m, denominator l and unnormalised output in fp32, rescaled by exp2(m_old - m_new)
-when the max grows (scores are in base-2 units: the softmax scale times log2(e)).
+when the max grows (scores are in base-2 units: the softmax scale times log2(e)). Its masked
+tiles keep the keys < Tk inside each row's window (visible); with SOFTCAP the scores are capped
+first. UNBOUNDED is the window side that stands for "no limit" (-1 in kernels.attention).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = 1.4426950408889634
+UNBOUNDED: tl.constexpr = 1 << 30     # a window side without limit: past any position, and int32-safe when added to one
 
 
 def constants(q: torch.Tensor) -> dict:
@@ -82,29 +85,52 @@ def store_rows(ptrs, tile, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D
 
 
 @triton.jit
+def tanh(x):
+    """tanh in fp32 to a few ulp without libdevice (the interpreter has none): an odd Taylor series
+    below |x| = 1/4, where 1 - exp(-2|x|) would cancel away the small result's digits, and
+    (1 - e) / (1 + e), e = exp(-2|x|), above it."""
+    a = tl.abs(x)
+    e = tl.math.exp2(-2.0 * LOG2E * a)
+    large = (1.0 - e) / (1.0 + e)
+    x2 = a * a
+    small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0
+                                                                                    - x2 * (1382.0 / 155925.0))))))
+    t = tl.where(a < 0.25, small, large)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def visible(keys, pos, Tk, left, right):
+    """(rows, keys) mask of the keys < Tk that query positions pos see: pos - left <= key <= pos + right."""
+    return (keys[None, :] < Tk) & (keys[None, :] <= pos[:, None] + right) & (keys[None, :] >= pos[:, None] - left)
+
+
+@triton.jit
 def fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                k_desc, v_desc, b, hk, pos, lo, hi, Tk, qk_scale, offs_n, offs_d,
-                MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+               k_desc, v_desc, b, hk, pos, lo, hi, Tk, qk_scale, cap_scale, left, right, offs_n, offs_d,
+               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     k_ptrs = tile_ptrs(k_base, lo + offs_n, offs_d, stride_kt, stride_kd)       # (BLOCK_N, BLOCK_D)
     v_ptrs = tile_ptrs(v_base, lo + offs_n, offs_d, stride_vt, stride_vd)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         keys = start_n + offs_n                                                   # (BLOCK_N,)
         k = stream_rows(k_ptrs, k_desc, b, hk, start_n, keys, Tk, offs_d, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N,
-                         USE_TMA)                                                 # (BLOCK_N, BLOCK_D)
+                        USE_TMA)                                                  # (BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale     # (BLOCK_M, BLOCK_N)
+        if SOFTCAP:  # cap * tanh(s) (see the callers' scales)
+            s = tanh(s) * cap_scale
         if MASKED:
-            s = tl.where(keys[None, :] <= pos[:, None], s, float("-inf"))
+            s = tl.where(visible(keys, pos, Tk, left, right), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))                                     # (BLOCK_M,)
-        # A row that has seen no key yet (a decode split after its position) keeps m = -inf;
-        # subtracting 0 instead keeps its p and alpha at 0, not NaN.
+        # A row that has seen no key yet (a decode split after its position, a window not yet
+        # reached) keeps m = -inf; subtracting 0 instead keeps its p and alpha at 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = stream_rows(v_ptrs, v_desc, b, hk, start_n, keys, Tk, offs_d, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N,
-                         USE_TMA)                                                 # (BLOCK_N, BLOCK_D)
+                        USE_TMA)                                                  # (BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kt

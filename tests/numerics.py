@@ -25,13 +25,16 @@ def max_err(out: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def assert_matches(name: str, out: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor,
-                   atol: float | None = None) -> None:
-    """out: kernel result; ref: torch reference in the same dtype; exact: float64 result."""
+                   atol: float | None = None, factor: float = 2.0) -> None:
+    """out: kernel result; ref: torch reference in the same dtype; exact: float64 result. factor
+    (2 by the method) is larger only where a kernel computes a function torch rounds correctly to
+    a few ulp, and its caller says why."""
     assert out.shape == exact.shape, f"{name}: shape {tuple(out.shape)} != expected {tuple(exact.shape)}"
     assert not torch.isnan(out).any(), f"{name}: NaN in the result"
     atol = ATOL[out.dtype] if atol is None else atol
     err, ref_err = max_err(out, exact), max_err(ref, exact)
-    assert err <= 2 * ref_err + atol, f"{name}: error {err:.3e} > 2 * reference error {ref_err:.3e} + {atol:.0e}"
+    assert err <= factor * ref_err + atol, \
+        f"{name}: error {err:.3e} > {factor:g} * reference error {ref_err:.3e} + {atol:.0e}"
     if out.dtype == torch.float32 and exact.numel():
         scale = exact.double().abs().max().item()
         assert err <= FP32_RTOL * scale + atol, f"{name}: fp32 error {err:.3e} > {FP32_RTOL:.0e} * {scale:.3e}"

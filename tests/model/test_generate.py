@@ -99,10 +99,9 @@ def test_bad_arguments(tiny, kwargs, message):
         generate(tiny, torch.zeros(1, 2, dtype=torch.int32), 3)
 
 
-@pytest.mark.skipif(not kernels.triton_available("causal_attention"), reason="no Triton attention yet")
 def test_triton_attention_cache_equals_no_cache(tiny):
     idx = torch.randint(0, V, (2, 6))
-    with kernels.use(causal_attention="triton"):
+    with kernels.use(attention="triton"):
         cached = generate(tiny, idx, 6, temperature=0)
         uncached = generate(tiny, idx, 6, temperature=0, use_cache=False)
     with kernels.use("torch"):

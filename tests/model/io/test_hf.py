@@ -56,6 +56,14 @@ def test_config_fields():
     assert c.eos_token_id is None and hf.llama_config(cfg, eos_token_id=7).eos_token_id == 7
 
 
+@pytest.mark.parametrize("field, value", [("attn_window", 16), ("attn_softcap", 30.0)])
+def test_llama_refuses_what_it_does_not_have(field, value):
+    """transformers' Llama has no sliding window or softcap: a model trained with one would export
+    to different logits, so the export refuses and names the field."""
+    with pytest.raises(ValueError, match=f"this model has {field}={value}, which transformers' Llama does not have"):
+        hf.llama_config(tiny(**{field: value}))
+
+
 def test_state_dict_names_shapes_and_tying():
     ours, theirs = pair(tiny())
     mapped = hf.llama_state_dict(ours)
