@@ -20,14 +20,14 @@ spec with parse_spec's message. The switch lives in ``kernels/backends.py``, the
 Range checks read tensor values, a host sync per call: ``kernels.check_targets = False`` (or
 TRITONGPT_CHECK_TARGETS=0 at import) skips the target-id range check of the losses, and
 ``kernels.check_key_lengths = False`` (or TRITONGPT_CHECK_KEY_LENGTHS=0) the key-length range
-check of causal_attention, once the data is trusted. Both skip themselves under torch.compile.
+check of the attention ops and the cu_seqlens check of varlen_attention, once the data is trusted. Both skip themselves under torch.compile.
 
 NaN in, NaN out: on both backends alike, a NaN in an input makes NaN every output (and gradient)
 that depends on it, so a diverged run is never hidden. Two rules say what "depends" means, the
 same on both backends: cross-entropy rows whose target is ignore_index are never read (their NaN
-leaves the loss and their logits' gradient at exactly 0), and in causal_attention a NaN at a key
-a query does not attend is not promised to reach it, except past a row's key_lengths, which is
-never read (see causal_attention).
+leaves the loss and their logits' gradient at exactly 0), and in the attention ops a NaN at a
+key a query does not attend is not promised to reach it, except past a row's key_lengths or its
+sequence's end, which are never read (see causal_attention).
 
 Adding an op touches exactly four places:
 
@@ -60,10 +60,14 @@ Layout of a Triton op (every ``kernels/triton_<op>.py`` follows it, in this orde
    dispatches to for the triton backend.
 
 triton_linear_cross_entropy.py has no kernels of its own: its launchers run the chunked matmuls
-around the launchers of triton_cross_entropy.py. Causal attention spans three modules:
-triton_causal_attention.py (the op: training forward and backward), triton_attention_decode.py
-(split-key decoding and per-row key lengths, which it routes to) and triton_attention_tiles.py
-(the @triton.jit helpers both share).
+around the launchers of triton_cross_entropy.py. Attention spans five modules:
+triton_attention.py (kernels.attention: the training forward and backward, with every mask,
+softcap and packed sequences), triton_varlen_attention.py (kernels.varlen_attention: its custom
+op over those kernels), triton_causal_attention.py (kernels.causal_attention: the causal
+defaults), triton_attention_decode.py (split-key decoding and per-row key lengths, which plain
+causal calls with few queries go to) and triton_attention_tiles.py (the @triton.jit helpers all
+share). The model calls kernels.attention (kernels.varlen_attention for packed documents), so
+``--kernels attention=torch`` is the switch that changes its attention.
 
 Shared launcher helpers live in ``kernels/launching.py``: ``interpreting()`` (the one test for
 the Triton interpreter), ``Gpu``/``gpu_of``, ``Launch``/``run``, ``Tile``/``Autotune`` (named
@@ -80,9 +84,9 @@ import torch
 from kernels import backends, checks, quantization
 from kernels.backends import OPS, active, implementation, parse_spec, spec_type, triton_available, use
 
-__all__ = ["OPS", "active", "causal_attention", "check_key_lengths", "check_targets", "cross_entropy",
-           "implementation", "linear_cross_entropy", "parse_spec", "quantized_linear", "rms_norm", "spec_type",
-           "swiglu", "triton_available", "use"]
+__all__ = ["OPS", "active", "attention", "causal_attention", "check_key_lengths", "check_targets", "cross_entropy",
+           "implementation", "linear_cross_entropy", "parse_spec", "quantized_linear", "rms_norm", "rotary",
+           "spec_type", "swiglu", "triton_available", "use", "varlen_attention"]
 
 # Switches of the range checks (see above); the ops read them on every call.
 check_targets: bool = os.environ.get("TRITONGPT_CHECK_TARGETS", "1") != "0"
@@ -127,13 +131,69 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @backends.op
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding (RoPE, GPT-NeoX / LLaMA half rotation) of q and k in one call:
+    returns (q * cos + roll(q, D/2) * sin, k * cos + roll(k, D/2) * sin), computed in fp32, as new
+    contiguous tensors in q's dtype.
+
+    q (B, T, Hq, D) and k (B, T, Hkv, D), any strides (e.g. views of a fused qkv projection), one
+    dtype, D even. cos and sin are full-width tables of one float dtype (fp32 keeps the angles
+    exact), each of shape (T, 1, D), shared by the batch rows, or (B, T, 1, D), a row of positions
+    per sequence: model/gpt.py's rope_tables sliced (table[:T]) or indexed by (B, T) positions. Its
+    convention: cos holds cos(angle) over both halves of a head vector and sin holds -sin(angle)
+    over the first half and +sin(angle) over the second, so that each head vector's halves
+    (x1, x2) become (x1 cos - x2 sin, x2 cos + x1 sin). The tables are constants: they must not
+    require grad (no backend gives them a gradient). The gradient of an input is the transposed
+    map dy * cos + roll(dy * sin, D/2) (for such tables the inverse rotation).
+    NaN: a NaN at column j of a head vector reaches output columns j and (j + D/2) % D of that
+    head; one in a table's row t reaches those columns of every head of token t.
+    """
+    # The common case costs plain comparisons only: a decoding step calls this once per layer.
+    checks.float_tensor("q", q)
+    checks.float_tensor("k", k)
+    if q.dim() != 4 or k.dim() != 4:
+        name, t = ("q", q) if q.dim() != 4 else ("k", k)
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected 4 dims (batch, time, heads, head_dim): "
+                         f"rotate the (B, T, H, D) views of the projection, before any transpose")
+    (B, T, _, D), (Bk, Tk, _, Dk) = q.shape, k.shape
+    if Bk != B or Tk != T or Dk != D:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, time and head_dim "
+                         f"(only the head counts may differ)")
+    if D % 2 or D == 0:
+        raise ValueError(f"head_dim is {D}; rotary rotates the two halves of each head vector, so it must be "
+                         f"even and > 0")
+    if k.dtype != q.dtype:
+        checks.same("dtype", q=q, k=k)
+    checks.float_tensor("cos", cos)
+    checks.float_tensor("sin", sin)
+    if cos.shape != sin.shape or (cos.shape != (T, 1, D) and cos.shape != (B, T, 1, D)):
+        for name, table in (("cos", cos), ("sin", sin)):
+            if table.shape != (T, 1, D) and table.shape != (B, T, 1, D):
+                raise ValueError(f"{name} has shape {tuple(table.shape)}; expected ({T}, 1, {D}) or, per row, "
+                                 f"({B}, {T}, 1, {D}) for q {tuple(q.shape)}: the table's rows at the T "
+                                 f"positions (table[:T], or table[positions] for (B, T) positions)")
+        raise ValueError(f"cos has shape {tuple(cos.shape)} but sin has {tuple(sin.shape)}; index both tables "
+                         f"at the same positions")
+    if cos.requires_grad or sin.requires_grad:
+        name = "cos" if cos.requires_grad else "sin"
+        raise ValueError(f"{name} requires grad; rotary's tables are constants that get no gradient: "
+                         f"pass {name}.detach()")
+    if sin.dtype != cos.dtype:
+        checks.same("dtype", cos=cos, sin=sin)
+    if not q.device == k.device == cos.device == sin.device:
+        checks.same("device", q=q, k=k, cos=cos, sin=sin)
+    return backends.dispatch("rotary", q.device)(q, k, cos, sin)
+
+
+@backends.op
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
                      key_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal softmax attention. q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D) -> (B, Hq, Tq, D).
+    """Causal softmax attention, attention(q, k, v, scale=scale) with Tq <= Tk (see there) and
+    per-row key lengths. q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D) -> (B, Hq, Tq, D).
 
-    Hq % Hkv == 0 (grouped-query attention). Query i sits at absolute position Tk - Tq + i and
-    attends keys 0 .. Tk - Tq + i, so Tq == Tk is plain causal attention and Tq == 1 is one
-    decoding step against a KV cache. scale defaults to D ** -0.5.
+    Query i sits at absolute position Tk - Tq + i and attends keys 0 .. Tk - Tq + i, so Tq == Tk
+    is plain causal attention and Tq == 1 is one decoding step against a KV cache.
 
     key_lengths (FlashAttention's cache_seqlens), an int32 or int64 tensor (B,) on q's device:
     row b uses only its first key_lengths[b] keys of k, v, so Tk is the cache's capacity, and its
@@ -148,29 +208,85 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     on the backend's tiling (a masked probability is exactly 0, and 0 * NaN in the P @ V product
     is NaN; SDPA's additive mask keeps a masked NaN score): neither backend promises either way.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        checks.float_tensor(name, t)
-        if t.dim() != 4:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected 4 dims (batch, heads, time, head_dim)")
-    checks.same("dtype", q=q, k=k, v=v)
-    checks.same("device", q=q, k=k, v=v)
-    (B, Hq, Tq, D), (Bk, Hkv, Tk, Dk) = q.shape, k.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k has shape {tuple(k.shape)} but v has {tuple(v.shape)}; they must match")
-    if Bk != B or Dk != D:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch size and head dim")
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention")
-    if Tq > Tk:
-        raise ValueError(f"more queries ({Tq}) than keys ({Tk}); queries must be the last Tq of the Tk positions")
-    if Tq == 0:
-        raise ValueError("q has no queries (Tq == 0)")
+    checks.attention_tensors(q, k, v, 4, "(batch, heads, time, head_dim)")
+    _batch_attention_shapes(q, k)
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"more queries ({q.shape[2]}) than keys ({k.shape[2]}); queries must be the last Tq of "
+                         f"the Tk positions (kernels.attention takes Tq > Tk: the first queries then see no key)")
+    scale = checks.attention_options(True, scale, (-1, -1), 0.0)[1]
     if key_lengths is None:
         return backends.dispatch("causal_attention", q.device)(q, k, v, scale)
+    _check_key_lengths(key_lengths, q, k)
+    return backends.dispatch("causal_attention", q.device)(q, k, v, scale, key_lengths=key_lengths)
+
+
+@backends.op
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: float | None = None,
+              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+              key_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention with FlashAttention's options. q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D)
+    -> (B, Hq, Tq, D); Hq % Hkv == 0 (grouped-query attention); scale defaults to D ** -0.5.
+
+    Query i sits at key position p = Tk - Tq + i (the causal mask aligned bottom-right, also when
+    Tq > Tk). It sees key j when: j <= p if causal; p - left <= j (left = window_size[0] >= 0) and
+    j <= p + right (right = window_size[1] >= 0; -1 leaves a side unbounded; with causal, right is
+    0). softcap > 0 replaces each scaled score s by softcap * tanh(s / softcap) before the softmax
+    (Gemma 2). A query that sees no key returns 0 (and passes no gradient).
+
+    key_lengths: as in causal_attention (row b has key_lengths[b] keys and its queries are their
+    last Tq positions). NaN: as in causal_attention, for the keys each query sees.
+    """
+    checks.attention_tensors(q, k, v, 4, "(batch, heads, time, head_dim)")
+    _batch_attention_shapes(q, k)
+    causal, scale, window_size, softcap = checks.attention_options(causal, scale, window_size, softcap)
+    if key_lengths is not None:
+        _check_key_lengths(key_lengths, q, k)
+    return backends.dispatch("attention", q.device)(q, k, v, causal, scale, window_size, softcap,
+                                                    key_lengths=key_lengths)
+
+
+@backends.op
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = True,
+                     scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                     softcap: float = 0.0) -> torch.Tensor:
+    """attention() over packed sequences (FlashAttention's flash_attn_varlen_func).
+
+    q (total_q, Hq, D); k, v (total_k, Hkv, D) -> (total_q, Hq, D). cu_seqlens_q and cu_seqlens_k,
+    int32 (n_seq + 1,) on q's device, are the cumulative offsets of each sequence in the packed
+    token axis (0, len_0, len_0 + len_1, ..., total); sequence s attends only within itself, with
+    attention()'s rules (its query i at key position Tk_s - Tq_s + i). max_seqlen_q and
+    max_seqlen_k bound the sequences' lengths (they size the launch). The offsets are checked at a
+    host sync once per pair of tensors while check_key_lengths is on.
+    """
+    checks.attention_tensors(q, k, v, 3, "(total_tokens, heads, head_dim)")
+    checks.cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+    checks.cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel() - 1} sequences but cu_seqlens_k "
+                         f"{cu_seqlens_k.numel() - 1}; pass the offsets of the same sequences")
+    max_seqlen_q = checks.max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = checks.max_seqlen("max_seqlen_k", max_seqlen_k)
+    if check_key_lengths:
+        checks.cu_seqlens_range(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    causal, scale, window_size, softcap = checks.attention_options(causal, scale, window_size, softcap)
+    return backends.dispatch("varlen_attention", q.device)(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                           max_seqlen_k, causal, scale, window_size, softcap)
+
+
+def _batch_attention_shapes(q: torch.Tensor, k: torch.Tensor) -> None:
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share the batch size")
+    if q.shape[2] == 0:
+        raise ValueError("q has no queries (Tq == 0)")
+    if k.shape[2] == 0:
+        raise ValueError("k has no keys (Tk == 0)")
+
+
+def _check_key_lengths(key_lengths: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
     checks.key_lengths(key_lengths, q)
     if check_key_lengths:
-        checks.key_length_range(key_lengths, Tq, Tk)
-    return backends.dispatch("causal_attention", q.device)(q, k, v, scale, key_lengths=key_lengths)
+        checks.key_length_range(key_lengths, q.shape[2], k.shape[2])
 
 
 @backends.op

@@ -146,7 +146,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
               window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, *,
               key_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    if causal and window_size == (-1, -1) and not softcap:
+    if causal and window_size[0] < 0 and not softcap and q.shape[2] <= k.shape[2]:   # (with causal, right is 0)
         return causal_attention(q, k, v, scale, key_lengths=key_lengths)
     B, Tq = q.shape[0], q.shape[2]
     k_lengths = key_lengths if key_lengths is not None else torch.full((B,), k.shape[2], device=q.device)

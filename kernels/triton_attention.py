@@ -1,39 +1,50 @@
-"""Causal attention in Triton for training, FlashAttention-2 style: forward, backward, GQA, offsets.
+"""Attention in Triton for training, FlashAttention-2 style: forward, backward, GQA, every mask.
 
-q (B, Hq, Tq, D) attends k, v (B, Hkv, Tk, D); query head h reads KV head h // (Hq / Hkv), and
-query i sits at absolute position Tk - Tq + i, so it sees keys 0 .. Tk - Tq + i.
+q (B, Hq, Tq, D) attends k, v (B, Hkv, Tk, D); query head h reads KV head h // (Hq / Hkv). Query i
+sits at key position p = Tk - Tq + i and sees the keys j with p - left <= j <= p + right (a Mask:
+causal is right = 0 with left unbounded; a sliding window bounds left; non-causal leaves both
+unbounded, UNBOUNDED standing for -1 in kernels.attention), and with a softcap c each scaled score
+s becomes c * tanh(s / c). Packed sequences (kernels.varlen_attention, triton_varlen_attention.py)
+run the same kernels: each program reads its sequence's first row and length from cu_seqlens and
+is then a program of a padded batch (Packed).
 
 Forward, one program per BLOCK_M query rows of one head: the query tile stays in registers while
 BLOCK_N-key tiles of K and V stream past, under an online softmax in fp32 (running row max m,
 denominator l and unnormalised output, rescaled by exp2(m_old - m_new) when the max grows). The
-softmax scale and log2(e) are folded into one multiplier, so every exponential is an exp2. Key
-tiles wholly after the last query position are never loaded, tiles wholly at or before the first
-query position run unmasked, and only the tiles crossing the diagonal apply a mask. Each row
-saves its logsumexp (base 2, scaled units) for the backward; nothing O(T^2) is ever stored.
+softmax scale and log2(e) are folded into one multiplier, so every exponential is an exp2 (with a
+softcap: scale / c before the tanh, c * log2(e) after). The key tiles a query tile visits are
+those its rows' windows reach, in three runs (_key_range): a masked run where the window's left
+edge crosses the tiles, the tiles every row sees whole (no mask at all), and a masked run where
+the diagonal (or the right edge, or Tk) crosses them; tiles outside every row's window are never
+loaded, so a window of W keys costs O(T W), not O(T^2). Each row saves its logsumexp (base 2,
+scaled units); a row that sees no key writes 0 and an lse of +inf. Nothing O(T^2) is stored.
 
 Backward, recomputing P = exp2(S - lse): (1) delta = rowsum(O * dO) in fp32, so that
-dS = P * (dP - delta); (2) one program per key tile of one KV head keeps K, V and fp32 dK, dV
-resident and streams the query tiles that see those keys, for every query head of its GQA group,
-so the group sum needs no atomics: dV += P^T dO, dK += dS^T Q; (3) one program per query tile
-streams key tiles with the forward's skipping: dQ += dS K.
+dS = P * (dP - delta) (times 1 - tanh^2 under a softcap); (2) one program per key tile of one KV
+head keeps K, V and fp32 dK, dV resident and streams the query tiles that see those keys (the
+forward's three runs with queries and keys swapped), for every query head of its GQA group, so
+the group sum needs no atomics: dV += P^T dO, dK += dS^T Q; (3) one program per query tile
+streams key tiles with the forward's runs: dQ += dS K.
 
-Few queries (Tq <= DECODE_MAX_TQ: decode steps, speculative verification) and calls with per-row
-key lengths go to the split-key kernels of triton_attention_decode.py; the tile helpers and the
-forward's inner loop (fwd_blocks) that both use live in triton_attention_tiles.py.
+Few queries (Tq <= DECODE_MAX_TQ, each seeing a key: decode steps, speculative verification)
+under the plain causal mask, and calls with per-row key lengths, go to the split-key kernels of
+triton_attention_decode.py; the tile helpers and the forward's inner loop (fwd_blocks) that both
+use live in triton_attention_tiles.py.
 
-Memory traffic (Tq = Tk = T, per query head): the forward reads Q and writes O once and reads K
-and V about T / (2 BLOCK_M) times; the backward reads Q, dO about T / (2 BLOCK_N) times and K, V
-about T / (2 BLOCK_M) times. O is written in (B, Tq, Hq, D) memory order behind a (B, Hq, Tq, D)
-view, so the model's transpose back to (B, T, Hq * D) is free. All tensors are addressed through
-their strides: transposed projections and slices of a preallocated KV cache are read in place.
-Head dims that are not powers of two run on a power-of-two tile with masked columns. fp32 dots
-are IEEE-exact; fp16/bf16 use tensor cores with fp32 accumulation. On a GPU every kernel is
-autotuned (launching.Autotune) over a few named tiles per head dim, pruned by shared memory and
-query count, none of which spills registers on sm_90a (python -m bench.compiled shows it); on
-Hopper some candidates stream their tiles through TMA tensor descriptors (one per (B, H, T, D)
-tensor, whose out-of-bounds rows and columns load as zeros), so the autotuner picks TMA or
-pointer loads by measurement. The CPU
-interpreter (TRITON_INTERPRET=1, for tests) uses fixed small tiles.
+Memory traffic (Tq = Tk = T, per query head, causal): the forward reads Q and writes O once and
+reads K and V about T / (2 BLOCK_M) times; the backward reads Q, dO about T / (2 BLOCK_N) times and
+K, V about T / (2 BLOCK_M) times (a window of W keys: W / BLOCK_M and W / BLOCK_N times instead; a
+packed batch: the sum over its sequences). O is written in (B, Tq, Hq, D) memory order behind a
+(B, Hq, Tq, D) view, so the model's transpose back to (B, T, Hq * D) is free. All tensors are
+addressed through their strides: transposed projections and slices of a preallocated KV cache are
+read in place. Head dims that are not powers of two run on a power-of-two tile with masked
+columns. fp32 dots are IEEE-exact; fp16/bf16 use tensor cores with fp32 accumulation. On a GPU
+every kernel is autotuned (launching.Autotune) over a few named tiles per head dim, pruned by
+shared memory and query count, none of which spills registers (python -m bench.compiled shows
+it); on Hopper some candidates stream their tiles through TMA tensor descriptors (one per
+(B, H, T, D) tensor, whose out-of-bounds rows and columns load as zeros; packed sequences use
+pointers), so the autotuner picks TMA or pointer loads by measurement. The CPU interpreter
+(TRITON_INTERPRET=1, for tests) uses fixed small tiles.
 
 NaN (the rule of kernels.causal_attention): a NaN in q row i, or in k or v at a key that row
 attends, makes output row i NaN through the online softmax (exp2(NaN - m) is NaN whatever max m

@@ -22,7 +22,7 @@ the cache to it, and the splits are sized for that row.
 Memory traffic: K and V once (per row, only up to its length), Q once, plus the partials
 (splits * GROUP * Tq * (D + 1) fp32) written and read once; O and the lse written once.
 
-NaN: as the training forward (triton_causal_attention.py): a NaN in q row i, or in k or v at a
+NaN: as the training forward (triton_attention.py): a NaN in q row i, or in k or v at a
 key row i attends, makes output row i NaN; a NaN value at a key loaded but masked for row i
 (a later key of the last tile within the row's length) may reach it through 0 * NaN.
 """
@@ -67,18 +67,18 @@ def _causal_attention_decode_kernel(Q, K, V, KEY_LENGTHS, O_PART, LSE_PART,
     q = load_rows(q_ptrs, r, n_rows, offs_d, True, HEAD_DIM, BLOCK_D)             # (BLOCK_M, BLOCK_D)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    pos = i + (Tk - Tq)
+    pos = i + (Tk - Tq)                  # causal: keys <= pos, and left = Tk leaves the window unbounded
     lo = split * split_keys
     hi = tl.minimum(lo + split_keys, Tk)                 # below lo for a split past the row's keys
     clean_end = tl.maximum(tl.minimum(hi, (Tk - Tq + 1) // BLOCK_N * BLOCK_N), lo)   # keys every row sees
     m_i, l_i = tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, m_i, l_i = fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                               K, V, b, hk, pos, lo, clean_end, Tk, qk_scale, offs_n, offs_d,
-                               False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, False)
+                               K, V, b, hk, pos, lo, clean_end, Tk, qk_scale, 1.0, Tk, 0, offs_n, offs_d,
+                               False, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, False)
     acc, m_i, l_i = fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                               K, V, b, hk, pos, clean_end, hi, Tk, qk_scale, offs_n, offs_d,
-                               True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, False)
+                               K, V, b, hk, pos, clean_end, hi, Tk, qk_scale, 1.0, Tk, 0, offs_n, offs_d,
+                               True, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, False)
     # A row that sees no key of this split leaves o = 0 and lse = -inf: weight 0 in the combine.
     seen = l_i > 0
     part = (bh * tl.num_programs(1) + split).to(tl.int64) * n_rows

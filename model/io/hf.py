@@ -6,7 +6,7 @@ names differ, plus one layout: our attention has one fused projection whose outp
 [q heads..., k heads..., v heads...] (head_dim rows each), which splits into q_proj, k_proj and
 v_proj.
 
-RoPE needs no permutation. Our apply_rope rotates the two halves of each head vector,
+RoPE needs no permutation. Our kernels.rotary rotates the two halves of each head vector,
 (x1 cos - x2 sin, x2 cos + x1 sin), with frequency i on dims i and i + head_dim/2; transformers'
 apply_rotary_pos_emb computes x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1) and
 cos, sin of the frequencies repeated twice, which is the same formula. (The q/k permutation in
@@ -75,6 +75,10 @@ def llama_config(cfg: ModelConfig, **overrides):
     Token ids (bos, eos, pad) are left unset: they belong to the tokenizer, not to the model, so an
     exporter passes them in overrides, which go to LlamaConfig as they are.
     """
+    for name in ("attn_window", "attn_softcap"):
+        if getattr(cfg, name):
+            raise ValueError(f"this model has {name}={getattr(cfg, name)}, which transformers' Llama does not "
+                             f"have: its logits would differ; export a model trained without {name}")
     transformers = _transformers()
     fields = dict(
         vocab_size=cfg.vocab_size,

@@ -23,7 +23,7 @@ from kernels import backends, quantization, reference
 
 OPS = kernels.OPS
 REPO = Path(__file__).resolve().parents[2]
-OPS_LIST = "rms_norm, swiglu, causal_attention, cross_entropy, linear_cross_entropy, quantized_linear"
+OPS_LIST = "rms_norm, swiglu, rotary, causal_attention, attention, varlen_attention, cross_entropy, linear_cross_entropy, quantized_linear"
 BACKENDS_LIST = "auto, triton, torch"
 
 
@@ -36,7 +36,12 @@ def valid_args(op: str) -> tuple:
     return {
         "rms_norm": lambda: (torch.randn(3, 8), torch.randn(8)),
         "swiglu": lambda: (torch.randn(3, 8), torch.randn(3, 8)),
+        "rotary": lambda: (torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8), torch.randn(5, 1, 8), torch.randn(5, 1, 8)),
         "causal_attention": lambda: (torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)),
+        "attention": lambda: (torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)),
+        "varlen_attention": lambda: (torch.randn(5, 4, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8),
+                                     torch.tensor([0, 2, 5], dtype=torch.int32),
+                                     torch.tensor([0, 2, 5], dtype=torch.int32), 3, 3),
         "cross_entropy": lambda: (torch.randn(4, 7), torch.randint(0, 7, (4,))),
         "linear_cross_entropy": lambda: (torch.randn(4, 8), torch.randn(7, 8), torch.randint(0, 7, (4,))),
         "quantized_linear": lambda: (torch.randn(4, 8), *quantization.quantize(torch.randn(7, 8), "int8"), "int8"),
@@ -119,9 +124,14 @@ def test_calls_route_to_the_chosen_backend(op, fake_triton):
     with kernels.use(**{op: "triton"}):
         assert public(*valid_args(op)) == op
     with kernels.use(**{op: "torch"}):
-        assert isinstance(public(*valid_args(op)), torch.Tensor)
-    assert isinstance(public(*valid_args(op)), torch.Tensor)  # auto on CPU tensors: torch
+        assert all(isinstance(t, torch.Tensor) for t in _outputs(public(*valid_args(op))))
+    assert all(isinstance(t, torch.Tensor) for t in _outputs(public(*valid_args(op))))  # auto on CPU: torch
     assert fake_triton == [op]
+
+
+def _outputs(out) -> tuple:
+    """An op's outputs as a tuple (rotary returns two tensors)."""
+    return out if isinstance(out, tuple) else (out,)
 
 
 def test_context_manager_restores(fake_triton):
