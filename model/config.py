@@ -33,6 +33,8 @@ class ModelConfig:
     # "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}; None: none
     rope_scaling: dict | None = None
     tie_embeddings: bool = True     # the LM head is the embedding matrix; False: a separate head
+    attn_window: int = 0            # sliding window: a token sees itself and the attn_window - 1 before it; 0: all
+    attn_softcap: float = 0.0       # > 0: attention scores s become attn_softcap * tanh(s / attn_softcap)
     init_std: float = 0.02
     extra: dict = field(default_factory=dict)  # free-form notes carried with checkpoints
 
@@ -49,6 +51,10 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "mlp_hidden"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.attn_window < 0:
+            problems.append(f"attn_window must be >= 0 (0: no sliding window), got {self.attn_window}")
+        if not 0.0 <= self.attn_softcap < float("inf"):
+            problems.append(f"attn_softcap must be a finite number >= 0 (0: off), got {self.attn_softcap}")
         scaling = self.rope_scaling
         if scaling is not None and (scaling.get("rope_type") != "llama3" or not LLAMA3_KEYS <= set(scaling)):
             problems.append(f"rope_scaling must be None or Llama 3's {{'rope_type': 'llama3', "
@@ -59,6 +65,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def attention_options(self) -> dict:
+        """The window_size and softcap arguments of kernels.attention for this model."""
+        return dict(window_size=(self.attn_window - 1 if self.attn_window else -1, 0), softcap=self.attn_softcap)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":

@@ -1,7 +1,7 @@
 """Batched autoregressive generation with a KV cache, greedy or sampled (temperature, top-k, top-p).
 
 With the cache, the prompt is run once (prefill) and then one token per step attends to the cached
-keys through kernels.causal_attention with Tq < Tk. Once the cache holds block_size positions, each
+keys through kernels.attention with Tq < Tk. Once the cache holds block_size positions, each
 step re-runs the last block_size tokens, exactly what the uncached path does, so both paths give
 the same tokens for the same seed.
 """

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import kernels
 from model.cache import Cache
 from model.config import ModelConfig
+from model.documents import Documents
 
 
 class RMSNorm(nn.Module):
@@ -34,8 +35,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tables apply_rope takes, each (block_size, 1, head_dim) in fp32: cos of position * frequency
-    for both halves of a head vector, and sin of it signed -, + for the first and second half."""
+    """The tables kernels.rotary takes, each (block_size, 1, head_dim) in fp32: cos of position * frequency
+    for both halves of a head vector, and sin of it signed -, + for the first and second half, so
+    that RoPE is x * cos + roll(x, D/2) * sin (three ops on the torch backend)."""
     inv_freq = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
     if cfg.rope_scaling is not None:
         inv_freq = llama3_scaled(inv_freq, cfg.rope_scaling)
@@ -55,26 +57,19 @@ def llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves (x1, x2) of each head vector to (x1 cos - x2 sin, x2 cos + x1 sin), in
-    fp32. x (B, T, H, D); cos, sin (T, 1, D) from rope_tables, which repeat cos and sign sin so that
-    the rotation is x * cos + roll(x, D/2) * sin: three ops, which matters when a decoding step is
-    all per-op overhead. Returns a new contiguous (B, T, H, D) tensor in x's dtype."""
-    x32 = x.float()
-    return torch.addcmul(x32 * cos, x32.roll(x.shape[-1] // 2, dims=-1), sin).to(x.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
         self.out = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.options = cfg.attention_options                  # window_size and softcap of kernels.attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Cache | None, layer: int) -> torch.Tensor:
+                cache: Cache | None, layer: int, documents: Documents | None = None) -> torch.Tensor:
         """x (B * T, C), the rows of B sequences of T positions; cos, sin (T, 1, D), or (B, T, 1, D)
-        when each sequence has its own positions -> (B * T, C)."""
+        when each sequence has its own positions -> (B * T, C). With documents, each token attends
+        only within its own document of its row."""
         BT, C = x.shape
         T = cos.shape[-3]
         B = BT // T
@@ -83,12 +78,18 @@ class Attention(nn.Module):
         # RoPE writes new tensors and v is copied out, so what attention saves for its backward
         # does not keep the whole fused projection alive. All three stay in (B, T, H, D) memory
         # order, so the attention output comes back in it too and its transpose below is free.
-        q, k, v = apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous()
+        q, k = kernels.rotary(q, k, cos, sin)                            # new (B, T, H*, D) tensors
+        v = v.contiguous()
+        if documents is not None and cache is None:
+            y = kernels.varlen_attention(q.view(BT, self.n_head, -1), k.view(BT, self.n_kv_head, -1),
+                                         v.view(BT, self.n_kv_head, -1), documents.cu_seqlens, documents.cu_seqlens,
+                                         documents.max_seqlen, documents.max_seqlen, **self.options)   # (B * T, H, D)
+            return self.out(y.reshape(BT, C))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)              # (B, H*, T, D)
         if cache is None:
-            y = kernels.causal_attention(q, k, v)                          # (B, H, T, D)
+            y = kernels.attention(q, k, v, **self.options)                 # (B, H, T, D)
         else:
-            y = cache.attend(layer, q, k, v)                               # (B, H, T, D)
+            y = cache.attend(layer, q, k, v, self.options)                 # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(BT, C))
 
 
@@ -143,14 +144,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, delta: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Cache | None, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+                cache: Cache | None, layer: int, documents: Documents | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes the residual stream as (residual, pending delta), each (B * T, C), and returns it the
         same way, so each add runs inside the next norm. residual is None only before the first block."""
         if residual is None:
             a, residual = self.attn_norm(delta), delta
         else:
             a, residual = self.attn_norm(delta, residual)
-        delta = self.attn(a, cos, sin, cache, layer)
+        delta = self.attn(a, cos, sin, cache, layer, documents)
         a, residual = self.mlp_norm(delta, residual)
         return self.mlp(a), residual
 
@@ -184,16 +185,26 @@ class GPT(nn.Module):
         return self.embed.weight if self.head is None else self.head.weight
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None,
-                reduction: str = "mean", last_only: bool = False) -> torch.Tensor:
+                reduction: str = "mean", last_only: bool = False, documents: Documents | None = None) -> torch.Tensor:
         """idx (B, T) int64 -> logits (B, T, V) (or (B, 1, V) with last_only), or with targets the
         loss: a scalar, or (B, T) per-token losses with reduction="none". Targets equal to -100
-        are ignored. With a cache, idx continues the cached positions."""
+        are ignored. With a cache, idx continues the cached positions. With documents (several
+        per row, model/documents.py), each attends only to itself, from position 0, and last_only
+        gives each document's last position instead of each row's: (n_docs, 1, V), in document order,
+        a padding document included. A cache takes documents only for a packed prefill, those that
+        SlotCache.select_packed returned: idx (1, T) then holds prompts back to back, each filling
+        its own row of the cache, and only the longest of them must fit in block_size."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
-        if start + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {start + T} positions exceeds block_size {self.cfg.block_size}; "
+        new = documents.max_seqlen if documents is not None and cache is not None else T   # positions per sequence
+        if start + new > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + new} positions exceeds block_size {self.cfg.block_size}; "
                              f"crop the input or use a model with a larger block_size")
-        where = cache.positions(T) if cache is not None else slice(0, T)
+        if documents is not None and cache is not None and cache.packed is not documents:
+            raise ValueError("documents and a cache combine only in a packed prefill: pass the Documents that "
+                             "SlotCache.select_packed returned, or prefill each document into its own row")
+        where = cache.positions(T) if cache is not None else documents.positions if documents is not None \
+            else slice(0, T)
         cos, sin = self.rope_cos[where], self.rope_sin[where]          # (T, 1, D), or (B, T, 1, D) per row
         try:
             delta, residual = self.embed(idx.reshape(B * T)), None                  # (B * T, C)
@@ -202,12 +213,14 @@ class GPT(nn.Module):
                              f"0..{self.cfg.vocab_size - 1}; encode with the tokenizer this model was "
                              f"trained with") from None
         for layer, block in enumerate(self.blocks):
-            delta, residual = block(delta, residual, cos, sin, cache, layer)
+            delta, residual = block(delta, residual, cos, sin, cache, layer, documents)
         h, _ = self.norm(delta, residual)                                            # (B * T, C)
         if cache is not None:
             cache.advance(T)
         if targets is None:
-            if last_only:
+            if last_only and documents is not None:                  # each document's last position
+                h, B, T = h[documents.cu_seqlens[1:].long() - 1], documents.cu_seqlens.numel() - 1, 1   # (n_docs, C)
+            elif last_only:
                 h, T = h.view(B, T, -1)[:, -1], 1                                     # (B, C)
             logits = F.linear(h, self.embed.weight) if self.head is None else self.head(h)
             return logits.view(B, T, -1)                                             # (B, T, V)

@@ -281,6 +281,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, port: int = 8000) -> None:
     parser.add_argument("--port", type=flag_type(int, at_least(1), at_most(65535)), default=port, help=f"TCP port (default {port})")
     parser.add_argument("--max-batch", type=flag_type(int, at_least(1)), default=16,
                         help="most requests decoded together; more wait for a free row")
+    parser.add_argument("--prefill-tokens", type=flag_type(int, at_least(1)), default=4096,
+                        help="most prompt tokens prefilled in one forward: requests admitted together "
+                             "are packed up to this (a longer prompt alone; 1: every prompt alone)")
     parser.add_argument("--quantize", choices=FORMATS, default=None, help=QUANTIZE_HELP)
     parser.add_argument("--name", default=None, help="the model's name in the API (default: the run directory's name)")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
@@ -295,7 +298,7 @@ def start_engine(args: argparse.Namespace) -> tuple[Engine, str, socket.socket]:
     sock = listen(args.host, args.port)
     try:
         model, _ = load_model(args.path, pick_device(args.device), quantize=args.quantize)
-        engine = Engine(model, load_tokenizer(args.path), args.max_batch)
+        engine = Engine(model, load_tokenizer(args.path), args.max_batch, args.prefill_tokens)
     except BaseException:
         sock.close()
         raise

@@ -2,8 +2,13 @@
 
 The engine owns the model and a SlotCache (model/cache.py) with max_batch rows of keys and values. A
 scheduler thread loops:
-  1. admit: while a row is free and a request waits, run the request's prompt alone into the next
-     free row (prefill writes only that row, so the others are untouched) and sample its first token;
+  1. admit: the requests waiting (as many as rows are free) are prefilled together: their prompts,
+     back to back in one (1, total) row, go through ONE forward (SlotCache.select_packed: each
+     prompt writes its keys into its own fresh row from position 0 and attends only to them,
+     through kernels.varlen_attention), which gives each prompt's last logits, and each samples its
+     first token. The other rows are untouched. Packs hold at most prefill_tokens prompt tokens; a
+     prompt that fits no pack, or arrives alone, is prefilled alone into its row (plain causal
+     attention, the training kernels on a GPU);
   2. step: one forward of (n, 1) tokens for the n active rows, each at its own position (RoPE per
      row, keys written at each row's own length, attention masked to each row's own keys), then one
      token per row, sampled with that request's parameters and its own seeded torch.Generator;
@@ -13,8 +18,8 @@ scheduler thread loops:
      special token of the tokenizer is a stop token: <|end|>, <|endoftext|> or a role tag ends a
      turn or a document, and none is ever part of a reply's text.
 A request waits only for free rows, never for the others to finish. Prefills run between two
-steps, one prompt at a time, so a long prompt delays the others' next token by its own prefill
-(chunked prefill would bound that). Because every request samples from its own generator and a
+steps, one forward per pack of prompts, so long prompts delay the others' next token by their
+prefill (chunked prefill would bound that). Because every request samples from its own generator and a
 greedy row is an argmax of its own logits, a reply does not depend on what else is in the batch
 (beyond float rounding in the batched matmuls): decoded alone, it is what model.generate gives for
 the same prompt and seed, token for token.
@@ -117,6 +122,8 @@ class Sequence:
 class Stats:
     """Counters of the engine's work since it started."""
     steps: int = 0                             # batched decoding steps
+    prefills: int = 0                          # prefill forwards (one prompt, or a pack of several)
+    prefilled: int = 0                         # prompts prefilled
     tokens: int = 0                            # tokens generated
     peak_batch: int = 0                        # the most rows one step decoded
     batch_sizes: deque = field(default_factory=lambda: deque(maxlen=1000))   # rows of the last 1000 steps
@@ -125,10 +132,16 @@ class Stats:
 class Engine:
     """The model behind a scheduler thread that decodes every admitted request in one batch."""
 
-    def __init__(self, model: GPT, tok, max_batch: int = 16):
+    def __init__(self, model: GPT, tok, max_batch: int = 16, prefill_tokens: int = 4096):
+        """prefill_tokens: the most prompt tokens one prefill forward packs (requests admitted
+        together are packed in arrival order; a longer prompt is prefilled alone; 1 prefills every
+        prompt alone). It bounds the memory of a prefill forward."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be at least 1, got {prefill_tokens}")
         self.model, self.tok, self.max_batch = model.eval(), tok, max_batch
+        self.prefill_tokens = prefill_tokens
         self.block_size = model.cfg.block_size
         self.special_ids = frozenset(tok.special_tokens.values())
         self.device = model.embed.weight.device
@@ -226,11 +239,11 @@ class Engine:
                         return
                     free = self.max_batch - len(self.active)
                     admitted, self.waiting = self.waiting[:free], self.waiting[free:]
-                for seq in admitted:
-                    if not seq.cancelled:
-                        try:
-                            self._prefill(seq)
-                        except Exception as e:     # fails this request only; _retire frees its row
+                for pack in self._packs([seq for seq in admitted if not seq.cancelled]):
+                    try:
+                        self._prefill(pack)
+                    except Exception as e:     # fails these requests only; _retire frees their rows
+                        for seq in pack:
                             self._finish(seq, "error", f"generation failed: {type(e).__name__}: {e}")
                 try:
                     self._retire()
@@ -242,14 +255,37 @@ class Engine:
                         self._finish(seq, "error", f"generation failed: {type(e).__name__}: {e}")
                     self.active = []
 
-    def _prefill(self, seq: Sequence) -> None:
-        row = len(self.active)
-        self.active.append(seq)
-        self.cache.reset(row)
-        self.cache.select(slice(row, row + 1))
-        idx = torch.tensor([seq.request.prompt], device=self.device)                    # (1, T)
-        logits = self.model(idx, cache=self.cache, last_only=True)[:, -1]                # (1, V)
-        self._emit(seq, int(self._sample(logits, [seq])[0]))
+    def _packs(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """seqs in order, cut into packs of at most prefill_tokens prompt tokens (a longer prompt alone)."""
+        packs: list[list[Sequence]] = []
+        size = 0
+        for seq in seqs:
+            n = len(seq.request.prompt)
+            if packs and size + n <= self.prefill_tokens:
+                packs[-1].append(seq)
+                size += n
+            else:
+                packs.append([seq])
+                size = n
+        return packs
+
+    def _prefill(self, pack: list[Sequence]) -> None:
+        """One forward of the pack's prompts into the next free rows, and each one's first token."""
+        row, n = len(self.active), len(pack)
+        self.active.extend(pack)
+        prompts = [seq.request.prompt for seq in pack]
+        if n == 1:                  # the plain causal case: one row from position 0
+            self.cache.reset(row)
+            self.cache.select(slice(row, row + 1))
+            documents = None
+        else:                       # back to back in one row, each prompt into its own cache row
+            documents = self.cache.select_packed(slice(row, row + n), [len(p) for p in prompts])
+        idx = torch.tensor([[t for p in prompts for t in p]], device=self.device)        # (1, total)
+        logits = self.model(idx, cache=self.cache, last_only=True, documents=documents)[:, -1]   # (n, V)
+        self.stats.prefills += 1
+        self.stats.prefilled += n
+        for seq, token in zip(pack, self._sample(logits, pack).tolist()):
+            self._emit(seq, token)
 
     def _step(self) -> None:
         n = len(self.active)

@@ -110,13 +110,13 @@ def test_attention_keeps_no_projection_buffer_and_its_output_transpose_is_free(b
     model's transpose back to (B, T, C) needs no copy."""
     model = GPT(ModelConfig.preset("tiny", vocab_size=300, n_layer=1, n_head=4, n_kv_head=2, n_embd=64))
     seen = []
-    attend = kernels.causal_attention
+    attend = kernels.attention
 
     def spy(q, k, v, **kwargs):
         seen.append((q, k, v, attend(q, k, v, **kwargs)))
         return seen[-1][-1]
-    monkeypatch.setattr(kernels, "causal_attention", spy)
-    with kernels.use(causal_attention=backend):
+    monkeypatch.setattr(kernels, "attention", spy)
+    with kernels.use(attention=backend):
         model(torch.randint(0, 300, (2, 9)))
     (q, k, v, y), = seen
     for t in (q, k, v):

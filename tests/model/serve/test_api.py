@@ -296,6 +296,7 @@ def command(capsys, *argv: str) -> tuple[int, str]:
     (("RUN", "--port", "70000"), 2, "argument --port: must be at most 65535"),
     (("RUN", "--port", "0"), 2, "argument --port: must be at least 1"),
     (("RUN", "--max-batch", "0"), 2, "argument --max-batch: must be at least 1"),
+    (("RUN", "--prefill-tokens", "0"), 2, "argument --prefill-tokens: must be at least 1"),
 ])
 def test_bad_flags_are_one_line(capsys, args, status, message):
     code, err = command(capsys, *args)

@@ -1,5 +1,6 @@
 """model.serve.engine: batched replies equal model.generate's one at a time, token for token, whatever else
-shares the batch (late arrivals prefilled mid-decode, rows retired and moved); seeded sampling is
+shares the batch (late arrivals prefilled mid-decode, prompts arriving together prefilled in one packed
+forward, rows retired and moved); seeded sampling is
 reproducible; special tokens end a reply and are never text; stop strings, the context's end,
 cancellation and a failing forward."""
 import time
@@ -72,6 +73,69 @@ def test_batched_replies_equal_generate_alone(model, engine, sampling):
         assert last.finish_reason == ("length" if len(expected) == request.max_tokens else "stop")
         assert (last.prompt_tokens, last.completion_tokens) == (len(request.prompt), request.max_tokens
                                                                 if last.finish_reason == "length" else len(expected) + 1)
+
+
+def submit_together(engine, requests):
+    """Submit while holding the scheduler's lock, so that it finds every request waiting at once."""
+    with engine._wake:
+        return [submit(engine, r) for r in requests]
+
+
+@pytest.mark.parametrize("prefill_tokens, forwards", [(4096, 1), (50, 3), (20, 6)])
+def test_prompts_arriving_together_prefill_in_one_forward_with_the_replies_of_one_at_a_time(model, prefill_tokens,
+                                                                                            forwards):
+    # 6 greedy prompts of 10, 13, 16, 19, 23 and 26 tokens arrive together: one packed forward of
+    # the 107 tokens, or packs of at most 50 tokens ([10, 13, 16], [19, 23], [26]), or at most 20
+    # (each alone: 23 and 26 fit no pack); the replies are the same whichever, the same as with
+    # prefill_tokens=1 (one at a time), and equal model.generate's alone.
+    requests = [Request(p, max_tokens=10, temperature=0.0) for p in prompts(6)]
+    lengths = [len(r.prompt) for r in requests]
+    prefills = []
+    forward = type(model).forward
+
+    def count(self, idx, *args, **kwargs):
+        if idx.shape[1] > 1:
+            prefills.append((idx.shape[0], idx.shape[1], kwargs.get("documents") is not None))
+        return forward(self, idx, *args, **kwargs)
+
+    replies = {}
+    for budget in (prefill_tokens, 1):
+        engine = Engine(model, TOK, max_batch=8, prefill_tokens=budget)
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(type(model), "forward", count)
+                started = submit_together(engine, requests)
+                wait([s for s, _ in started])
+            assert (engine.stats.prefilled, engine.stats.prefills) == (6, forwards if budget > 1 else 6)
+            assert engine.stats.peak_batch == 6                # every prompt was admitted in the first round
+            replies[budget] = [seq.text.ids for seq, _ in started]
+        finally:
+            engine.close()
+    packed = prefills[:forwards]
+    assert sum(t for _, t, _ in packed) == sum(lengths) and all(b == 1 for b, _, _ in packed)
+    assert [d for _, t, d in packed] == [t not in lengths for _, t, _ in packed]   # a pack of one is plain
+    assert prefills[forwards:] == [(1, n, False) for n in lengths]                 # one at a time
+    assert replies[prefill_tokens] == replies[1] == [reference(model, r) for r in requests]
+
+
+def test_a_failing_packed_prefill_fails_its_requests_only(model, engine, monkeypatch):
+    forward = type(model).forward
+
+    def fail(self, idx, *args, documents=None, **kwargs):
+        if documents is not None:
+            raise RuntimeError("out of memory in a packed prefill")
+        return forward(self, idx, *args, documents=documents, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", fail)
+    running = Request(prompts(2)[1], max_tokens=40, temperature=0.0)
+    seq, deltas = submit(engine, running)
+    while seq.generated < 3:
+        time.sleep(0.001)
+    failed = submit_together(engine, [Request(p, max_tokens=5) for p in prompts(3)])
+    wait([s for s, _ in failed] + [seq])
+    assert all(d[-1].finish_reason == "error" and "packed prefill" in d[-1].text for _, d in failed)
+    assert deltas[-1].finish_reason == "length" and seq.text.ids == reference(model, running)
+    assert list(engine.stream(Request(prompts(1)[0], max_tokens=5)))[-1].finish_reason in ("stop", "length")
 
 
 def test_same_seed_same_reply_alone_or_in_a_crowd(model, engine):
