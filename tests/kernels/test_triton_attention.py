@@ -1,4 +1,4 @@
-"""kernels/triton_causal_attention.py against float64, within the error the reference itself makes
+"""kernels/triton_attention.py (causal, padded batches) against float64, within the error the reference itself makes
 in the same dtype (numerics.assert_matches).
 
 Runs in the Triton interpreter on CPU (fp32, fp16) and on CUDA when present (bf16 too). The
@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import kernels
 from kernels import reference
-from kernels import triton_causal_attention as tca
+from kernels import triton_attention as tca
 from kernels.launching import Gpu
 from numerics import CUDA, DEVICE, assert_matches, nan_filled, needs_cuda
 
@@ -210,19 +210,21 @@ def test_public_op_autograd_and_layout():
 
 def test_opcheck_custom_ops():
     q, k, v = make_inputs(1, 2, 1, 5, 9, 16, "cache", torch.float32)
-    torch.library.opcheck(tca._causal_attention_op, (q, k, v, 0.25))
-    o, lse = tca._causal_attention_op(q, k, v, 0.25)
-    torch.library.opcheck(tca._causal_attention_backward_op, (torch.randn_like(o), q, k, v, o, lse, 0.25))
+    for mask in (tca.CAUSAL, tca.Mask(3, 1, 2.5)):
+        options = (0.25, mask.left, mask.right, mask.softcap)
+        torch.library.opcheck(tca._attention_op, (q, k, v, *options))
+        o, lse = tca._attention_op(q, k, v, *options)
+        torch.library.opcheck(tca._attention_backward_op, (torch.randn_like(o), q, k, v, o, lse, *options))
 
 
 def test_compiles_without_graph_break():
     q, k, v = (t.requires_grad_() for t in make_inputs(1, 2, 1, 8, 8, 16, "contiguous", torch.float32))
-    compiled = torch.compile(tca.causal_attention, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(tca.attention, fullgraph=True, backend="aot_eager")
     compiled(q, k, v).sum().backward()
     grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
-    tca.causal_attention(q, k, v).sum().backward()
+    tca.attention(q, k, v).sum().backward()
     for got, want in zip(grads, (q.grad, k.grad, v.grad)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -234,8 +236,8 @@ def _t(*shape, dtype=torch.float32, device=DEVICE):
 BAD_INPUTS = [
     ((_t(1, 3, 4, 16), _t(1, 2, 4, 16), _t(1, 2, 4, 16)), "multiple of key/value heads"),
     ((_t(1, 2, 5, 16), _t(1, 2, 4, 16), _t(1, 2, 4, 16)), "more queries"),
-    ((_t(1, 2, 4, 16), _t(1, 2, 4, 32), _t(1, 2, 4, 32)), "must share batch size and head dim"),
-    ((_t(2, 2, 4, 16), _t(1, 2, 4, 16), _t(1, 2, 4, 16)), "must share batch size and head dim"),
+    ((_t(1, 2, 4, 16), _t(1, 2, 4, 32), _t(1, 2, 4, 32)), "must share the head dim"),
+    ((_t(2, 2, 4, 16), _t(1, 2, 4, 16), _t(1, 2, 4, 16)), "must share the batch size"),
     ((_t(1, 2, 4, 16), _t(1, 2, 4, 16), _t(1, 2, 5, 16)), "they must match"),
     ((_t(1, 2, 4, 16), _t(1, 2, 4, 16, dtype=torch.float16), _t(1, 2, 4, 16)), "mismatched dtypes"),
     ((_t(1, 2, 4, 16), _t(1, 2, 4, 16, device="meta"), _t(1, 2, 4, 16)), "mismatched devices"),
