@@ -14,7 +14,7 @@ which with those tables rotates each head vector's halves (x1, x2) to
     backward:  dx1 = dy1 * c1 + dy2 * s2,    dx2 = dy2 * c2 + dy1 * s1
 
 The backward is the transpose of the forward's linear map, dx = dy * cos + roll(dy * sin, D/2):
-the same kernel body with the sin halves swapped, which for rope_tables' signed sin
+the forward kernel with the sin halves swapped (TRANSPOSE), which for rope_tables' signed sin
 (s1 = -s2) is the inverse rotation, dx = dy * cos + roll(dy, D/2) * (-sin). Both are exact for
 any tables, so the gradients are those of the torch reference's three ops. Everything is
 computed in fp32 and rounded once to the input dtype; the outputs are new contiguous tensors.
@@ -83,36 +83,20 @@ def _rotary_fwd_kernel(
     stride_cb, stride_ct, stride_cd, stride_sb, stride_st, stride_sd,
     stride_out_q, stride_out_k,         # row strides of the contiguous outputs: Hq * D, Hkv * D
     T, n_q_heads, n_k_heads, half,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, TRANSPOSE: tl.constexpr,
 ):
+    # TRANSPOSE (the backward: Q, K are the outputs' gradients, QO, KO the inputs'): the same
+    # rotation with the halves of sin swapped.
     row = tl.program_id(0).to(tl.int64)                                          # b * T + t
     b, t = row // T, row % T
     c1, c2, s1, s2 = _rotary_table_halves(COS, SIN, b, t, stride_cb, stride_ct, stride_cd,
                                           stride_sb, stride_st, stride_sd, half, BLOCK_D)
+    if TRANSPOSE:
+        s1, s2 = s2, s1
     _rotary_rotate_heads(Q + b * stride_qb + t * stride_qt, QO + row * stride_out_q, n_q_heads, stride_qh, stride_qd,
                          half, c1, c2, s1, s2, BLOCK_HQ, BLOCK_D)
     _rotary_rotate_heads(K + b * stride_kb + t * stride_kt, KO + row * stride_out_k, n_k_heads, stride_kh, stride_kd,
                          half, c1, c2, s1, s2, BLOCK_HK, BLOCK_D)
-
-
-@triton.jit
-def _rotary_bwd_kernel(
-    DQO, DKO, COS, SIN, DQ, DK,
-    stride_qb, stride_qt, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
-    stride_cb, stride_ct, stride_cd, stride_sb, stride_st, stride_sd,
-    stride_out_q, stride_out_k,         # row strides of the contiguous gradients: Hq * D, Hkv * D
-    T, n_q_heads, n_k_heads, half,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # The transpose of the forward: the same rotation with the halves of sin swapped.
-    row = tl.program_id(0).to(tl.int64)
-    b, t = row // T, row % T
-    c1, c2, s1, s2 = _rotary_table_halves(COS, SIN, b, t, stride_cb, stride_ct, stride_cd,
-                                          stride_sb, stride_st, stride_sd, half, BLOCK_D)
-    _rotary_rotate_heads(DQO + b * stride_qb + t * stride_qt, DQ + row * stride_out_q, n_q_heads, stride_qh,
-                         stride_qd, half, c1, c2, s2, s1, BLOCK_HQ, BLOCK_D)
-    _rotary_rotate_heads(DKO + b * stride_kb + t * stride_kt, DK + row * stride_out_k, n_k_heads, stride_kh,
-                         stride_kd, half, c1, c2, s2, s1, BLOCK_HK, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -149,7 +133,8 @@ def plan_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     strides); B * T > 0. One config whatever the target: the kernel is a bandwidth-bound sweep."""
     args, constexprs = _shape_args(q, k, cos, sin)
     return [Launch.fixed(_rotary_fwd_kernel, (q.shape[0] * q.shape[1],),
-                         dict(Q=q, K=k, COS=cos, SIN=sin, QO=q_out, KO=k_out, **args), NUM_WARPS, **constexprs)]
+                         dict(Q=q, K=k, COS=cos, SIN=sin, QO=q_out, KO=k_out, **args), NUM_WARPS, **constexprs,
+                         TRANSPOSE=False)]
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
@@ -167,9 +152,9 @@ def plan_backward(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor,
     """The launch writing dq, dk (contiguous) from the outputs' gradients dq_out, dk_out (any
     strides) and the forward's tables."""
     args, constexprs = _shape_args(dq_out, dk_out, cos, sin)
-    return [Launch.fixed(_rotary_bwd_kernel, (dq_out.shape[0] * dq_out.shape[1],),
-                         dict(DQO=dq_out, DKO=dk_out, COS=cos, SIN=sin, DQ=dq, DK=dk, **args), NUM_WARPS,
-                         **constexprs)]
+    return [Launch.fixed(_rotary_fwd_kernel, (dq_out.shape[0] * dq_out.shape[1],),
+                         dict(Q=dq_out, K=dk_out, COS=cos, SIN=sin, QO=dq, KO=dk, **args), NUM_WARPS, **constexprs,
+                         TRANSPOSE=True)]
 
 
 def backward(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor,
