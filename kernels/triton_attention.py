@@ -108,8 +108,8 @@ def _attention_fwd_kernel(Q, K, V, K_DESC, V_DESC, O, LSE, CU_Q, CU_K,
                           stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
                           stride_lb, stride_lh, n_heads, group, Tq, Tk, qk_scale, cap_scale, left, right,
                           Q_BUCKET, K_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                          SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     # Q_BUCKET, K_BUCKET (powers of two >= Tq, Tk) only key the autotuner, so that a decode loop
     # with a growing Tk does not re-tune every step. With CU_Q, CU_K (packed sequences) b is the
     # sequence, Tq and Tk are the longest lengths, and a tile past its sequence's queries is idle.
@@ -131,18 +131,19 @@ def _attention_fwd_kernel(Q, K, V, K_DESC, V_DESC, O, LSE, CU_Q, CU_K,
     lo, mid_masked, mid, clean_end, hi = _key_range(first, last, Tk, left, right, BLOCK_N)
     m_i, l_i = tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, m_i, l_i = fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                               K_DESC, V_DESC, b, h // group, pos, lo, mid_masked, Tk, qk_scale, cap_scale,
-                               left, right, offs_n, offs_d, True, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N,
-                               DOT_PRECISION, USE_TMA)
+    if WINDOW:  # below mid, the window's left edge crosses the tiles (without a window lo = mid = 0)
+        acc, m_i, l_i = fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                   K_DESC, V_DESC, b, h // group, pos, lo, mid_masked, Tk, qk_scale, cap_scale,
+                                   left, right, offs_n, offs_d, True, CAUSAL, WINDOW, SOFTCAP, HEAD_DIM, BLOCK_D,
+                                   BLOCK_N, DOT_PRECISION, USE_TMA)
     acc, m_i, l_i = fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                                K_DESC, V_DESC, b, h // group, pos, mid, clean_end, Tk, qk_scale, cap_scale,
-                               left, right, offs_n, offs_d, False, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N,
-                               DOT_PRECISION, USE_TMA)
+                               left, right, offs_n, offs_d, False, CAUSAL, WINDOW, SOFTCAP, HEAD_DIM, BLOCK_D,
+                               BLOCK_N, DOT_PRECISION, USE_TMA)
     acc, m_i, l_i = fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                                K_DESC, V_DESC, b, h // group, pos, clean_end, hi, Tk, qk_scale, cap_scale,
-                               left, right, offs_n, offs_d, True, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N,
-                               DOT_PRECISION, USE_TMA)
+                               left, right, offs_n, offs_d, True, CAUSAL, WINDOW, SOFTCAP, HEAD_DIM, BLOCK_D,
+                               BLOCK_N, DOT_PRECISION, USE_TMA)
     # A row that saw no key (l = 0) returns 0, and its lse of +inf zeroes its probabilities in the
     # backward; a NaN row keeps l = NaN and stays NaN.
     empty = l_i == 0.0
@@ -187,9 +188,10 @@ def _scores(a, b_t, qk_scale, cap_scale, SOFTCAP: tl.constexpr, DOT_PRECISION: t
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                  stride_qt, stride_qd, stride_dt, stride_dd, q_desc, do_desc, b, h,
-                 lo, hi, offset, Tq, qk_scale, cap_scale, left, right, offs_m, offs_d,
-                 MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+                 lo, hi, offset, Tq, Tk, qk_scale, cap_scale, left, right, offs_m, offs_d,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 USE_TMA: tl.constexpr):
     q_ptrs = tile_ptrs(q_base, lo + offs_m, offs_d, stride_qt, stride_qd)       # (BLOCK_M, BLOCK_D)
     do_ptrs = tile_ptrs(do_base, lo + offs_m, offs_d, stride_dt, stride_dd)
     for start_m in range(lo, hi, BLOCK_M):
@@ -211,9 +213,7 @@ def _dkdv_blocks(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
         s_t, cap_grad = _scores(k, tl.trans(q), qk_scale, cap_scale, SOFTCAP, DOT_PRECISION)   # (BLOCK_N, BLOCK_M)
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
-            pos = rows + offset
-            p_t = tl.where((keys[:, None] <= pos[None, :] + right) & (keys[:, None] >= pos[None, :] - left),
-                           p_t, 0.0)
+            p_t = tl.where(tl.trans(visible(keys, rows + offset, Tk, left, right, CAUSAL, WINDOW)), p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)       # (BLOCK_N, BLOCK_D)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)            # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :]) * cap_grad
@@ -228,8 +228,8 @@ def _attention_dkdv_kernel(Q, K, V, DO, Q_DESC, DO_DESC, DK, DV, LSE, DELTA, CU_
                            stride_db, stride_dh, stride_dt, stride_dd, stride_gb, stride_gh, stride_gt, stride_gd,
                            stride_lb, stride_lh, n_kv_heads, group, Tq, Tk, sm_scale, qk_scale, cap_scale,
                            left, right, Q_BUCKET, K_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+                           DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                           SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     # DK and DV are allocated alike and share the stride_g* strides.
     n_tiles = tl.cdiv(Tk, BLOCK_N)
     pid_n, bh = tl.program_id(0) % n_tiles, tl.program_id(0) // n_tiles
@@ -263,16 +263,16 @@ def _attention_dkdv_kernel(Q, K, V, DO, Q_DESC, DO_DESC, DK, DV, LSE, DELTA, CU_
         delta_base = DELTA + b * stride_lb + h * stride_lh + q_start
         dk, dv = _dkdv_blocks(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                               stride_qt, stride_qd, stride_dt, stride_dd, Q_DESC, DO_DESC, b, h,
-                              lo, mid_masked, offset, Tq, qk_scale, cap_scale, left, right, offs_m, offs_d,
-                              True, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA)
+                              lo, mid_masked, offset, Tq, Tk, qk_scale, cap_scale, left, right, offs_m, offs_d,
+                              True, CAUSAL, WINDOW, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA)
         dk, dv = _dkdv_blocks(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                               stride_qt, stride_qd, stride_dt, stride_dd, Q_DESC, DO_DESC, b, h,
-                              mid, clean_end, offset, Tq, qk_scale, cap_scale, left, right, offs_m, offs_d,
-                              False, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA)
+                              mid, clean_end, offset, Tq, Tk, qk_scale, cap_scale, left, right, offs_m, offs_d,
+                              False, CAUSAL, WINDOW, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA)
         dk, dv = _dkdv_blocks(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                               stride_qt, stride_qd, stride_dt, stride_dd, Q_DESC, DO_DESC, b, h,
-                              clean_end, hi, offset, Tq, qk_scale, cap_scale, left, right, offs_m, offs_d,
-                              True, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA)
+                              clean_end, hi, offset, Tq, Tk, qk_scale, cap_scale, left, right, offs_m, offs_d,
+                              True, CAUSAL, WINDOW, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA)
     g_offset = b * stride_gb + hk * stride_gh + k_start * stride_gt
     store_rows(tile_ptrs(DK + g_offset, keys, offs_d, stride_gt, stride_gd), dk * sm_scale, keys, Tk,
                offs_d, HEAD_DIM, BLOCK_D)
@@ -283,8 +283,9 @@ def _attention_dkdv_kernel(Q, K, V, DO, Q_DESC, DO_DESC, DK, DV, LSE, DELTA, CU_
 @triton.jit
 def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                k_desc, v_desc, b, hk, pos, lo, hi, Tk, qk_scale, cap_scale, left, right, offs_n, offs_d,
-               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               USE_TMA: tl.constexpr):
     k_ptrs = tile_ptrs(k_base, lo + offs_n, offs_d, stride_kt, stride_kd)       # (BLOCK_N, BLOCK_D)
     v_ptrs = tile_ptrs(v_base, lo + offs_n, offs_d, stride_vt, stride_vd)
     for start_n in range(lo, hi, BLOCK_N):
@@ -299,7 +300,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stri
         s, cap_grad = _scores(q, tl.trans(k), qk_scale, cap_scale, SOFTCAP, DOT_PRECISION)   # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            p = tl.where(visible(keys, pos, Tk, left, right), p, 0.0)
+            p = tl.where(visible(keys, pos, Tk, left, right, CAUSAL, WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)              # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None]) * cap_grad
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)           # (BLOCK_M, BLOCK_D)
@@ -313,8 +314,8 @@ def _attention_dq_kernel(Q, K, V, DO, K_DESC, V_DESC, DQ, LSE, DELTA, CU_Q, CU_K
                          stride_db, stride_dh, stride_dt, stride_dd, stride_gb, stride_gh, stride_gt, stride_gd,
                          stride_lb, stride_lh, n_heads, group, Tq, Tk, sm_scale, qk_scale, cap_scale, left, right,
                          Q_BUCKET, K_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                         SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     pid_m, bh = _query_tile(tl.program_id(0), Tq, BLOCK_M)
     b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
     q_start, Tq = _sequence(CU_Q, b, Tq)
@@ -337,15 +338,17 @@ def _attention_dq_kernel(Q, K, V, DO, K_DESC, V_DESC, DQ, LSE, DELTA, CU_Q, CU_K
     last = (Tk - Tq) + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
     lo, mid_masked, mid, clean_end, hi = _key_range(first, last, Tk, left, right, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                    K_DESC, V_DESC, b, h // group, pos, lo, mid_masked, Tk, qk_scale, cap_scale, left, right,
-                    offs_n, offs_d, True, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
+    if WINDOW:
+        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                        K_DESC, V_DESC, b, h // group, pos, lo, mid_masked, Tk, qk_scale, cap_scale, left, right,
+                        offs_n, offs_d, True, CAUSAL, WINDOW, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+                        USE_TMA)
     dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                     K_DESC, V_DESC, b, h // group, pos, mid, clean_end, Tk, qk_scale, cap_scale, left, right,
-                    offs_n, offs_d, False, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
+                    offs_n, offs_d, False, CAUSAL, WINDOW, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
     dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                     K_DESC, V_DESC, b, h // group, pos, clean_end, hi, Tk, qk_scale, cap_scale, left, right,
-                    offs_n, offs_d, True, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
+                    offs_n, offs_d, True, CAUSAL, WINDOW, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
     store_rows(tile_ptrs(DQ + b * stride_gb + h * stride_gh + q_start * stride_gt, rows, offs_d, stride_gt,
                          stride_gd), dq * sm_scale, rows, Tq, offs_d, HEAD_DIM, BLOCK_D)
 
@@ -363,7 +366,10 @@ def _descriptor(t: torch.Tensor, block_d: int) -> TensorDescriptor | None:
 # Tiles by head dim (each list serves head dims up to its key's BLOCK_D; the last, any wider):
 # bench/compiled.py shows that none spills registers at head dims 64 and 128 on sm_90a, nor the
 # others on sm_80 (the ones left out spill: a (64, 64)-tile dK/dV with 4 warps holds K, V and the
-# fp32 dK, dV for 64 keys in 128 threads). hopper=True keeps a tile to Hopper and later (it spills
+# fp32 dK, dV for 64 keys in 128 threads; at head dim 128 the pointer-loaded (16, 128), (128, 32)
+# and (128, 128) forward tiles and (32, 64), (32, 128) dK/dV tiles, at 250-254 registers with
+# the causal mask alone, spill once the window's bounds and the packed sequences' offsets join
+# them, so at 128 only their TMA versions, which hold no pointer tiles, are kept). hopper=True keeps a tile to Hopper and later (it spills
 # with sm_80's register-held MMA operands); tma=True also streams its tiles through TMA when the
 # strides allow. (Triton 3.9's warp specialization does not take these loops on sm_90a: the
 # 4-warp forward fails to compile with it, the 8-warp one compiles unchanged.)
@@ -375,15 +381,14 @@ TILES: dict[str, dict[int, list[Tile]]] = {
                  Tile(128, 32, 4, 4), Tile(128, 64, 8, 3), Tile(128, 64, 4, 3, **_HOPPER),
                  Tile(128, 128, 8, 2, **_HOPPER), Tile(64, 64, 4, 3, **_TMA), Tile(128, 64, 8, 3, **_TMA),
                  Tile(128, 128, 8, 2, **_TMA)],
-            256: [Tile(16, 64, 4, 3), Tile(16, 128, 4, 2), Tile(64, 32, 4, 2), Tile(64, 32, 4, 4),
-                  Tile(64, 64, 4, 3, **_HOPPER), Tile(128, 32, 4, 4, **_HOPPER), Tile(128, 64, 8, 3, **_HOPPER),
-                  Tile(128, 128, 8, 2, **_HOPPER), Tile(64, 64, 4, 3, **_TMA), Tile(128, 64, 8, 3, **_TMA),
+            256: [Tile(16, 64, 4, 3), Tile(64, 32, 4, 2), Tile(64, 32, 4, 4), Tile(64, 64, 4, 3, **_HOPPER),
+                  Tile(128, 64, 8, 3, **_HOPPER), Tile(64, 64, 4, 3, **_TMA), Tile(128, 64, 8, 3, **_TMA),
                   Tile(128, 128, 8, 2, **_TMA)]},
     "dkdv": {64: [Tile(16, 64, 4, 2), Tile(32, 64, 4, 2), Tile(32, 64, 4, 3), Tile(32, 128, 8, 2), Tile(64, 128, 8, 3),
                   Tile(64, 64, 8, 2, **_HOPPER), Tile(64, 128, 8, 2, **_HOPPER), Tile(32, 64, 4, 3, **_TMA),
                   Tile(64, 128, 8, 2, **_TMA)],
-             256: [Tile(16, 64, 4, 2), Tile(32, 64, 8, 2), Tile(16, 128, 8, 2), Tile(32, 64, 4, 3, **_HOPPER),
-                   Tile(32, 128, 8, 3, **_HOPPER), Tile(32, 64, 4, 3, **_TMA), Tile(32, 128, 8, 3, **_TMA)]},
+             256: [Tile(16, 64, 4, 2), Tile(32, 64, 8, 2), Tile(16, 128, 8, 2), Tile(32, 64, 4, 3, **_TMA),
+                   Tile(32, 128, 8, 3, **_TMA)]},
     "dq": {64: _DQ + [Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)], 256: _DQ + [Tile(128, 64, 8, 2, **_HOPPER)]},
 }
 # Interpreter tiles, smaller than the test shapes so every tiling path runs; tests swap them for
@@ -430,7 +435,7 @@ def _autotune(name: str, kernel) -> Autotune:
         return candidates(name, named["Q"], named["BLOCK_D"], named["Q_BUCKET"], tma, gpu)
 
     return Autotune(kernel, [t for tiles in TILES[name].values() for t in tiles],
-                    ["HEAD_DIM", "SOFTCAP", "Q_BUCKET", "K_BUCKET"], allowed, functools.partial(_set_tile_rows, name))
+                    ["HEAD_DIM", "CAUSAL", "WINDOW", "SOFTCAP", "Q_BUCKET", "K_BUCKET"], allowed, functools.partial(_set_tile_rows, name))
 
 
 AUTOTUNE = {"fwd": _autotune("fwd", _attention_fwd_kernel),
@@ -495,6 +500,13 @@ def _common(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, m
     return args, B, Hq, Hkv, Tq, Tk
 
 
+def _constants(q: torch.Tensor, mask: Mask) -> dict:
+    """The constexprs of the training kernels: triton_attention_tiles.constants and the mask's kind
+    (CAUSAL: right is 0; WINDOW: left is bounded; SOFTCAP), so the plain causal mask compiles to
+    the comparisons it needs and nothing else."""
+    return dict(constants(q), CAUSAL=mask.right == 0, WINDOW=mask.left < UNBOUNDED, SOFTCAP=bool(mask.softcap))
+
+
 def _with_descriptors(name: str, args: dict, block_d: int, packed: Packed | None) -> dict:
     """args plus kernel `name`'s descriptor arguments: each streamed tensor's TMA descriptor or,
     where TMA cannot address one of them (or the sequences are packed), the tensors themselves
@@ -517,7 +529,7 @@ def plan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     batch with Tq <= DECODE_MAX_TQ queries, each of which sees a key (Tq <= Tk), else one."""
     if packed is None and mask == CAUSAL and q.shape[2] <= min(decode.DECODE_MAX_TQ, k.shape[2]):
         return decode.plan_forward(q, k, v, scale, o, lse, gpu)
-    consts = dict(constants(q), SOFTCAP=bool(mask.softcap))
+    consts = _constants(q, mask)
     common, B, Hq, _, Tq, _ = _common(q, k, lse, scale, mask, packed)
     args = dict(Q=q, K=k, V=v, O=o, LSE=lse, **_layout("q", q, packed), **_layout("k", k, packed),
                 **_layout("v", v, packed), **_layout("o", o, packed), **common, n_heads=Hq)
@@ -538,7 +550,7 @@ def plan_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   delta: torch.Tensor, gpu: Gpu, mask: Mask = CAUSAL, packed: Packed | None = None) -> list[Launch]:
     """The launches of backward (below); delta (like lse, fp32 contiguous) is their scratch."""
     assert dk.stride() == dv.stride(), "dk and dv must share strides"
-    consts = dict(constants(q), SOFTCAP=bool(mask.softcap))
+    consts = _constants(q, mask)
     common, B, Hq, Hkv, Tq, Tk = _common(q, k, lse, scale, mask, packed)
     inputs = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, **_layout("q", q, packed), **_layout("k", k, packed),
                   **_layout("v", v, packed), **_layout("d", do, packed), **common, sm_scale=scale)

@@ -67,7 +67,7 @@ def _causal_attention_decode_kernel(Q, K, V, KEY_LENGTHS, O_PART, LSE_PART,
     q = load_rows(q_ptrs, r, n_rows, offs_d, True, HEAD_DIM, BLOCK_D)             # (BLOCK_M, BLOCK_D)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    pos = i + (Tk - Tq)                  # causal: keys <= pos, and left = Tk leaves the window unbounded
+    pos = i + (Tk - Tq)                  # causal (keys <= pos), no window
     lo = split * split_keys
     hi = tl.minimum(lo + split_keys, Tk)                 # below lo for a split past the row's keys
     clean_end = tl.maximum(tl.minimum(hi, (Tk - Tq + 1) // BLOCK_N * BLOCK_N), lo)   # keys every row sees
@@ -75,10 +75,10 @@ def _causal_attention_decode_kernel(Q, K, V, KEY_LENGTHS, O_PART, LSE_PART,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, m_i, l_i = fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                                K, V, b, hk, pos, lo, clean_end, Tk, qk_scale, 1.0, Tk, 0, offs_n, offs_d,
-                               False, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, False)
+                               False, True, False, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, False)
     acc, m_i, l_i = fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                                K, V, b, hk, pos, clean_end, hi, Tk, qk_scale, 1.0, Tk, 0, offs_n, offs_d,
-                               True, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, False)
+                               True, True, False, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, False)
     # A row that sees no key of this split leaves o = 0 and lse = -inf: weight 0 in the combine.
     seen = l_i > 0
     part = (bh * tl.num_programs(1) + split).to(tl.int64) * n_rows

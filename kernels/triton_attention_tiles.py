@@ -100,16 +100,25 @@ def tanh(x):
 
 
 @triton.jit
-def visible(keys, pos, Tk, left, right):
-    """(rows, keys) mask of the keys < Tk that query positions pos see: pos - left <= key <= pos + right."""
-    return (keys[None, :] < Tk) & (keys[None, :] <= pos[:, None] + right) & (keys[None, :] >= pos[:, None] - left)
+def visible(keys, pos, Tk, left, right, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """(rows, keys) mask of the keys < Tk that query positions pos see: pos - left <= key <= pos + right.
+    CAUSAL (right is 0: key <= pos < Tk) and WINDOW (left is bounded) drop the comparisons that
+    cannot fail, which the plain causal mask, the hottest, does not pay for."""
+    if CAUSAL:
+        seen = keys[None, :] <= pos[:, None]
+    else:
+        seen = (keys[None, :] < Tk) & (keys[None, :] <= pos[:, None] + right)
+    if WINDOW:
+        seen = seen & (keys[None, :] >= pos[:, None] - left)
+    return seen
 
 
 @triton.jit
 def fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                k_desc, v_desc, b, hk, pos, lo, hi, Tk, qk_scale, cap_scale, left, right, offs_n, offs_d,
-               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               USE_TMA: tl.constexpr):
     k_ptrs = tile_ptrs(k_base, lo + offs_n, offs_d, stride_kt, stride_kd)       # (BLOCK_N, BLOCK_D)
     v_ptrs = tile_ptrs(v_base, lo + offs_n, offs_d, stride_vt, stride_vd)
     for start_n in range(lo, hi, BLOCK_N):
@@ -121,7 +130,7 @@ def fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
         if SOFTCAP:  # cap * tanh(s) (see the callers' scales)
             s = tanh(s) * cap_scale
         if MASKED:
-            s = tl.where(visible(keys, pos, Tk, left, right), s, float("-inf"))
+            s = tl.where(visible(keys, pos, Tk, left, right, CAUSAL, WINDOW), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))                                     # (BLOCK_M,)
         # A row that has seen no key yet (a decode split after its position, a window not yet
         # reached) keeps m = -inf; subtracting 0 instead keeps its p and alpha at 0, not NaN.
