@@ -7,9 +7,10 @@
 #      (python -m bench.ceilings);
 #   2. the kernel tests on CUDA (tests/numerics.py runs bf16 next to fp16 and fp32 by itself there);
 #   3. the benchmarks, one pytest per suite: triton vs torch eager vs torch.compile, SDPA flash and
-#      cuDNN for attention, Liger-Kernel where it imports, and the small preset's train step in
-#      tokens/s and MFU against the measured matmul ceiling (TRITONGPT_CEILINGS); the shapes the
-#      goals name (TRITONGPT_BENCH_QUICK=1 unless set otherwise);
+#      cuDNN for attention, SDPA with an explicit mask and FlexAttention for windowed, softcapped
+#      and packed-document attention, Liger-Kernel where it imports, and the small preset's train
+#      step in tokens/s and MFU against the measured matmul ceiling (TRITONGPT_CEILINGS); the
+#      shapes the goals name (TRITONGPT_BENCH_QUICK=1 unless set otherwise);
 #   4. bench.json (all suites merged) and report.md (environment, step statuses, test summary,
 #      benchmark table with fractions of the ceilings).
 # Each step runs under `timeout -s INT`, so an overrunning pytest still reports and writes what it
@@ -67,12 +68,15 @@ step() {
 # reported as an error while the other modules still run.
 step kernel-tests 100 "${PYTEST[@]}" --continue-on-collection-errors tests/kernels/test_triton_*.py tests/kernels/test_kernels*.py
 
-# Seconds per suite at the quick shapes, about 5 minutes in all: estimates, not yet timed on a GPU,
+# Seconds per suite at the quick shapes, about 7 minutes in all: estimates, not yet timed on a GPU,
 # with room for a fresh process's imports and torch.compile's first compiles in each. The train
-# step (the MFU headline) goes first, attention (the largest) last. quantized_linear includes greedy
-# decoding of the small preset in full precision, int8 and fp4.
+# step (the MFU headline) goes first, attention (the largest) last: causal, then windowed and
+# softcapped (attention) and packed documents (varlen_attention), whose FlexAttention rows compile
+# a kernel per mask and pass. Past the deadline the last suites get what time is left (and a
+# partial JSON). quantized_linear includes greedy decoding of the small preset in full precision,
+# int8 and fp4.
 for suite in train_step:80 rms_norm:35 swiglu:20 cross_entropy:30 linear_cross_entropy:40 quantized_linear:40 \
-        causal_attention:80; do
+        causal_attention:80 attention:60 varlen_attention:45; do
     name=${suite%:*}
     step "bench-$name" "${suite#*:}" "${PYTEST[@]}" "bench/test_$name.py" --benchmark-only \
         --benchmark-json "$OUT/bench/$name.json"

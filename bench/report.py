@@ -6,7 +6,8 @@ Rows are grouped by (op, pass, shape, dtype), the labels bench/conftest.measure 
 benchmark's extra_info. Each group becomes one table row with, per backend, the median time and
 the derived figures (GB/s, TFLOP/s, tokens/s, MFU; peak MiB in its own column when measured), then
 the speed-up of triton over torch eager and over torch.compile, and, when the files hold such rows,
-over the fastest pinned SDPA backend (sdpa_flash, sdpa_cudnn) and over Liger-Kernel. Several
+over the fastest SDPA row (sdpa_flash, sdpa_cudnn: SDPA pinned to a backend; sdpa_mask: SDPA with an
+explicit mask), over FlexAttention (flex) and over Liger-Kernel. Several
 files are read as one (the first one's metadata heads the report; --json writes them merged).
 With --ceilings (bench/ceilings.py's JSON) each GB/s figure also shows its fraction of the
 measured copy bandwidth and each TFLOP/s figure its fraction of the measured bf16 matmul rate.
@@ -23,12 +24,12 @@ from model.command import Parser
 from model.io.files import atomic_write_text
 
 # Backends in column order; any other backend name found in a file follows, alphabetically.
-BACKEND_ORDER = ("triton", "torch", "compile", "sdpa", "sdpa_flash", "sdpa_cudnn", "liger")
+BACKEND_ORDER = ("triton", "torch", "compile", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_mask", "flex", "liger")
 # Derived figures the benchmarks put in extra_info, in display order.
 FIGURES = ("TFLOP/s", "GB/s", "tokens/s", "MFU")
 # Speed-up columns: triton against these backends; the optional ones only when a file has them.
 BASELINES = {"torch": "torch eager", "compile": "torch.compile"}
-OPTIONAL_BASELINES = {"sdpa*": "best SDPA", "liger": "Liger"}
+OPTIONAL_BASELINES = {"sdpa*": "best SDPA", "flex": "FlexAttention", "liger": "Liger"}
 LABELS = ("op", "pass_", "shape", "dtype", "backend")
 # The ceilings bench/ceilings.py measures, by their keys in its JSON.
 COPY_KEY, MATMUL_KEY = "copy_GB/s", "matmul_bf16_TFLOP/s"

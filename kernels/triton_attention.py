@@ -452,10 +452,10 @@ class Mask:
     softcap: float = 0.0
 
     @classmethod
-    def of(cls, window_size: tuple[int, int], softcap: float) -> "Mask":
-        """From kernels.attention's validated window_size (its right side 0 when causal) and softcap."""
+    def of(cls, causal: bool, window_size: tuple[int, int], softcap: float) -> "Mask":
+        """From kernels.attention's arguments (causal puts the right side at 0 whatever window_size says)."""
         left, right = window_size
-        return cls(UNBOUNDED if left < 0 else left, UNBOUNDED if right < 0 else right, softcap)
+        return cls(UNBOUNDED if left < 0 else left, 0 if causal else UNBOUNDED if right < 0 else right, softcap)
 
 
 CAUSAL = Mask()
@@ -639,7 +639,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     prefill of one row runs without them on the cache sliced to its length.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    mask = Mask.of(window_size, softcap)
+    mask = Mask.of(causal, window_size, softcap)
     if key_lengths is None:
         return _attention_op(q, k, v, scale, mask.left, mask.right, mask.softcap)[0]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

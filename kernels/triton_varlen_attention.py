@@ -90,6 +90,6 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      softcap: float = 0.0) -> torch.Tensor:
     """The triton backend of kernels.varlen_attention (inputs validated there); see the module doc."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    mask = Mask.of(window_size, softcap)
+    mask = Mask.of(causal, window_size, softcap)
     return _varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                 mask.left, mask.right, mask.softcap)[0]

@@ -3,6 +3,7 @@ pieces they rely on: the MFU peak and the Liger call adapter of bench/conftest.p
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -121,3 +122,12 @@ def test_ceilings_output_feeds_report_and_mfu(tmp_path, monkeypatch, capsys):
     assert "gpu: NVIDIA H200" in printed and "sm_count: 132" in printed and f"{MATMUL_KEY}: 761.3" in printed
     assert report.load_ceilings(env)[report.COPY_KEY] == 4012.3
     assert ceilings.mfu_peak("NVIDIA H200", env) == (761.3e12, "measured")
+
+
+def test_gpu_script_suites_exist():
+    """Every suite of the script's benchmark loop is a bench/test_<name>.py, and the attention
+    suites are all among them."""
+    loop = re.search(r"^for suite in (.*?); do$", (REPO / "bench" / "gpu.sh").read_text(), re.M | re.S)
+    suites = [entry.split(":")[0] for entry in loop.group(1).replace("\\\n", " ").split()]
+    assert [s for s in suites if not (REPO / "bench" / f"test_{s}.py").exists()] == []
+    assert {"causal_attention", "attention", "varlen_attention"} <= set(suites)

@@ -201,3 +201,28 @@ def test_merge_names_the_bad_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.main([str(good), str(bad)])
     assert f"{bad} is not a pytest-benchmark JSON file (benchmark 0 has no stats.median" in capsys.readouterr().err
+
+
+def test_masked_sdpa_and_flex_backends(tmp_path, capsys):
+    """The rows of bench/test_attention.py and bench/test_varlen_attention.py: sdpa_mask counts as
+    an SDPA row and flex gets its own speed-up column, both after the pinned SDPA backends."""
+    shape = "tokens=16384 docs=18 (64..4096, longest 4022) Hq=16 Hkv=16 D=128"
+    path = write(tmp_path / "gpu.json", [
+        bench("varlen_attention", "fwd", "triton", 1.0, shape=shape, **{"TFLOP/s": 400.0}),
+        bench("varlen_attention", "fwd", "torch", 6.0, shape=shape, **{"TFLOP/s": 66.7}),
+        bench("varlen_attention", "fwd", "sdpa_mask", 8.0, shape=shape, **{"TFLOP/s": 50.0}),
+        bench("varlen_attention", "fwd", "flex", 1.5, shape=shape, **{"TFLOP/s": 266.7}),
+        bench("attention", "bwd", "triton", 4.0, shape="B=1 H=16 T=16384 D=128 window=512"),
+        bench("attention", "bwd", "flex", 5.0, shape="B=1 H=16 T=16384 D=128 window=512"),
+        bench("causal_attention", "fwd", "sdpa_flash", 3.0, shape="T=4096"),
+    ])
+    report.main([str(path)])
+    rows = table(capsys.readouterr().out)
+    varlen, window = rows["varlen_attention", "fwd"], rows["attention", "bwd"]
+    assert [c for c in varlen if c.endswith(" ms")] == ["triton ms", "torch ms", "sdpa_flash ms", "sdpa_mask ms", "flex ms"]
+    assert list(varlen)[-4:] == ["triton vs torch eager", "triton vs torch.compile", "triton vs best SDPA",
+                                 "triton vs FlexAttention"]
+    assert (varlen["triton vs torch eager"], varlen["triton vs best SDPA"], varlen["triton vs FlexAttention"]) == (
+        "6.00x", "8.00x", "1.50x")
+    assert varlen["flex rate"] == "267 TFLOP/s"
+    assert (window["triton vs FlexAttention"], window["triton vs best SDPA"], window["sdpa_mask ms"]) == ("1.25x", "", "")
