@@ -1,7 +1,7 @@
 """kernels.attention (FlashAttention's options: causal, window_size, softcap, GQA, Tq != Tk, key
 lengths) on both backends against an explicit float64 implementation written out here.
 
-The cases are FlashAttention's own (tests/test_flash_attn.py in Dao-AILab/flash-attention),
+The cases are FlashAttention's own (test_flash_attn.py of Dao-AILab/flash-attention),
 scaled down for the Triton interpreter:
 
 - test_flash_attn_output: MHA / MQA / GQA, causal or not, local (window_size) or not, softcap 0 or

@@ -1,7 +1,7 @@
 """kernels/triton_attention_decode.py: split-key decoding, and per-row key lengths against a
 float64 implementation written from the definition (row b's query i attends keys 0 .. L_b - Tq
 + i of its first L_b keys). The decode path without lengths is also checked, with gradients,
-by test_triton_causal_attention.py's DECODE_CASES.
+by test_triton_attention.py's DECODE_CASES.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 cu_seqlens offsets) on both backends, against a float64 attention run on each sequence alone, and
 against kernels.attention on each sequence alone.
 
-The cases are FlashAttention's own (tests/test_flash_attn.py in Dao-AILab/flash-attention),
+The cases are FlashAttention's own (test_flash_attn.py of Dao-AILab/flash-attention),
 scaled down for the Triton interpreter:
 
 - test_flash_attn_varlen_output / test_flash_attn_varlen_qkvpacked: sequences cut from a padded
