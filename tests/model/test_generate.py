@@ -107,3 +107,14 @@ def test_triton_attention_cache_equals_no_cache(tiny):
     with kernels.use("torch"):
         reference = generate(tiny, idx, 6, temperature=0)
     assert torch.equal(cached, uncached) and torch.equal(cached, reference)
+
+
+@pytest.mark.parametrize("options", [dict(attn_window=8), dict(attn_softcap=2.0), dict(attn_window=5, attn_softcap=1.0)],
+                         ids=["window", "softcap", "both"])
+def test_window_and_softcap_cache_equals_no_cache(options):
+    """Decoding through the KV cache keeps a windowed or softcapped model's attention: the cached
+    steps (kernels.attention with Tq < Tk) give the greedy tokens of full forwards, past the window."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=V, block_size=64, init_std=0.2, **options)).eval()
+    idx = torch.randint(0, V, (2, 6))
+    assert torch.equal(generate(model, idx, 20, temperature=0), generate(model, idx, 20, temperature=0, use_cache=False))
