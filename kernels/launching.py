@@ -30,6 +30,13 @@ class Gpu:
     smem_per_block: int       # bytes of shared memory one program may opt in to
     capability: int = 0       # compute capability as major * 10 + minor (90: Hopper); 0: interpreter
 
+    @property
+    def hopper_class(self) -> bool:
+        """Hopper and datacenter Blackwell (sm_90, sm_100, sm_103): MMAs that read their operands
+        from shared memory (wgmma, tcgen05) and TMA. Not consumer Blackwell (sm_120), whose
+        mma.sync holds them in registers as Ampere and Ada do."""
+        return 90 <= self.capability < 120
+
 
 # The interpreter has no shared-memory limit; its plans use fixed small tiles anyway.
 INTERPRETER_GPU = Gpu(sms=INTERPRETER_SMS, smem_per_block=2**30)
@@ -82,8 +89,8 @@ class Launch:
 class Tile:
     """One candidate config of a tiled kernel, by name: a block_m x block_n tile, warps, pipeline
     stages, whether it streams its tiles through TMA descriptors (tma) and whether it is kept to
-    Hopper and later (hopper; tma implies it), e.g. because it spills with sm_80's register-held
-    MMA operands."""
+    Gpu.hopper_class targets (hopper; tma implies it), e.g. because it spills with the
+    register-held MMA operands of sm_80, sm_86, sm_89 and sm_120."""
     block_m: int
     block_n: int
     warps: int

@@ -369,7 +369,10 @@ def _descriptor(t: torch.Tensor, block_d: int) -> TensorDescriptor | None:
 # fp32 dK, dV for 64 keys in 128 threads; at head dim 128 the pointer-loaded (16, 128), (128, 32)
 # and (128, 128) forward tiles and (32, 64), (32, 128) dK/dV tiles, at 250-254 registers with
 # the causal mask alone, spill once the window's bounds and the packed sequences' offsets join
-# them, so at 128 only their TMA versions, which hold no pointer tiles, are kept). hopper=True keeps a tile to Hopper and later (it spills
+# them, so at 128 only their TMA versions, which hold no pointer tiles, are kept; on the targets
+# with register-held MMA operands, sm_80, sm_86, sm_89 and sm_120, the same masks spill the
+# (64, 64) and (128, 32) forward, (64, 64) dQ, (64, 128) dK/dV tiles at head dim 64 and the
+# 16-row dK/dV tiles at 128, which are kept to Hopper-class targets). hopper=True keeps a tile to Hopper and later (it spills
 # with sm_80's register-held MMA operands); tma=True also streams its tiles through TMA when the
 # strides allow. (Triton 3.9's warp specialization does not take these loops on sm_90a: the
 # 4-warp forward fails to compile with it, the 8-warp one compiles unchanged.)
@@ -377,19 +380,21 @@ _HOPPER, _TMA = dict(hopper=True), dict(tma=True, hopper=True)
 _DQ = [Tile(16, 64, 4, 2), Tile(64, 32, 4, 2), Tile(64, 32, 4, 3), Tile(128, 32, 8, 2), Tile(128, 32, 8, 3),
        Tile(64, 32, 4, 2, **_TMA), Tile(128, 64, 8, 2, **_TMA)]
 TILES: dict[str, dict[int, list[Tile]]] = {
-    "fwd": {64: [Tile(16, 64, 4, 3), Tile(16, 128, 4, 2), Tile(64, 32, 4, 2), Tile(64, 64, 4, 3), Tile(64, 32, 4, 4),
-                 Tile(128, 32, 4, 4), Tile(128, 64, 8, 3), Tile(128, 64, 4, 3, **_HOPPER),
+    "fwd": {64: [Tile(16, 64, 4, 3), Tile(16, 128, 4, 2), Tile(64, 32, 4, 2), Tile(64, 64, 4, 3, **_HOPPER),
+                 Tile(64, 32, 4, 4), Tile(128, 32, 4, 4, **_HOPPER), Tile(128, 64, 8, 3), Tile(128, 64, 4, 3, **_HOPPER),
                  Tile(128, 128, 8, 2, **_HOPPER), Tile(64, 64, 4, 3, **_TMA), Tile(128, 64, 8, 3, **_TMA),
                  Tile(128, 128, 8, 2, **_TMA)],
             256: [Tile(16, 64, 4, 3), Tile(64, 32, 4, 2), Tile(64, 32, 4, 4), Tile(64, 64, 4, 3, **_HOPPER),
                   Tile(128, 64, 8, 3, **_HOPPER), Tile(64, 64, 4, 3, **_TMA), Tile(128, 64, 8, 3, **_TMA),
                   Tile(128, 128, 8, 2, **_TMA)]},
-    "dkdv": {64: [Tile(16, 64, 4, 2), Tile(32, 64, 4, 2), Tile(32, 64, 4, 3), Tile(32, 128, 8, 2), Tile(64, 128, 8, 3),
+    "dkdv": {64: [Tile(16, 64, 4, 2), Tile(32, 64, 4, 2), Tile(32, 64, 4, 3), Tile(32, 128, 8, 2),
+                  Tile(64, 128, 8, 3, **_HOPPER),
                   Tile(64, 64, 8, 2, **_HOPPER), Tile(64, 128, 8, 2, **_HOPPER), Tile(32, 64, 4, 3, **_TMA),
                   Tile(64, 128, 8, 2, **_TMA)],
-             256: [Tile(16, 64, 4, 2), Tile(32, 64, 8, 2), Tile(16, 128, 8, 2), Tile(32, 64, 4, 3, **_TMA),
+             256: [Tile(16, 64, 4, 2, **_HOPPER), Tile(32, 64, 8, 2), Tile(16, 128, 8, 2, **_HOPPER),
+                   Tile(32, 64, 4, 3, **_TMA),
                    Tile(32, 128, 8, 3, **_TMA)]},
-    "dq": {64: _DQ + [Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)], 256: _DQ + [Tile(128, 64, 8, 2, **_HOPPER)]},
+    "dq": {64: _DQ + [Tile(64, 64, 4, 2, **_HOPPER), Tile(128, 64, 8, 2)], 256: _DQ + [Tile(128, 64, 8, 2, **_HOPPER)]},
 }
 # Interpreter tiles, smaller than the test shapes so every tiling path runs; tests swap them for
 # the other BLOCK_M / BLOCK_N ratios of the GPU tiles, and for TMA.
@@ -408,7 +413,8 @@ STREAMED = {"fwd": {"K_DESC": "BLOCK_N", "V_DESC": "BLOCK_N"}, "dkdv": {"Q_DESC"
 def candidates(name: str, q: torch.Tensor, block_d: int, q_bucket: int, tma: bool, gpu: Gpu) -> list[Tile]:
     """The tiles kernel `name` may run with: those for this head dim whose shared-memory estimate
     fits the GPU, whose query tile is not far larger than the query count (few queries get
-    16-row tiles), and which use TMA only on Hopper or later when the tensors allow it (tma);
+    16-row tiles), and which use TMA and Hopper-only tiles only on Gpu.hopper_class targets, TMA
+    when the tensors allow it (tma);
     never empty. In the interpreter: INTERPRETER_TILES[name] alone (with TMA only if tma)."""
     if gpu.capability == 0:
         tile = INTERPRETER_TILES[name]
@@ -416,7 +422,7 @@ def candidates(name: str, q: torch.Tensor, block_d: int, q_bucket: int, tma: boo
     table = TILES[name]
     tiles = table[next((d for d in table if block_d <= d), list(table)[-1])]
     row_bytes = q.element_size() * block_d
-    usable = [t for t in tiles if not t.hopper or (gpu.capability >= 90 and (tma or not t.tma))]
+    usable = [t for t in tiles if not t.hopper or (gpu.hopper_class and (tma or not t.tma))]
     kept = [t for t in usable
             if row_bytes * SMEM_ROWS[name](t) <= gpu.smem_per_block and t.block_m <= max(16, q_bucket)]
     return kept or [min(usable, key=SMEM_ROWS[name])]
