@@ -179,10 +179,11 @@ def _scores(a, b_t, qk_scale, cap_scale, SOFTCAP: tl.constexpr, DOT_PRECISION: t
     with softcap c, qk_scale is scale / c and cap_scale c * log2(e), and the score is
     c * tanh(scale * s / c)."""
     s = tl.dot(a, b_t, input_precision=DOT_PRECISION) * qk_scale
-    if SOFTCAP:
+    cap_grad = 1.0
+    if SOFTCAP:  # (one return: a compiled function's returns must agree in type)
         t = tanh(s)
-        return t * cap_scale, 1.0 - t * t
-    return s, 1.0
+        s, cap_grad = t * cap_scale, 1.0 - t * t
+    return s, cap_grad
 
 
 @triton.jit
