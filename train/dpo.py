@@ -3,7 +3,9 @@
 The policy starts from --init and a frozen copy of it is the reference (eval mode, no gradients).
 A response's log-probability is the sum of its per-token log-probs, taken from the model's
 reduction="none" loss path (kernels.linear_cross_entropy), so it runs on the same kernels as
-training. The loss is -logsigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))); the reference terms
+training; with --packing (the default) the chosen and rejected sequences of a micro-batch are
+packed whole into rows, each attending only to itself, and the per-token losses are summed per
+sequence. The loss is -logsigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))); the reference terms
 never change, so they are computed once per pair and cached. --nll-weight (default 1; 0 is plain
 DPO) adds that times the chosen responses' mean per-token NLL, which keeps the SFT model's correct
 answers likely: without it, exact match falls while reward accuracy rises. With --data tasks the
@@ -28,7 +30,7 @@ from train.launch import Stage, run
 from train.posttrain import PostConfig, PostJob, held_out_tasks, holdout, load_init, report
 from train.replies import sampled_rejections
 from train.runtime import Runtime
-from train.data.sft_data import IGNORE, Example, collate, encode_pairs, load_dpo
+from train.data.sft_data import IGNORE, Example, collate, encode_pairs, load_dpo, to_device
 
 
 @dataclass
@@ -51,9 +53,14 @@ CUDA_DEFAULTS = DPOConfig(n_train=8000, batch_size=32, max_steps=1500, lr=3e-5, 
 Pair = tuple[Example, Example]
 
 
-def sequence_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Sum of the log-probs of the target tokens of each row (ignored targets count 0): (B, T) -> (B,)."""
-    return -model(x, targets=y, reduction="none").float().sum(dim=-1)
+def sequence_logps(model: torch.nn.Module, batch: dict, n: int) -> torch.Tensor:
+    """Sum of the log-probs of the target tokens of each of the n examples of a collated batch, padded
+    or packed (ignored targets count 0): the per-token losses of its rows, summed per example over
+    its positions (batch["segment"]) -> (n,)."""
+    losses = model(batch["x"], targets=batch["y"], reduction="none", documents=batch.get("documents"))  # (R, L)
+    sums = losses.new_zeros(n + 1, dtype=torch.float32).index_add(0, batch["segment"].flatten(),
+                                                                  losses.float().flatten())  # padding: slot n
+    return -sums[:n]
 
 
 def implicit_rewards(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
@@ -74,15 +81,17 @@ def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r:
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 
-def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
-    """The chosen responses then the rejected ones as one padded batch: x, y (2B, L)."""
-    return collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+def pair_batch(pairs: list[Pair], pad_id: int, pack_to: int = 0) -> dict:
+    """The chosen responses (examples 0 .. B - 1) then the rejected ones (B .. 2B - 1) as one batch,
+    padded one per row or packed into rows of at most pack_to positions (collate)."""
+    return collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id, pack_to)
 
 
-def pair_logps(model: torch.nn.Module, pairs: list[Pair], pad_id: int, device: torch.device) -> torch.Tensor:
+def pair_logps(model: torch.nn.Module, pairs: list[Pair], pad_id: int, device: torch.device,
+               pack_to: int = 0) -> torch.Tensor:
     """(log p(chosen), log p(rejected)) of each pair's response under model: (2, B)."""
-    b = pair_batch(pairs, pad_id)
-    return sequence_logps(model, b["x"].to(device), b["y"].to(device)).view(2, len(pairs))
+    b = to_device(pair_batch(pairs, pad_id, pack_to), device)
+    return sequence_logps(model, b, 2 * len(pairs)).view(2, len(pairs))
 
 
 def accuracy_by_kind(wins: list[bool], kinds: list[str]) -> dict[str, float]:
@@ -99,9 +108,9 @@ class DPOJob(PostJob):
 
     def __init__(self, train: list[Pair], val: list[Pair], test_tasks: list[tasks.Task], tok, reference: GPT,
                  beta: float, cfg: TrainConfig, rt: Runtime, nll_weight: float = 0.0,
-                 val_kinds: list[str] | None = None):
+                 val_kinds: list[str] | None = None, pack_to: int = 0):
         super().__init__(test_tasks, tok, cfg, rt)
-        self.train, self.val = train, val
+        self.train, self.val, self.pack_to = train, val, pack_to      # pack_to 0: one sequence per row
         self.val_kinds = val_kinds                        # task kind of each held-out pair, for per-kind accuracy
         self.reference, self.beta, self.nll_weight = reference, beta, nll_weight
         self.ref_cache: dict[int, torch.Tensor] = {}     # train pair index -> (ref_c, ref_r) on the device
@@ -111,7 +120,7 @@ class DPOJob(PostJob):
     def reference_logps(self, pairs: list[Pair]) -> torch.Tensor:
         """The frozen reference's (ref_c, ref_r) log-probs of pairs: (2, B)."""
         with self.rt.autocast():
-            return pair_logps(self.reference, pairs, self.pad_id, self.rt.device)
+            return pair_logps(self.reference, pairs, self.pad_id, self.rt.device, self.pack_to)
 
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         index = self.indices(len(self.train), step, micro)
@@ -119,19 +128,21 @@ class DPOJob(PostJob):
         if missing:
             for i, ref in zip(missing, self.reference_logps([self.train[i] for i in missing]).T):
                 self.ref_cache[i] = ref
-        batch = self.on_device(pair_batch([self.train[i] for i in index], self.pad_id))
+        batch = self.on_device(pair_batch([self.train[i] for i in index], self.pad_id, self.pack_to))
         batch["ref"] = torch.stack([self.ref_cache[i] for i in index], dim=1)        # (2, B)
         return batch
 
     def loss(self, model, batch):
-        logps = sequence_logps(model, batch["x"], batch["y"]).view(2, -1)            # (2, B)
+        B = batch["ref"].shape[1]
+        logps = sequence_logps(model, batch, 2 * B).view(2, B)                       # (2, B)
         loss, metrics = dpo_loss(logps[0], logps[1], batch["ref"][0], batch["ref"][1], self.beta)
         if not self.nll_weight:
             return loss, metrics
         # Plain DPO lowers the chosen responses' likelihood along with the rejected ones' (both
         # rewards fall); on the tasks that breaks greedy answers, mostly by not stopping. The mean
         # NLL per chosen token holds the chosen answers up.
-        nll = -logps[0].sum() / (batch["y"][:logps.shape[1]] != IGNORE).sum()
+        chosen_targets = ((batch["y"] != IGNORE) & (batch["segment"] < B)).sum()      # examples 0 .. B - 1
+        nll = -logps[0].sum() / chosen_targets
         return loss + self.nll_weight * nll, {**metrics, "dpo_loss": loss.detach(), "chosen_nll": nll.detach()}
 
     def validate(self, model: GPT) -> dict[str, float]:
@@ -140,7 +151,8 @@ class DPOJob(PostJob):
             chunks = [self.val[i:i + self.cfg.batch_size] for i in range(0, len(self.val), self.cfg.batch_size)]
             if self.val_ref is None:
                 self.val_ref = torch.cat([self.reference_logps(c) for c in chunks], dim=1)            # (2, n)
-            policy = torch.cat([pair_logps(model, c, self.pad_id, self.rt.device) for c in chunks], dim=1)
+            policy = torch.cat([pair_logps(model, c, self.pad_id, self.rt.device, self.pack_to) for c in chunks],
+                               dim=1)
             loss, extra = dpo_loss(policy[0], policy[1], self.val_ref[0], self.val_ref[1], self.beta)
             metrics.update({"val_loss": loss.item(), **{f"val_{k}": v.item() for k, v in extra.items()}})
             if self.val_kinds:
@@ -190,7 +202,8 @@ def build(cfg: DPOConfig, rt: Runtime) -> tuple[DPOJob, GPT]:
               f"{len(val)} held-out pairs, {len(test_tasks)} test tasks, beta={cfg.beta}")
     # Per-kind accuracy needs one held-out pair per test task; a block_size too small for some drops them.
     kinds = [t.kind for t in test_tasks] if cfg.data == "tasks" and len(val) == len(test_tasks) else None
-    return DPOJob(train, val, test_tasks, tok, reference, cfg.beta, cfg, rt, cfg.nll_weight, kinds), policy
+    return DPOJob(train, val, test_tasks, tok, reference, cfg.beta, cfg, rt, cfg.nll_weight, kinds,
+                  block if cfg.packing else 0), policy
 
 
 STAGE = Stage("dpo", __doc__, CPU_DEFAULTS, CUDA_DEFAULTS, build, finish=report)

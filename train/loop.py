@@ -33,7 +33,8 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "409
 
 
 class Job(Protocol):
-    """What a training job gives the loop. Batches are dicts of tensors on the device."""
+    """What a training job gives the loop. Batches are dicts of tensors on the device (and of what
+    else the job's loss and tokens read: a model.documents.Documents for packed rows, counts)."""
     name: str
     tokenizer: Tokenizer | None  # saved into the run directory; its fingerprint into each checkpoint
 
@@ -44,7 +45,8 @@ class Job(Protocol):
         """The scalar loss to minimise and extra scalar metrics (tensors; averaged for the log)."""
 
     def tokens(self, batch: dict) -> int:
-        """Tokens the batch trains on (for tokens/s and --max-tokens)."""
+        """Tokens the batch trains on, padding not counted (for tokens/s, the run's token count, and
+        --max-tokens, which takes the first micro-batch's count as every one's)."""
 
     def validate(self, model: GPT) -> dict[str, float]:
         """Validation metrics of the bare model (called on every rank, in eval mode, without grad)."""
@@ -116,15 +118,16 @@ class Window:
     losses: list[torch.Tensor] = field(default_factory=list)
     metrics: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     grad_norms: list[torch.Tensor] = field(default_factory=list)
-    tokens: int = 0
+    tokens: int = 0              # this rank's
     started: float = field(default_factory=time.perf_counter)
     paused: float = 0.0          # seconds spent validating inside the window: not training time
 
     def summary(self, rt: Runtime) -> dict[str, float]:
-        """Mean loss (over ranks too), grad norm and job metrics, and the tokens/s of the window."""
+        """Mean loss (over ranks too), grad norm and job metrics, and the tokens/s of the window (all
+        ranks' tokens)."""
         record = {"train_loss": rt.all_mean(torch.stack(self.losses).mean()).item(),
                   "grad_norm": torch.stack(self.grad_norms).mean().item(),
-                  "tokens_per_s": self.tokens / (time.perf_counter() - self.started - self.paused)}
+                  "tokens_per_s": rt.all_sum(self.tokens) / (time.perf_counter() - self.started - self.paused)}
         record.update({k: rt.all_mean(torch.stack(v).mean()).item() for k, v in self.metrics.items()})
         return record
 
@@ -187,8 +190,10 @@ def resume(run_dir: str, model: GPT, optimizer: torch.optim.Optimizer, tokenizer
 
 
 def train_step(cfg: TrainConfig, job: Job, trained: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer,
-               rt: Runtime, step: int, lr: float, window: Window) -> None:
-    """One optimizer step at learning rate lr: grad_accum micro-batches, clipping, the update."""
+               rt: Runtime, step: int, lr: float, window: Window) -> int:
+    """One optimizer step at learning rate lr: grad_accum micro-batches, clipping, the update;
+    -> the tokens this rank trained on (job.tokens)."""
+    tokens = 0
     for group in optimizer.param_groups:
         group["lr"] = lr
     for micro in range(cfg.grad_accum):
@@ -200,11 +205,13 @@ def train_step(cfg: TrainConfig, job: Job, trained: torch.nn.Module, model: GPT,
         window.losses.append(loss.detach())
         for k, v in metrics.items():
             window.metrics.setdefault(k, []).append(v.detach().float())
-        window.tokens += job.tokens(batch) * rt.world_size
+        tokens += job.tokens(batch)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     window.grad_norms.append(norm.detach())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    window.tokens += tokens
+    return tokens
 
 
 def validate(job: Job, model: GPT, rt: Runtime, log: RunLog | None, step: int) -> tuple[dict[str, float], str | None]:
@@ -235,7 +242,8 @@ def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, config_record: dict
     """Train model (the bare module, already on rt.device) on job into the run directory cfg.out;
     returns the last logged metrics (without the last window's tokens_per_s and mfu), the last sample
     under "sample", this invocation's average throughput under "throughput" (its tokens, the
-    seconds of its training loop not spent validating, tokens_per_s, and mfu on a known GPU), and
+    seconds of its training loop not spent validating, tokens_per_s, and mfu on a known GPU; tokens
+    are job.tokens, padding not counted, so mfu is that of the useful work), and
     under "stopped_early" why the run ended before its last step ("" when it did not)."""
     run_dir = Path(cfg.out)
     log = RunLog(run_dir) if rt.is_main else None
@@ -248,7 +256,8 @@ def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, config_record: dict
         if cfg.resume:
             log.truncate_after(step)     # records a killed run logged after its last checkpoint
         log.write_config(config_record)
-    tokens_per_step = job.tokens(job.batch(step, 0)) * cfg.grad_accum * rt.world_size
+    tokens_per_step = job.tokens(job.batch(step, 0)) * cfg.grad_accum * rt.world_size   # for --max-tokens
+    unsynced, trained_tokens = 0, 0      # this rank's tokens not yet in tokens_seen; all ranks' of this invocation
     n_steps = total_steps(cfg, tokens_per_step)
     peak, flops_per_token = peak_flops(rt.device), model.flops_per_token()
     profiler = Profiler(cfg.profile, run_dir, rt.is_main)
@@ -266,8 +275,8 @@ def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, config_record: dict
               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]") as bar:
         while step < n_steps:
             lr = lr_at(step, cfg, n_steps)
-            train_step(cfg, job, trained, model, optimizer, rt, step, lr, window)
-            step, steps_this_run, tokens_seen = step + 1, steps_this_run + 1, tokens_seen + tokens_per_step
+            unsynced += train_step(cfg, job, trained, model, optimizer, rt, step, lr, window)
+            step, steps_this_run = step + 1, steps_this_run + 1
             profiler.step(steps_this_run)
 
             now = time.perf_counter()
@@ -279,6 +288,10 @@ def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, config_record: dict
             last = step == n_steps or stop
             log_now = step % cfg.log_interval == 0 or last
             validate_now = bool(cfg.eval_interval) and step % cfg.eval_interval == 0 or last
+            save_now = step % cfg.ckpt_interval == 0 or last
+            if log_now or validate_now or save_now:    # every rank at the same steps: one all-reduce
+                added, unsynced = rt.all_sum(unsynced), 0
+                tokens_seen, trained_tokens = tokens_seen + added, trained_tokens + added
             if log_now or validate_now:       # each on its own interval: neither waits for the other
                 record = {"step": step, "tokens": tokens_seen, "lr": lr}
                 if log_now:
@@ -299,12 +312,12 @@ def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, config_record: dict
                     if (warning := slowdown.observe(record["tokens_per_s"])) and rt.is_main:
                         bar.write(warning)
                     window = Window()
-            if step % cfg.ckpt_interval == 0 or last:
+            if save_now:
                 save(run_dir, step, tokens_seen, job, model, optimizer, rt)
             if stop:
                 break
 
-    trained_tokens, seconds = steps_this_run * tokens_per_step, time.perf_counter() - loop_started - validating
+    seconds = time.perf_counter() - loop_started - validating
     throughput = {"tokens": trained_tokens, "seconds": seconds, "tokens_per_s": trained_tokens / max(seconds, 1e-9)}
     if peak:
         throughput["mfu"] = flops_per_token * throughput["tokens_per_s"] / (peak * rt.world_size)

@@ -1,11 +1,10 @@
-"""What the post-training stages (train/sft.py, train/dpo.py) share: their config fields, the --init
-model and tokenizer, the held-out split of a JSONL file, the batch order, exact match on the test
-tasks, and the before/after table printed when a run ends."""
+"""What the post-training stages (train/sft.py, train/dpo.py) share: their config fields (--packing
+among them), the --init model and tokenizer, the held-out split of a JSONL file, the batch order,
+the count of non-pad tokens, exact match on the test tasks, and the before/after table printed
+when a run ends."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 from model import GPT
 from model.chat_format import ChatTokens
@@ -16,7 +15,7 @@ from train.config import TrainConfig, absolute_path, option, positive
 from train.replies import exact_match, task_sample
 from train.runlog import RunLog
 from train.runtime import Runtime
-from train.data.sft_data import stream_indices
+from train.data.sft_data import stream_indices, to_device
 
 
 @dataclass
@@ -29,6 +28,10 @@ class PostConfig(TrainConfig):
                                "tasks (the first --eval-examples of the test split) match")
     eval_examples: int = option(350, "held-out examples per evaluation: test tasks for exact match, and at "
                                      "most this many held-out records of a --data file", positive)
+    packing: bool = option(True, "pack each micro-batch's --batch-size examples whole into as few rows of at most "
+                                 "block_size tokens as they fit (each attends only to itself, from position 0: "
+                                 "the losses of padding one per row, with less padding); --no-packing pads one "
+                                 "example per row")
 
 
 def load_init(cfg: PostConfig, rt: Runtime) -> tuple[GPT, Tokenizer]:
@@ -69,11 +72,12 @@ class PostJob:
         start = ((step * self.cfg.grad_accum + micro) * W + self.rt.rank) * B
         return stream_indices(n, start, B, self.cfg.seed)
 
-    def on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items()}
+    def on_device(self, batch: dict) -> dict:
+        return to_device(batch, self.rt.device)
 
     def tokens(self, batch: dict) -> int:
-        return batch["x"].numel()
+        """The batch's input tokens that are not padding: what tokens/s counts, packed or not."""
+        return batch["tokens"]
 
     def exact_match(self, model: GPT) -> dict[str, float]:
         return exact_match(model, self.tokenizer, self.test_tasks, self.cfg.batch_size)

@@ -2,7 +2,9 @@
 
 With no flags it prepares the built-in corpus (the Python standard library's sources) if needed,
 picks the tiny preset on CPU (about 10 minutes on 2 cores) or the small preset on CUDA, and trains
-with next-token cross-entropy through the shared loop in train/loop.py.
+with next-token cross-entropy through the shared loop in train/loop.py. Windows are cut from the
+token stream regardless of document boundaries; with --document-mask each token attends only to
+its own document's tokens.
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ from model import GPT, ModelConfig
 from model.io.checkpoint import load_model, load_tokenizer
 from model.command import run_command
 from model.config import PRESETS
+from model.documents import Documents
 from model.generate import generate
 from model.tokenizer import Tokenizer
 from train.config import TrainConfig, absolute_path, at_least, greater_than, option, positive
 from train.data.prepare import MIN_VOCAB, PreparedData, non_empty, prepare
+from train.data.sft_data import to_device
 from train.launch import Stage, run
 from train.runtime import Runtime
 
@@ -45,6 +49,9 @@ class PretrainConfig(TrainConfig):
                        type=absolute_path)
     sample_prompt: str = option("def ", "prompt of the samples written at each evaluation")
     eval_tokens: int = option(65536, "validation tokens per evaluation", positive)
+    document_mask: bool = option(False, "attend only within each document of a window (documents start at "
+                                        "<|endoftext|>; each from RoPE position 0), in training and validation, "
+                                        "instead of across the whole window")
     n_layer: int | None = option(None, "override n_layer", positive, int, group=MODEL_OVERRIDES)
     n_head: int | None = option(None, "override n_head", positive, int, group=MODEL_OVERRIDES)
     n_kv_head: int | None = option(None, "override n_kv_head", positive, int, group=MODEL_OVERRIDES)
@@ -52,6 +59,11 @@ class PretrainConfig(TrainConfig):
     mlp_hidden: int | None = option(None, "override mlp_hidden", positive, int, group=MODEL_OVERRIDES)
     block_size: int | None = option(None, "override block_size", positive, int, group=MODEL_OVERRIDES)
     rope_theta: float | None = option(None, "override rope_theta", greater_than(0), float, group=MODEL_OVERRIDES)
+    attn_window: int | None = option(None, "sliding-window attention: each token sees itself and the ATTN_WINDOW - 1 "
+                                           "tokens before it (None: the whole context)", positive, int,
+                                     group=MODEL_OVERRIDES)
+    attn_softcap: float | None = option(None, "cap attention scores s at ATTN_SOFTCAP * tanh(s / ATTN_SOFTCAP), as "
+                                              "Gemma 2 (None: no cap)", greater_than(0), float, group=MODEL_OVERRIDES)
 
     def model_overrides(self) -> dict:
         """The ModelConfig fields given on the command line."""
@@ -76,17 +88,25 @@ class PretrainJob:
         self.data, self.cfg, self.block_size, self.rt = data, cfg, block_size, rt
         self.tokenizer = data.tokenizer
 
-    def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+    def batch(self, step: int, micro: int) -> dict:
         # Sample the global batch and keep this rank's rows, so the data (and the losses) do not
         # depend on how many processes share it.
         B = self.cfg.batch_size
         x, y = sample_batch(self.data.train, B * self.rt.world_size, self.block_size, self.cfg.seed,
                             step * self.cfg.grad_accum + micro)
         rows = slice(self.rt.rank * B, (self.rt.rank + 1) * B)
-        return {"x": x[rows].to(self.rt.device, non_blocking=True), "y": y[rows].to(self.rt.device, non_blocking=True)}
+        return self.on_device(x[rows], y[rows])
+
+    def on_device(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """{"x", "y"} on the device, and with --document-mask their "documents" (found on the host,
+        so that the device never waits for a sync)."""
+        batch = {"x": x, "y": y}
+        if self.cfg.document_mask:
+            batch["documents"] = documents_of(x, self.tokenizer.eot_id)
+        return to_device(batch, self.rt.device)
 
     def loss(self, model, batch):
-        return model(batch["x"], targets=batch["y"]), {}
+        return model(batch["x"], targets=batch["y"], documents=batch.get("documents")), {}
 
     def tokens(self, batch) -> int:
         return batch["x"].numel()
@@ -94,7 +114,8 @@ class PretrainJob:
     def validate(self, model: GPT) -> dict[str, float]:
         total, count = torch.zeros((), device=self.rt.device), 0
         for x, y in eval_batches(self.data.val, self.cfg.batch_size, self.block_size, self.cfg.eval_tokens):
-            total += model(x.to(self.rt.device), targets=y.to(self.rt.device)).float()
+            batch = self.on_device(x, y)
+            total += model(batch["x"], targets=batch["y"], documents=batch.get("documents")).float()
             count += 1
         val_loss = total.item() / max(count, 1)
         return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}
@@ -105,6 +126,13 @@ class PretrainJob:
         out = generate(model, prompt, max_new_tokens=96, temperature=0.8, top_k=50, seed=self.cfg.seed,
                        stop_tokens=[tok.eot_id])
         return tok.decode(out[0].tolist())
+
+
+def documents_of(x: torch.Tensor, eot_id: int) -> Documents:
+    """The documents of the windows x (B, T): each starts at an <|endoftext|>, which the prepared
+    data puts before every document (as the chat template and generation put it before a prompt),
+    and at each row's start."""
+    return Documents.from_starts(x == eot_id)
 
 
 def sample_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int,

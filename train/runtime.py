@@ -45,6 +45,14 @@ class Runtime:
             t /= self.world_size
         return t
 
+    def all_sum(self, value: int) -> int:
+        """The sum of value over ranks (value itself in a single process)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t)
+        return int(t.item())
+
     def any(self, flag: bool) -> bool:
         """True on every rank when flag is true on any rank, so ranks stop together."""
         if not self.distributed:

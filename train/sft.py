@@ -16,17 +16,16 @@ import torch
 from model import GPT
 from model.command import run_command
 from train.data import tasks
-from train.config import TrainConfig, option
+from train.config import TrainConfig
 from train.launch import Stage, run
 from train.posttrain import PostConfig, PostJob, held_out_tasks, holdout, load_init, report
 from train.runtime import Runtime
-from train.data.sft_data import IGNORE, Example, collate, encode, load_sft
+from train.data.sft_data import IGNORE, Example, collate, encode, load_sft, to_device
 
 
 @dataclass
 class SFTConfig(PostConfig):
-    pack: bool = option(False, "pack several conversations into each row of up to block_size tokens instead of "
-                               "padding one per row (less padding; conversations then see earlier ones)")
+    """SFT's flags: those of every post-training stage (train/posttrain.py)."""
 
 
 CPU_DEFAULTS = SFTConfig(n_train=20000, batch_size=32, max_steps=1500, lr=1e-3, min_lr=1e-4, warmup_steps=20,
@@ -44,27 +43,30 @@ class SFTJob(PostJob):
         super().__init__(test_tasks, tok, cfg, rt)
         self.train, self.val, self.pack_to = train, val, pack_to
 
-    def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+    def batch(self, step: int, micro: int) -> dict:
         rows = [self.train[i] for i in self.indices(len(self.train), step, micro)]
         return self.on_device(collate(rows, self.pad_id, self.pack_to))
 
     def loss(self, model, batch):
-        return model(batch["x"], targets=batch["y"]), {}
+        return model(batch["x"], targets=batch["y"], documents=batch.get("documents")), {}
 
     def validate(self, model: GPT) -> dict[str, float]:
         metrics = self.exact_match(model)
         if self.val:
-            metrics["val_loss"] = masked_loss(model, self.val, self.pad_id, self.cfg.batch_size, self.rt.device)
+            metrics["val_loss"] = masked_loss(model, self.val, self.pad_id, self.cfg.batch_size, self.rt.device,
+                                              self.pack_to)
         return metrics
 
 
 @torch.no_grad()
-def masked_loss(model: GPT, examples: list[Example], pad_id: int, batch_size: int, device: torch.device) -> float:
-    """Mean cross-entropy over the masked-in (assistant) tokens of examples."""
+def masked_loss(model: GPT, examples: list[Example], pad_id: int, batch_size: int, device: torch.device,
+                pack_to: int = 0) -> float:
+    """Mean cross-entropy over the masked-in (assistant) tokens of examples, batch_size examples at a
+    time (packed into rows of at most pack_to positions when pack_to > 0)."""
     total, count = torch.zeros((), device=device), 0
     for i in range(0, len(examples), batch_size):
-        b = collate(examples[i:i + batch_size], pad_id)
-        total += model(b["x"].to(device), targets=b["y"].to(device), reduction="sum").float()
+        b = to_device(collate(examples[i:i + batch_size], pad_id, pack_to), device)
+        total += model(b["x"], targets=b["y"], reduction="sum", documents=b.get("documents")).float()
         count += int((b["y"] != IGNORE).sum())
     return total.item() / max(count, 1)
 
@@ -85,7 +87,7 @@ def build(cfg: SFTConfig, rt: Runtime) -> tuple[SFTJob, GPT]:
     if rt.is_main:
         print(f"data: {cfg.data}  {len(train)} train conversations ({dropped} longer than block_size dropped), "
               f"{len(val)} held out, {len(test_tasks)} test tasks")
-    return SFTJob(train, val, test_tasks, tok, cfg, rt, block if cfg.pack else 0), model
+    return SFTJob(train, val, test_tasks, tok, cfg, rt, block if cfg.packing else 0), model
 
 
 STAGE = Stage("sft", __doc__, CPU_DEFAULTS, CUDA_DEFAULTS, build, finish=report)

@@ -79,9 +79,10 @@ def write_run(run_dir, job, **args):
 
 def test_resume_keeps_the_saved_config_and_overrides_only_typed_flags(tmp_path):
     run_dir = tmp_path / "run"
-    write_run(run_dir, "sft", init="base", batch_size=5, lr=0.01, pack=True)
-    cfg = sft.STAGE.parse(["--resume", str(run_dir), "--lr", "0.02", "--no-pack"])
-    assert (cfg.batch_size, cfg.lr, cfg.pack, cfg.init) == (5, 0.02, False, "base")
+    write_run(run_dir, "sft", init="base", batch_size=5, lr=0.01, packing=False)
+    cfg = sft.STAGE.parse(["--resume", str(run_dir), "--lr", "0.02", "--packing"])
+    assert (cfg.batch_size, cfg.lr, cfg.packing, cfg.init) == (5, 0.02, True, "base")
+    assert not sft.STAGE.parse(["--resume", str(run_dir)]).packing
     assert cfg.out == str(run_dir) and cfg.resume == str(run_dir)
     # A flag typed with the stage's default value still overrides the saved one.
     assert sft.STAGE.parse(["--resume", str(run_dir), "--batch-size", "32"]).batch_size == 32

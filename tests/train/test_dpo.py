@@ -43,11 +43,31 @@ def pairs(n=3):
 def test_sequence_logps_sum_reply_token_log_probs():
     tok, model = tokenizer(), tiny_model()
     b = dpo.pair_batch(pairs(), pad_id=tok.eot_id)
-    got = dpo.sequence_logps(model, b["x"], b["y"])                            # (6,)
+    got = dpo.sequence_logps(model, b, 6)                                       # (6,)
     logp = model(b["x"]).log_softmax(-1)                                        # (6, T, V)
     keep = b["y"] != -100
     expected = (logp.gather(-1, b["y"].clamp(min=0)[..., None])[..., 0] * keep).sum(-1)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nll_weight", [0.0, 1.0])
+def test_packed_pairs_give_the_logps_and_loss_of_padded_ones(nll_weight):
+    tok, model, batch = tokenizer(), tiny_model(), pairs(8)
+    reference = tiny_model(seed=1).eval()
+    rt, cfg = setup("cpu", "fp32"), TrainConfig(batch_size=8)
+    padded_job, packed_job = (dpo.DPOJob(batch, [], [], tok, reference, 0.1, cfg, rt, nll_weight, pack_to=pack_to)
+                              for pack_to in (0, 128))
+    padded, packed = padded_job.batch(0, 0), packed_job.batch(0, 0)
+    assert packed["x"].shape[0] < padded["x"].shape[0] == 16 and "documents" in packed
+    assert packed_job.tokens(packed) == padded_job.tokens(padded) < padded["x"].numel()
+    assert torch.allclose(packed["ref"], padded["ref"], rtol=1e-5, atol=1e-4)         # the reference's, packed too
+    assert torch.allclose(dpo.pair_logps(model, batch, tok.eot_id, rt.device, pack_to=128),
+                          dpo.pair_logps(model, batch, tok.eot_id, rt.device), rtol=1e-5, atol=1e-4)
+    (loss, metrics), (want, expected) = packed_job.loss(model, packed), padded_job.loss(model, padded)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    for k, v in expected.items():
+        assert metrics[k].item() == pytest.approx(v.item(), rel=1e-4, abs=1e-5), k
+    assert loss.item() != pytest.approx(math.log(2) + (nll_weight and expected["chosen_nll"].item()), abs=1e-3)
 
 
 def test_logps_through_triton_equal_torch():

@@ -9,13 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
+import torch
 
 import kernels
 from corpus_fixtures import write_corpus
+from model import GPT, ModelConfig
 from model.command import run_command
 from train.data.prepare import prepare
-from train.pretrain import PretrainJob, main
+from train.eval import evaluate
+from train.pretrain import STAGE, PretrainConfig, PretrainJob, main
+from train.runtime import setup
 from train.runlock import RunLock
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,6 +99,45 @@ def test_resume_continues_exactly(dataset, tmp_path, capsys):
             f"Continue with: python -m train.pretrain --resume {split}") in capsys.readouterr().out
     main(["--resume", str(split)])
     assert losses(split) == losses(straight)      # bit for bit: model, optimizer, schedule, data, RNG
+
+
+def test_document_mask_gives_each_document_the_loss_it_has_alone():
+    """A batch of windows holding several documents each (every one opened by <|endoftext|>, as the
+    prepared data has them): the masked loss is that of each piece run apart, weighted per token
+    alike, and not the loss of attending across the window."""
+    V, T, B, eot = 50, 24, 4, 0
+    rng = np.random.default_rng(0)
+    stream = np.concatenate([np.r_[eot, rng.integers(1, V, rng.integers(2, 10))] for _ in range(300)])
+    data = SimpleNamespace(train=stream, val=stream, tokenizer=SimpleNamespace(eot_id=eot))
+    job = PretrainJob(data, PretrainConfig(batch_size=B, document_mask=True), T, setup("cpu", "fp32"))
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=V, n_layer=2, n_embd=64, block_size=T))
+    batch = job.batch(3, 0)
+    masked = job.loss(model, batch)[0]
+    total = torch.zeros(())
+    for x, y in zip(batch["x"], batch["y"]):
+        starts = [0] + [t for t in range(1, T) if x[t] == eot]
+        assert len(starts) >= 3                                          # several documents in every row
+        for start, end in zip(starts, starts[1:] + [T]):
+            total += model(x[None, start:end], targets=y[None, start:end], reduction="sum")
+    assert masked.item() == pytest.approx(total.item() / (B * T), rel=1e-5)
+    assert abs(model(batch["x"], targets=batch["y"]).item() - masked.item()) > 1e-3
+    assert job.validate(model)["val_loss"] != pytest.approx(
+        PretrainJob(data, PretrainConfig(batch_size=B), T, setup("cpu", "fp32")).validate(model)["val_loss"], rel=1e-4)
+
+
+def test_document_mask_is_recorded_and_kept_by_resume_and_evaluate(dataset, tmp_path):
+    run_dir = tmp_path / "masked"
+    main(flags(dataset, run_dir, 4, 4, "--document-mask", "--stop-after", "2"))
+    assert json.loads((run_dir / "config.json").read_text())["args"]["document_mask"] is True
+    assert STAGE.parse(["--resume", str(run_dir)]).document_mask
+    trained = main(["--resume", str(run_dir)])
+    # python -m train.evaluate masks as the run trained: on the same val windows, the same loss.
+    result = evaluate.main([str(run_dir), "--device", "cpu", "--max-tokens", "1024"])
+    assert result["args"]["document_mask"] is True
+    assert result["val_loss"] == pytest.approx(trained["val_loss"], rel=1e-5)
+    unmasked = evaluate.main([str(run_dir), "--device", "cpu", "--max-tokens", "1024", "--no-document-mask"])
+    assert abs(unmasked["val_loss"] - trained["val_loss"]) > 1e-5      # few windows of this corpus cross documents
 
 
 def test_clear_errors_for_runs(dataset, tmp_path, capsys):

@@ -37,12 +37,39 @@ def test_loss_is_cross_entropy_on_reply_tokens_only():
     assert (batch["y"] == ct.end).sum() == 8
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_cli_run_writes_a_run_directory_and_learns(tmp_path, capsys, pack):
+def per_example_losses(model, batch, n):
+    """Each example's summed per-token loss, from the batch's rows (padded or packed): (n,)."""
+    losses = model(batch["x"], targets=batch["y"], reduction="none", documents=batch.get("documents"))
+    return torch.zeros(n + 1).index_add(0, batch["segment"].flatten(), losses.flatten())[:n]
+
+
+def test_packed_rows_give_each_example_the_loss_it_has_padded():
+    tok, model = tokenizer(), tiny_model()
+    conversations = [t.messages() for t in tasks.make_tasks("train", 24)]
+    conversations[3] = [*conversations[3][:2], *tasks.make_tasks("test", 1)[0].messages()]      # a 2-turn one
+    examples, _ = encode(conversations, tok, 128)
+    rt, cfg = setup("cpu", "fp32"), TrainConfig(batch_size=24)
+    padded_job = sft.SFTJob(examples, [], [], tok, cfg, rt)
+    packed_job = sft.SFTJob(examples, [], [], tok, cfg, rt, pack_to=128)
+    padded, packed = padded_job.batch(0, 0), packed_job.batch(0, 0)
+    assert packed["x"].numel() < 0.8 * padded["x"].numel() and packed["x"].shape[0] < 24
+    assert packed_job.tokens(packed) == padded_job.tokens(padded) == sum(len(e) - 1 for e in examples)
+    want, got = per_example_losses(model, padded, 24), per_example_losses(model, packed, 24)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(packed_job.loss(model, packed)[0], padded_job.loss(model, padded)[0], rtol=1e-5)
+    # Without the documents, later examples of a row would see the earlier ones and lose that equality.
+    crossing = per_example_losses(model, {**packed, "documents": None}, 24)
+    assert not torch.allclose(crossing, want, rtol=1e-3, atol=1e-3)
+    assert sft.masked_loss(model, examples, padded_job.pad_id, 10, rt.device, pack_to=128) == \
+        pytest.approx(sft.masked_loss(model, examples, padded_job.pad_id, 10, rt.device), rel=1e-5)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_cli_run_writes_a_run_directory_and_learns(tmp_path, capsys, packing):
     init = make_run(tmp_path / "base")
     out = tmp_path / "sft"
     result = sft.main(["--init", str(init), "--out", str(out), "--max-steps", "8", *TINY]
-                      + (["--pack"] if pack else []))
+                      + ([] if packing else ["--no-packing"]))
     for name in ("config.json", "metrics.jsonl", "tokenizer.json", "samples.txt", "checkpoints/latest"):
         assert (out / name).exists(), name
     assert (out / "tokenizer.json").read_text() == (init / "tokenizer.json").read_text()

@@ -1,5 +1,6 @@
 """SFT and DPO data: the JSONL formats below, encoding through the chat template,
-and batches (padded, or packed into rows) that are a pure function of the step.
+and batches (padded, or whole examples packed into rows with Documents that keep them apart) that
+are a pure function of the step.
 
 SFT lines, any of:   {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}
                      {"prompt": ..., "response": ...}
@@ -9,7 +10,9 @@ Every malformed line raises ValueError naming the file, the line number and the 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Iterator
 import torch
 
 from model.chat_format import check_messages, render
+from model.documents import Documents
 
 IGNORE = -100
 
@@ -125,32 +129,86 @@ def encode_pairs(pairs: list[dict[str, str]], tok, block_size: int) -> tuple[lis
     return kept, len(encoded) - len(kept)
 
 
-def pack_rows(examples: list[Example], capacity: int) -> list[Example]:
-    """Pack whole examples into rows of at most capacity tokens, first fit, longest first."""
-    rows: list[Example] = []
-    for e in sorted(examples, key=len, reverse=True):
-        for i, row in enumerate(rows):
-            if len(row) + len(e) <= capacity:
-                rows[i] = Example(row.ids + e.ids, row.mask + e.mask)
-                break
+def pack_rows(lengths: list[int], capacity: int) -> tuple[list[list[int]], int]:
+    """Whole items of the given lengths (each at most capacity) packed into rows: -> (the item indices
+    of each row, the row width). Best fit decreasing into the fewest rows that take them at width
+    capacity, then the narrowest width at which that many rows still take them, so that the rows
+    are about equally full and a batch carries its items' tokens with as few pad positions as their
+    lengths allow (no item is split)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    total = sum(lengths)
+    rows = max(1, math.ceil(total / capacity))
+    while (bins := _best_fit(order, lengths, rows, capacity)) is None:
+        rows += 1
+    lo, hi = max(max(lengths), math.ceil(total / rows)), capacity       # bins fit width hi
+    while lo < hi:                                                        # best fit is (nearly) monotone in width
+        mid = (lo + hi) // 2
+        if (narrower := _best_fit(order, lengths, rows, mid)) is not None:
+            hi, bins = mid, narrower
         else:
-            rows.append(e)
-    return rows
+            lo = mid + 1
+    return bins, max(sum(lengths[i] for i in row) for row in bins)
 
 
-def collate(examples: list[Example], pad_id: int, pack_to: int = 0) -> dict[str, torch.Tensor]:
-    """Examples -> {"x": inputs (R, L), "y": targets (R, L)} with IGNORE where the mask is off and
-    on padding. pack_to > 0 packs several examples per row (rows of up to pack_to + 1 tokens);
-    each starts with <|endoftext|>, so a packed example begins the way a document does."""
-    rows = pack_rows(examples, pack_to + 1) if pack_to else examples
-    L = max(len(r) for r in rows) - 1
+def _best_fit(order: list[int], lengths: list[int], rows: int, width: int) -> list[list[int]] | None:
+    """Each item in turn into the row it leaves least room in, or None when one fits no row."""
+    free, bins = [width] * rows, [[] for _ in range(rows)]
+    for i in order:
+        fits = [r for r in range(rows) if free[r] >= lengths[i]]
+        if not fits:
+            return None
+        r = min(fits, key=free.__getitem__)
+        bins[r].append(i)
+        free[r] -= lengths[i]
+    return bins
+
+
+def collate(examples: list[Example], pad_id: int, pack_to: int = 0) -> dict:
+    """Examples -> {"x": inputs (R, L), "y": targets (R, L), "segment": (R, L) the index of the
+    example each position belongs to (len(examples) on padding), "tokens": the number of input
+    positions that are not padding (an int)}. Example e gives inputs e.ids[:-1] and targets e.ids[1:],
+    IGNORE where its mask is off, so no target crosses from one example into the next.
+
+    pack_to = 0: one example per row, padded to the longest (pad_id inputs, IGNORE targets).
+    pack_to > 0: whole examples packed back to back into rows of at most pack_to positions
+    (pack_rows), plus "documents": the Documents of the rows, so that each example attends only to
+    itself from position 0, as in its own row; the padding at a row's end is split into documents no
+    longer than the longest example, which would otherwise set the varlen attention's max_seqlen."""
+    lengths = [len(e) - 1 for e in examples]
+    if pack_to:
+        rows, L = pack_rows(lengths, pack_to)
+    else:
+        rows, L = [[i] for i in range(len(examples))], max(lengths)
     x = torch.full((len(rows), L), pad_id, dtype=torch.int64)
     y = torch.full((len(rows), L), IGNORE, dtype=torch.int64)
-    for i, r in enumerate(rows):
-        ids = torch.tensor(r.ids)
-        x[i, :len(r) - 1] = ids[:-1]
-        y[i, :len(r) - 1] = ids[1:].masked_fill(~torch.tensor(r.mask[1:], dtype=torch.bool), IGNORE)
-    return {"x": x, "y": y}
+    segment = torch.full((len(rows), L), len(examples), dtype=torch.int64)
+    documents = []
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            e, n = examples[i], lengths[i]
+            ids = torch.tensor(e.ids)
+            x[r, at:at + n] = ids[:-1]
+            y[r, at:at + n] = ids[1:].masked_fill(~torch.tensor(e.mask[1:], dtype=torch.bool), IGNORE)
+            segment[r, at:at + n] = i
+            at += n
+        pad, longest = L - at, max(lengths)
+        documents.append([lengths[i] for i in row] + [min(longest, pad - k) for k in range(0, pad, longest)])
+    batch = {"x": x, "y": y, "segment": segment, "tokens": sum(lengths)}
+    if pack_to:
+        batch["documents"] = Documents.from_lengths(documents, L)
+    return batch
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """The batch with its tensors, and those of its Documents, on device (other values as they are)."""
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, Documents):
+            return dataclasses.replace(value, cu_seqlens=move(value.cu_seqlens), positions=move(value.positions))
+        return value
+    return {k: move(v) for k, v in batch.items()}
 
 
 @lru_cache(maxsize=4)

@@ -8,7 +8,9 @@ prints, and appends to RUN/eval.json (a list, one record per evaluation with its
 arguments, oldest first): on --data (text files, a directory or glob, as for pretraining, or a
 dataset directory made by python -m train.data: its val split; a pretrain run's own dataset when
 --data is not given) the validation loss in nats per token, perplexity, and bits per byte (the
-summed loss in bits over the UTF-8 bytes of the text: comparable across tokenizers); exact match on
+summed loss in bits over the UTF-8 bytes of the text: comparable across tokenizers), each token
+attending only within its document when the run was pretrained with --document-mask (or when told
+--document-mask); exact match on
 N held-out tasks when the tokenizer has the chat tokens (by default not for a pretrain run, whose
 base model has not learned the chat format); with --humaneval, HumanEval's pass@k (train/eval/humaneval.py; every
 completion with its outcome in RUN/humaneval_samples.jsonl); with --lm-eval, lm-evaluation-harness
@@ -35,18 +37,22 @@ from model.quantized import projection_bytes
 from model.tokenizer import Tokenizer
 from train.eval import humaneval
 from train.data.prepare import PreparedData
+from train.data.sft_data import to_device
 from train.data.sources import iter_documents, resolve_source
 from train.data.tasks import make_tasks
+from train.pretrain import documents_of
 from train.replies import eval_mode, exact_match
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 
 
-def text_metrics(model: GPT, tok: Tokenizer, texts: Iterable[str], max_tokens: int, batch_size: int = 8) -> dict[str, float]:
+def text_metrics(model: GPT, tok: Tokenizer, texts: Iterable[str], max_tokens: int, batch_size: int = 8,
+                 document_mask: bool = False) -> dict[str, float]:
     """Loss (nats per predicted token), perplexity and bits per byte on whole documents, each after
     <|endoftext|> as in pretraining, until at least max_tokens; the stream is cut into windows of
-    block_size, every token predicted once from the start of its window."""
+    block_size, every token predicted once from the start of its window (with document_mask: from
+    the start of its document or window, whichever is later, as --document-mask trains)."""
     ids, n_bytes = [], 0
     for text in texts:
         if len(ids) >= max_tokens + 1:
@@ -55,10 +61,11 @@ def text_metrics(model: GPT, tok: Tokenizer, texts: Iterable[str], max_tokens: i
         n_bytes += len(text.encode("utf-8"))
     if len(ids) < 2 or n_bytes == 0:
         raise ValueError("the evaluation text is empty; pass --data with some text")
-    return token_metrics(model, ids, n_bytes, batch_size)
+    return token_metrics(model, ids, n_bytes, batch_size, tok.eot_id if document_mask else None)
 
 
-def split_metrics(model: GPT, tok: Tokenizer, dataset: Path, max_tokens: int) -> dict[str, float]:
+def split_metrics(model: GPT, tok: Tokenizer, dataset: Path, max_tokens: int,
+                  document_mask: bool = False) -> dict[str, float]:
     """text_metrics of a prepared dataset's val split: its first max_tokens + 1 tokens (documents
     already follow <|endoftext|> there), the bytes being those of the predicted tokens."""
     data = PreparedData(dataset)
@@ -70,13 +77,15 @@ def split_metrics(model: GPT, tok: Tokenizer, dataset: Path, max_tokens: int) ->
     n_bytes = sum(len(tok.token_bytes[i]) for i in ids[1:] if i < n_ordinary)     # special tokens are no text
     if len(ids) < 2 or n_bytes == 0:
         raise ValueError(f"the val split of {dataset} is empty; pass --data with some text")
-    return token_metrics(model, ids, n_bytes)
+    return token_metrics(model, ids, n_bytes, document_start=tok.eot_id if document_mask else None)
 
 
 @torch.no_grad()
-def token_metrics(model: GPT, ids: list[int], n_bytes: int, batch_size: int = 8) -> dict[str, float]:
+def token_metrics(model: GPT, ids: list[int], n_bytes: int, batch_size: int = 8,
+                  document_start: int | None = None) -> dict[str, float]:
     """Loss, perplexity and bits per byte of predicting ids[1:] (whose text is n_bytes long), in
-    windows of block_size, every token predicted once from the start of its window."""
+    windows of block_size, every token predicted once from the start of its window, or with
+    document_start (the <|endoftext|> id) attending only within its document of the window."""
     T = model.cfg.block_size
     device = next(model.parameters()).device
     windows = [ids[i:i + T + 1] for i in range(0, len(ids) - 1, T)]
@@ -89,7 +98,9 @@ def token_metrics(model: GPT, ids: list[int], n_bytes: int, batch_size: int = 8)
             for row, w in enumerate(batch):
                 x[row, :len(w) - 1] = torch.tensor(w[:-1])
                 y[row, :len(w) - 1] = torch.tensor(w[1:])
-            losses = model(x.to(device), targets=y.to(device), reduction="none")             # (B, T)
+            documents = None if document_start is None else documents_of(x, document_start)
+            batch = to_device({"x": x, "y": y, "documents": documents}, device)
+            losses = model(batch["x"], targets=batch["y"], reduction="none", documents=batch["documents"])  # (B, T)
             total += losses.double().sum().item()
     loss = total / (len(ids) - 1)
     return {"val_loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total / math.log(2) / n_bytes,
@@ -118,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=flag_type(int, at_least(2)), default=65536,
                         help="evaluate whole documents of --data until at least this many tokens (of a "
                              "prepared dataset's val split: this many)")
+    parser.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --data: each token attends only within its document, as pretraining with "
+                             "--document-mask trains (default: as the run was pretrained, from its config.json)")
     parser.add_argument("--tasks", type=flag_type(int, at_least(0)), default=None,
                         help="held-out built-in tasks for exact match (0: none; needs the chat tokens) (default: 350, "
                              "none for a pretrain run, whose base model has not learned the chat format)")
@@ -214,10 +228,11 @@ def measure(model: GPT, tok: Tokenizer, ckpt: Path, device: str, args: argparse.
     stored, bf16 = projection_bytes(model)
     results: dict = {"projection_bytes": stored, "projection_bytes_vs_bf16": stored / bf16}
     if args.data is not None and (Path(args.data) / "manifest.json").is_file():
-        results.update(split_metrics(model, tok, Path(args.data), args.max_tokens))
+        results.update(split_metrics(model, tok, Path(args.data), args.max_tokens, args.document_mask))
         results["data"] = str(Path(args.data) / "val.bin")
     elif args.data is not None:
-        results.update(text_metrics(model, tok, (text for _, text in iter_documents(args.data)), args.max_tokens))
+        results.update(text_metrics(model, tok, (text for _, text in iter_documents(args.data)), args.max_tokens,
+                                    document_mask=args.document_mask))
         results["data"] = args.data
     if run_tasks:
         results.update(exact_match(model, tok, make_tasks("test", args.tasks, args.task_seed)))
@@ -292,6 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.data = str(training_dataset(pretrain, tok).resolve())
     if args.tasks is None:
         args.tasks = 0 if pretrain is not None else 350
+    if args.document_mask is None:
+        args.document_mask = bool(pretrain is not None and pretrain["args"].get("document_mask"))
     has_chat = all(s in tok.special_tokens for s in SPECIALS)
     run_tasks = bool(args.tasks) and has_chat
     if args.data is None and not (run_tasks or args.humaneval or args.lm_eval):

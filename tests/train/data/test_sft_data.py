@@ -5,7 +5,7 @@ import pytest
 
 from posttrain_fixtures import tokenizer
 from model.chat_format import ChatTokens, render
-from train.data.sft_data import IGNORE, collate, encode, encode_pairs, load_dpo, load_sft, stream_indices
+from train.data.sft_data import IGNORE, collate, encode, encode_pairs, load_dpo, load_sft, pack_rows, stream_indices
 
 CONVERSATION = [{"role": "user", "content": "Uppercase: cat"}, {"role": "assistant", "content": "CAT"}]
 
@@ -98,16 +98,44 @@ def test_padded_batch_ignores_everything_but_replies():
     assert (batch["y"] != IGNORE).sum() == len(tok.encode("CAT")) + len(tok.encode("CAT CAT")) + 2
 
 
-def test_packing_keeps_every_trained_token_in_fewer_rows():
+def test_packing_keeps_every_example_whole_and_apart_in_fewer_rows():
     tok = tokenizer()
-    conversations = [[{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]
+    bos = ChatTokens.of(tok).bos
+    conversations = [[{"role": "user", "content": f"What is {i} + {i * 37}?"}, {"role": "assistant", "content": str(i * 38)}]
                      for i in range(12)]
     examples, _ = encode(conversations, tok, 64)
-    padded, packed = collate(examples, ChatTokens.of(tok).bos), collate(examples, ChatTokens.of(tok).bos, pack_to=64)
+    padded, packed = collate(examples, bos), collate(examples, bos, pack_to=64)
     assert packed["x"].shape[0] < padded["x"].shape[0] and packed["x"].shape[1] <= 64
-    assert sorted(padded["y"][padded["y"] != IGNORE].tolist()) == sorted(packed["y"][packed["y"] != IGNORE].tolist())
-    # Each packed row is whole examples back to back, starting with <|endoftext|>.
-    assert (packed["x"][:, 0] == ChatTokens.of(tok).bos).all()
+    assert "documents" in packed and "documents" not in padded
+    assert padded["tokens"] == packed["tokens"] == sum(len(e) - 1 for e in examples)     # padding not counted
+    assert packed["x"].numel() - packed["tokens"] < padded["x"].numel() - padded["tokens"]
+    docs, L = packed["documents"], packed["x"].shape[1]
+    starts = set(docs.cu_seqlens[:-1].tolist())
+    flat = {k: packed[k].flatten() for k in ("x", "y", "segment")}
+    for i, e in enumerate(examples):
+        # Example i lies in one row, whole and contiguous: its inputs, its own shifted targets (so its
+        # last position predicts its own <|end|>, never the next example's <|endoftext|>), one document
+        # of its own that starts at position 0.
+        at = (flat["segment"] == i).nonzero().squeeze(1)
+        first = int(at[0])
+        assert at.tolist() == list(range(first, first + len(e) - 1)) and first // L == int(at[-1]) // L
+        assert flat["x"][at].tolist() == e.ids[:-1] and flat["x"][first] == bos
+        assert flat["y"][at].tolist() == [t if m else IGNORE for t, m in zip(e.ids[1:], e.mask[1:])]
+        assert first in starts and first + len(e) - 1 in starts | {docs.cu_seqlens[-1].item()}
+        assert docs.positions.flatten()[at].tolist() == list(range(len(e) - 1))
+    # Padding: no example, no target, and documents no longer than the longest example.
+    pad = packed["segment"] == len(examples)
+    assert (packed["y"][pad] == IGNORE).all() and docs.max_seqlen == max(len(e) for e in examples) - 1
+
+
+def test_pack_rows_fills_the_fewest_rows_about_equally():
+    lengths = [30, 28, 25, 25, 22, 20, 18, 17, 15, 12, 10, 9, 5]        # 236 tokens
+    rows, width = pack_rows(lengths, 100)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert len(rows) == 3 and width == max(sum(lengths[i] for i in row) for row in rows)
+    assert width < 85                            # not 100, 100, 36: about a third each
+    assert pack_rows([100, 60, 60], 100) == ([[0], [1], [2]], 100)         # no item split or dropped
+    assert pack_rows([7], 100) == ([[0]], 7)
 
 
 def test_too_long_examples_are_dropped():
