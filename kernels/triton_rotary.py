@@ -126,45 +126,48 @@ def _shape_args(xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor, sin: torc
     return args, dict(BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d)
 
 
+def _plan(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_out: torch.Tensor,
+          y_out: torch.Tensor, gpu: Gpu, transpose: bool) -> list[Launch]:
+    args, constexprs = _shape_args(x, y, cos, sin)
+    return [Launch.fixed(_rotary_fwd_kernel, (x.shape[0] * x.shape[1],),
+                         dict(Q=x, K=y, COS=cos, SIN=sin, QO=x_out, KO=y_out, **args), NUM_WARPS, **constexprs,
+                         TRANSPOSE=transpose)]
+
+
+def _run(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y_out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    if x.shape[0] * x.shape[1]:
+        run(_plan(x, y, cos, sin, x_out, y_out, gpu_of(x.device), transpose))
+    return x_out, y_out
+
+
 def plan_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_out: torch.Tensor,
                  k_out: torch.Tensor, gpu: Gpu) -> list[Launch]:
     """The launch writing q_out, k_out (contiguous, q's and k's shapes) from q (B, T, Hq, D) and
     k (B, T, Hkv, D), any strides, and the tables cos, sin ((T, 1, D) or (B, T, 1, D), any
     strides); B * T > 0. One config whatever the target: the kernel is a bandwidth-bound sweep."""
-    args, constexprs = _shape_args(q, k, cos, sin)
-    return [Launch.fixed(_rotary_fwd_kernel, (q.shape[0] * q.shape[1],),
-                         dict(Q=q, K=k, COS=cos, SIN=sin, QO=q_out, KO=k_out, **args), NUM_WARPS, **constexprs,
-                         TRANSPOSE=False)]
+    return _plan(q, k, cos, sin, q_out, k_out, gpu, False)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q_rot, k_rot), new contiguous tensors in q's and k's dtype."""
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    if q.shape[0] * q.shape[1]:
-        run(plan_forward(q, k, cos, sin, q_out, k_out, gpu_of(q.device)))
-    return q_out, k_out
+    return _run(q, k, cos, sin, False)
 
 
 def plan_backward(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   dq: torch.Tensor, dk: torch.Tensor, gpu: Gpu) -> list[Launch]:
     """The launch writing dq, dk (contiguous) from the outputs' gradients dq_out, dk_out (any
-    strides) and the forward's tables."""
-    args, constexprs = _shape_args(dq_out, dk_out, cos, sin)
-    return [Launch.fixed(_rotary_fwd_kernel, (dq_out.shape[0] * dq_out.shape[1],),
-                         dict(Q=dq_out, K=dk_out, COS=cos, SIN=sin, QO=dq, KO=dk, **args), NUM_WARPS, **constexprs,
-                         TRANSPOSE=True)]
+    strides) and the forward's tables: the forward's launch with TRANSPOSE."""
+    return _plan(dq_out, dk_out, cos, sin, dq, dk, gpu, True)
 
 
 def backward(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor,
              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dq, dk), contiguous, in the gradients' dtypes."""
-    dq = torch.empty(dq_out.shape, dtype=dq_out.dtype, device=dq_out.device)
-    dk = torch.empty(dk_out.shape, dtype=dk_out.dtype, device=dk_out.device)
-    if dq_out.shape[0] * dq_out.shape[1]:
-        run(plan_backward(dq_out, dk_out, cos, sin, dq, dk, gpu_of(dq_out.device)))
-    return dq, dk
+    return _run(dq_out, dk_out, cos, sin, True)
 
 
 # ----------------------------------------------------------------------------- torch custom ops

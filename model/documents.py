@@ -34,12 +34,11 @@ class Documents:
         return cls(ends.to(torch.int32), int(ends.diff().max()), positions.view(B, T))
 
     @classmethod
-    def at_boundaries(cls, idx: torch.Tensor, boundary: int) -> "Documents":
-        """The documents of idx (B, T) that end at each `boundary` token (<|endoftext|>): a new one
-        starts after it, and at each row's start."""
-        starts = torch.zeros_like(idx, dtype=torch.bool)                               # (B, T)
-        starts[:, 1:] = idx[:, :-1] == boundary
-        return cls.from_starts(starts)
+    def starting_at(cls, idx: torch.Tensor, boundary: int) -> "Documents":
+        """The documents of idx (B, T) that each start at a `boundary` token (<|endoftext|>, which
+        prepared data puts before every document, as the chat template and generation put it
+        before a prompt), and at each row's start."""
+        return cls.from_starts(idx == boundary)
 
     @classmethod
     def from_lengths(cls, lengths: list[list[int]], T: int, device: torch.device | str = "cpu") -> "Documents":

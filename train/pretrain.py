@@ -102,7 +102,7 @@ class PretrainJob:
         so that the device never waits for a sync)."""
         batch = {"x": x, "y": y}
         if self.cfg.document_mask:
-            batch["documents"] = documents_of(x, self.tokenizer.eot_id)
+            batch["documents"] = Documents.starting_at(x, self.tokenizer.eot_id)
         return to_device(batch, self.rt.device)
 
     def loss(self, model, batch):
@@ -126,13 +126,6 @@ class PretrainJob:
         out = generate(model, prompt, max_new_tokens=96, temperature=0.8, top_k=50, seed=self.cfg.seed,
                        stop_tokens=[tok.eot_id])
         return tok.decode(out[0].tolist())
-
-
-def documents_of(x: torch.Tensor, eot_id: int) -> Documents:
-    """The documents of the windows x (B, T): each starts at an <|endoftext|>, which the prepared
-    data puts before every document (as the chat template and generation put it before a prompt),
-    and at each row's start."""
-    return Documents.from_starts(x == eot_id)
 
 
 def sample_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int,

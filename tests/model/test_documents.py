@@ -18,12 +18,12 @@ def model():
     return GPT(ModelConfig.preset("tiny", vocab_size=V, block_size=32, init_std=0.1)).eval()
 
 
-def test_at_boundaries_splits_after_each_end_of_text():
+def test_starting_at_starts_a_document_at_each_end_of_text():
     idx = torch.tensor([[5, 6, EOT, 7, 8, 9, EOT, 1], [EOT, 2, 3, 4, 5, 6, 7, 8]])
-    docs = Documents.at_boundaries(idx, EOT)
-    assert docs.cu_seqlens.tolist() == [0, 3, 7, 8, 9, 16] and docs.cu_seqlens.dtype == torch.int32
-    assert docs.max_seqlen == 7
-    assert docs.positions.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 0, 1, 2, 3, 4, 5, 6]]
+    docs = Documents.starting_at(idx, EOT)
+    assert docs.cu_seqlens.tolist() == [0, 2, 6, 8, 16] and docs.cu_seqlens.dtype == torch.int32
+    assert docs.max_seqlen == 8
+    assert docs.positions.tolist() == [[0, 1, 0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7]]
 
 
 def test_from_lengths_makes_the_rest_of_a_row_one_document():
@@ -39,7 +39,7 @@ def test_packed_documents_equal_each_document_alone(model, backend):
     torch.manual_seed(1)
     idx = torch.randint(1, V, (2, 24))
     idx[0, 4], idx[0, 15], idx[1, 9] = EOT, EOT, EOT
-    docs = Documents.at_boundaries(idx, EOT)
+    docs = Documents.starting_at(idx, EOT)
     bounds = docs.cu_seqlens.tolist()
     with kernels.use(attention=backend, varlen_attention=backend), torch.no_grad():
         packed = model(idx, documents=docs).reshape(48, V)                    # (B * T, V)
@@ -53,7 +53,7 @@ def test_documents_and_a_cache_are_refused(model):
     from model.cache import KVCache
     idx = torch.randint(1, V, (1, 8))
     with pytest.raises(ValueError, match="documents and a cache combine only in a packed prefill"):
-        model(idx, cache=KVCache(model.cfg, 1, "cpu", torch.float32), documents=Documents.at_boundaries(idx, EOT))
+        model(idx, cache=KVCache(model.cfg, 1, "cpu", torch.float32), documents=Documents.starting_at(idx, EOT))
 
 
 def test_window_and_softcap_reach_attention(model):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 
 from model import GPT
+from model.documents import Documents
 from model.chat_format import SPECIALS
 from model.io.checkpoint import load_model, load_tokenizer, quantized_as, resolve, run_dir_of
 from model.command import DEBUG_HELP, Parser, at_least, at_most, flag_type, greater_than, pick_device, run_command
@@ -40,7 +41,6 @@ from train.data.prepare import PreparedData
 from train.data.sft_data import to_device
 from train.data.sources import iter_documents, resolve_source
 from train.data.tasks import make_tasks
-from train.pretrain import documents_of
 from train.replies import eval_mode, exact_match
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def token_metrics(model: GPT, ids: list[int], n_bytes: int, batch_size: int = 8,
             for row, w in enumerate(batch):
                 x[row, :len(w) - 1] = torch.tensor(w[:-1])
                 y[row, :len(w) - 1] = torch.tensor(w[1:])
-            documents = None if document_start is None else documents_of(x, document_start)
+            documents = None if document_start is None else Documents.starting_at(x, document_start)
             batch = to_device({"x": x, "y": y, "documents": documents}, device)
             losses = model(batch["x"], targets=batch["y"], reduction="none", documents=batch["documents"])  # (B, T)
             total += losses.double().sum().item()
