@@ -158,24 +158,34 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
                      scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
                      softcap: float = 0.0) -> torch.Tensor:
-    """Unpack the sequences into a zero-padded batch, attend once with each row's lengths, pack back."""
-    q_lengths, k_lengths = cu_seqlens_q.diff(), cu_seqlens_k.diff()                    # (n,)
-    q_rows, q_kept = _unpack(q, cu_seqlens_q, max_seqlen_q)                             # (n, Hq, Tq_max, D)
+    """Unpack the sequences into a zero-padded batch, attend once with each row's lengths, pack back.
+
+    The packed model's case (one cu_seqlens for queries and keys, plain causal) runs SDPA's
+    is_causal without a mask: a query never sees a key past its own position, so none of its row's
+    padding, and the padded rows' outputs are never packed back."""
+    q_rows, q_slots = _unpack(q, cu_seqlens_q, max_seqlen_q)                            # (n, Hq, Tq_max, D)
     k_rows, _ = _unpack(k, cu_seqlens_k, max_seqlen_k)                                  # (n, Hkv, Tk_max, D)
     v_rows, _ = _unpack(v, cu_seqlens_k, max_seqlen_k)
-    out = _masked_attention(q_rows, k_rows, v_rows, q_lengths, k_lengths, causal, scale, window_size, softcap)
-    return out.transpose(1, 2)[q_kept]                                                  # (total_q, Hq, D)
+    if causal and window_size[0] < 0 and not softcap and cu_seqlens_q is cu_seqlens_k:
+        out = F.scaled_dot_product_attention(q_rows, k_rows, v_rows, is_causal=True, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+    else:
+        out = _masked_attention(q_rows, k_rows, v_rows, cu_seqlens_q.diff(), cu_seqlens_k.diff(), causal, scale,
+                                window_size, softcap)
+    n, H, T, D = out.shape
+    return out.transpose(1, 2).reshape(n * T, H, D).index_select(0, q_slots)            # (total_q, Hq, D)
 
 
 def _unpack(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed x (total, H, D) -> (n, H, max_seqlen, D), zero past each sequence's end, and the
-    (n, max_seqlen) mask of the positions that hold a token."""
+    """Packed x (total, H, D) -> (n, H, max_seqlen, D), zero past each sequence's end, and each
+    token's slot in the (n * max_seqlen) positions of that batch. Copied into the slots (whose
+    backward is a gather) rather than gathered (whose backward is a slow scatter-add)."""
     starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff().long()                 # (n,)
-    offsets = torch.arange(max_seqlen, device=x.device)                                 # (max_seqlen,)
-    kept = offsets < lengths[:, None]                                                   # (n, max_seqlen)
-    index = (starts[:, None] + offsets).clamp_(max=max(x.shape[0] - 1, 0))
-    rows = x[index] if x.shape[0] else x.new_zeros(*index.shape, *x.shape[1:])          # (n, max_seqlen, H, D)
-    return rows.masked_fill(~kept[:, :, None, None], 0).transpose(1, 2), kept
+    n, total = lengths.numel(), x.shape[0]
+    sequence = torch.repeat_interleave(torch.arange(n, device=x.device), lengths, output_size=total)   # (total,)
+    slots = sequence * max_seqlen + torch.arange(total, device=x.device) - starts[sequence]             # (total,)
+    rows = x.new_zeros(n * max_seqlen, *x.shape[1:]).index_copy(0, slots, x)            # (n * max_seqlen, H, D)
+    return rows.view(n, max_seqlen, *x.shape[1:]).transpose(1, 2), slots
 
 
 def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lengths: torch.Tensor,
@@ -369,9 +379,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
+class _IgnoredRows(torch.autograd.Function):
+    """0, with the gradients that the rows hidden (n, D) of an ignored target get through the lm
+    head's zero logit gradient: 0 * weight summed over the vocabulary, and 0 * hidden summed over
+    the rows for the weight; NaN wherever a NaN or inf meets the zero, else 0."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        ctx.save_for_backward(hidden, weight)
+        return hidden.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight = ctx.saved_tensors
+        grad_hidden, grad_weight = (0 * weight).sum(0), (0 * hidden).sum(0)              # (D,), (D,)
+        return grad_hidden.to(hidden.dtype).expand_as(hidden), grad_weight.to(weight.dtype).expand_as(weight)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                          reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
                          chunk_size: int | None = None) -> torch.Tensor:
+    if hidden.device.type == "cpu" and hidden.dim() == 2:
+        # Rows whose target is ignored (an SFT prompt, padding) cost the lm head as much as the
+        # others but add nothing: on the CPU, where finding them costs no device sync, they skip the
+        # head (mean and sum are over the kept rows anyway; "none" gives them 0), and _IgnoredRows
+        # gives them and the weight the gradients the full product would (0, or NaN from a NaN).
+        ignored = targets == ignore_index
+        kept, skipped = (~ignored).nonzero().squeeze(1), ignored.nonzero().squeeze(1)      # (n_kept,), (n_ignored,)
+        if kept.numel() and skipped.numel():
+            losses = _LinearCrossEntropy.apply(hidden.index_select(0, kept), weight, targets[kept], ignore_index,
+                                               reduction, label_smoothing, z_loss, chunk_size)
+            if reduction == "none":
+                losses = losses.new_zeros(targets.shape).index_copy(0, kept, losses)       # (n_rows,)
+            return losses + _IgnoredRows.apply(hidden.index_select(0, skipped), weight)
     return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss,
                                      chunk_size)
 

@@ -373,7 +373,8 @@ def _descriptor(t: torch.Tensor, block_d: int) -> TensorDescriptor | None:
 # them, so at 128 only their TMA versions, which hold no pointer tiles, are kept; on the targets
 # with register-held MMA operands, sm_80, sm_86, sm_89 and sm_120, the same masks spill the
 # (64, 64) and (128, 32) forward, (64, 64) dQ, (64, 128) dK/dV tiles at head dim 64 and the
-# 16-row dK/dV tiles at 128, which are kept to Hopper-class targets). hopper=True keeps a tile to Hopper and later (it spills
+# 16-row dK/dV tiles at 128, and under a softcap the 4-stage (64, 32) forward tile at 128 (the
+# tanh's extra registers), which are kept to Hopper-class targets). hopper=True keeps a tile to Hopper and later (it spills
 # with sm_80's register-held MMA operands); tma=True also streams its tiles through TMA when the
 # strides allow. (Triton 3.9's warp specialization does not take these loops on sm_90a: the
 # 4-warp forward fails to compile with it, the 8-warp one compiles unchanged.)
@@ -385,7 +386,7 @@ TILES: dict[str, dict[int, list[Tile]]] = {
                  Tile(64, 32, 4, 4), Tile(128, 32, 4, 4, **_HOPPER), Tile(128, 64, 8, 3), Tile(128, 64, 4, 3, **_HOPPER),
                  Tile(128, 128, 8, 2, **_HOPPER), Tile(64, 64, 4, 3, **_TMA), Tile(128, 64, 8, 3, **_TMA),
                  Tile(128, 128, 8, 2, **_TMA)],
-            256: [Tile(16, 64, 4, 3), Tile(64, 32, 4, 2), Tile(64, 32, 4, 4), Tile(64, 64, 4, 3, **_HOPPER),
+            256: [Tile(16, 64, 4, 3), Tile(64, 32, 4, 2), Tile(64, 32, 4, 4, **_HOPPER), Tile(64, 64, 4, 3, **_HOPPER),
                   Tile(128, 64, 8, 3, **_HOPPER), Tile(64, 64, 4, 3, **_TMA), Tile(128, 64, 8, 3, **_TMA),
                   Tile(128, 128, 8, 2, **_TMA)]},
     "dkdv": {64: [Tile(16, 64, 4, 2), Tile(32, 64, 4, 2), Tile(32, 64, 4, 3), Tile(32, 128, 8, 2),

@@ -230,6 +230,19 @@ def test_reference_matches_varlen64(case):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("lens, max_extra", [([5, 1, 9, 3], 0), ([0, 4, 0, 6, 1, 0], 3), ([17], 0)])
+def test_reference_one_offsets_tensor(lens, max_extra):
+    """The packed model passes one cu_seqlens tensor for queries and keys, which the reference
+    takes as plain causal self-attention (SDPA's is_causal over the unpacked rows): the same
+    result as the masked path it skips, in float64."""
+    q, k, v, do = (t.double() for t in make_inputs(lens, lens, 4, 2, 16, torch.float32))
+    cu, longest = offsets(lens), max(lens) + max_extra
+    out, grads = _run(lambda q, k, v: reference.varlen_attention(q, k, v, cu, cu, longest, longest), (q, k, v), do)
+    exact, exact_grads = _run(lambda q, k, v: varlen64(q, k, v, lens, lens, True, (-1, -1), 0.0), (q, k, v), do)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (exact, *exact_grads)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("mode, zero_lengths, causal, window, softcap", [
     pytest.param("full", False, True, (-1, -1), 0.0, id="full-causal"),
     pytest.param("random", True, False, (3, 3), 0.0, id="random-zero_lengths-full-w3,3"),
