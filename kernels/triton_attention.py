@@ -364,32 +364,37 @@ def _descriptor(t: torch.Tensor, block_d: int) -> TensorDescriptor | None:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, block_d])
 
 
-# Tiles by head dim (each list serves head dims up to its key's BLOCK_D; the last, any wider):
-# bench/compiled.py shows that none spills registers at head dims 64 and 128 on sm_90a, nor the
-# others on sm_80 (the ones left out spill: a (64, 64)-tile dK/dV with 4 warps holds K, V and the
-# fp32 dK, dV for 64 keys in 128 threads; at head dim 128 the pointer-loaded (16, 128), (128, 32)
-# and (128, 128) forward tiles and (32, 64), (32, 128) dK/dV tiles, at 250-254 registers with
-# the causal mask alone, spill once the window's bounds and the packed sequences' offsets join
-# them, so at 128 only their TMA versions, which hold no pointer tiles, are kept; on the targets
-# with register-held MMA operands, sm_80, sm_86, sm_89 and sm_120, the same masks spill the
-# (64, 64) and (128, 32) forward, (64, 64) dQ, (64, 128) dK/dV tiles at head dim 64 and the
-# 16-row dK/dV tiles at 128, and under a softcap the 4-stage (64, 32) forward tile at 128 (the
-# tanh's extra registers), which are kept to Hopper-class targets). hopper=True keeps a tile to Hopper and later (it spills
-# with sm_80's register-held MMA operands); tma=True also streams its tiles through TMA when the
-# strides allow. (Triton 3.9's warp specialization does not take these loops on sm_90a: the
-# 4-warp forward fails to compile with it, the 8-warp one compiles unchanged.)
+# Tiles by head dim (each list serves head dims up to its key's BLOCK_D; the last, any wider).
+# hopper=True keeps a tile to Hopper-class targets (Gpu.hopper_class); tma=True also streams its
+# tiles through TMA when the strides allow. bench/compiled.py shows that none spills registers on
+# any of its six targets; the ones left out or kept to Hopper spill elsewhere:
+# - everywhere: a (64, 64)-tile dK/dV with 4 warps (K, V and the fp32 dK, dV for 64 keys in 128
+#   threads); at head dim 128 the pointer-loaded (16, 128), (128, 32) and (128, 128) forward and
+#   (32, 64), (32, 128) dK/dV tiles (250-254 registers with the causal mask alone) once the
+#   window's bounds and the packed sequences' offsets join them: at 128 only their TMA versions,
+#   which hold no pointer tiles, are kept;
+# - with register-held MMA operands (sm_80, sm_86, sm_89, sm_120): the (64, 64) and (128, 32)
+#   forward, (64, 64) dQ and (64, 128) dK/dV tiles at head dim 64, the 16-row dK/dV tiles at 128,
+#   and under a softcap (the tanh's registers) the 4-stage (64, 32) forward tile at 128 (sm_86)
+#   and the (16, 128) forward tile at 64 (sm_80);
+# - sm_120, whose ptxas caps these kernels at 128 or 255 registers: the 4-stage (64, 32) forward
+#   and the (16, 64) and 3-stage (32, 64) dK/dV tiles at head dim 64.
+# (Triton 3.9's warp specialization does not take these loops on sm_90a: the 4-warp forward
+# fails to compile with it, the 8-warp one compiles unchanged.)
 _HOPPER, _TMA = dict(hopper=True), dict(tma=True, hopper=True)
 _DQ = [Tile(16, 64, 4, 2), Tile(64, 32, 4, 2), Tile(64, 32, 4, 3), Tile(128, 32, 8, 2), Tile(128, 32, 8, 3),
        Tile(64, 32, 4, 2, **_TMA), Tile(128, 64, 8, 2, **_TMA)]
 TILES: dict[str, dict[int, list[Tile]]] = {
-    "fwd": {64: [Tile(16, 64, 4, 3), Tile(16, 128, 4, 2), Tile(64, 32, 4, 2), Tile(64, 64, 4, 3, **_HOPPER),
-                 Tile(64, 32, 4, 4), Tile(128, 32, 4, 4, **_HOPPER), Tile(128, 64, 8, 3), Tile(128, 64, 4, 3, **_HOPPER),
+    "fwd": {64: [Tile(16, 64, 4, 3), Tile(16, 128, 4, 2, **_HOPPER), Tile(64, 32, 4, 2),
+                 Tile(64, 64, 4, 3, **_HOPPER), Tile(64, 32, 4, 4, **_HOPPER), Tile(128, 32, 4, 4, **_HOPPER),
+                 Tile(128, 64, 8, 3), Tile(128, 64, 4, 3, **_HOPPER),
                  Tile(128, 128, 8, 2, **_HOPPER), Tile(64, 64, 4, 3, **_TMA), Tile(128, 64, 8, 3, **_TMA),
                  Tile(128, 128, 8, 2, **_TMA)],
             256: [Tile(16, 64, 4, 3), Tile(64, 32, 4, 2), Tile(64, 32, 4, 4, **_HOPPER), Tile(64, 64, 4, 3, **_HOPPER),
                   Tile(128, 64, 8, 3, **_HOPPER), Tile(64, 64, 4, 3, **_TMA), Tile(128, 64, 8, 3, **_TMA),
                   Tile(128, 128, 8, 2, **_TMA)]},
-    "dkdv": {64: [Tile(16, 64, 4, 2), Tile(32, 64, 4, 2), Tile(32, 64, 4, 3), Tile(32, 128, 8, 2),
+    "dkdv": {64: [Tile(16, 64, 4, 2, **_HOPPER), Tile(32, 64, 4, 2), Tile(32, 64, 4, 3, **_HOPPER),
+                  Tile(32, 128, 8, 2),
                   Tile(64, 128, 8, 3, **_HOPPER),
                   Tile(64, 64, 8, 2, **_HOPPER), Tile(64, 128, 8, 2, **_HOPPER), Tile(32, 64, 4, 3, **_TMA),
                   Tile(64, 128, 8, 2, **_TMA)],
