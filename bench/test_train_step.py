@@ -18,7 +18,7 @@ from bench.ceilings import mfu_peak
 from bench.conftest import DEVICE, ON_GPU, measure
 from model import GPT, ModelConfig
 from train.config import TrainConfig
-from train.loop import make_optimizer
+from train.optim import make_optimizer
 
 PRESET, VOCAB, BATCH = ("small", 32768, 8) if ON_GPU else ("tiny", 4096, 4)
 

@@ -7,7 +7,7 @@ attn_implementation="eager"):
 
 - copy: `dst.copy_(src)` of 256 MiB, GB/s counting the read and the write once each (write-
   allocate traffic is not counted): the machine's copy bandwidth, measured in the same run.
-- train_step: forward + backward + AdamW step (train.loop.make_optimizer) at the tiny preset
+- train_step: forward + backward + AdamW step (train.optim.make_optimizer) at the tiny preset
   (V=4096, B=8, T=256) and the small preset (V=8192, B=2, T=512), fp32 on CPU, bf16 autocast on
   CUDA, in tokens/s; both compute the same T-1 loss terms per row (transformers shifts its labels
   itself, so our last target is ignore_index). peak_MiB is the train step's peak memory: the
@@ -60,7 +60,7 @@ from bench.conftest import DEVICE, DTYPE, ON_GPU, sync
 from model import GPT, ModelConfig
 from model.generate import generate
 from train.config import TrainConfig
-from train.loop import make_optimizer
+from train.optim import make_optimizer
 
 pytest.importorskip("transformers")
 from model.io.hf import llama_model  # noqa: E402

@@ -14,7 +14,7 @@ from model import GPT, ModelConfig
 from model.tokenizer import Tokenizer
 from train import checkpoint
 from train.config import TrainConfig
-from train.loop import make_optimizer
+from train.optim import make_optimizer
 
 CORPUS = [
     "def mean(xs: list[float]) -> float:\n    return sum(xs) / len(xs)  # 3.14159, 1e-6, 0x1F\n",

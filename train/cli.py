@@ -2,7 +2,9 @@
 
 One --flag per field of the job's config (train/config.py), with the field's help, type, choices
 and range check; the job's own fields come first, the loop's under "training". With --resume the
-run's saved config is the starting point and only the flags typed now override it.
+run's saved config is the starting point and only the flags typed now override it. Typing
+--max-steps or --max-tokens turns on --fixed-length (unless that is typed too): the length the user
+asked for is kept, where one from the defaults may be fitted to --max-minutes or the data.
 """
 from __future__ import annotations
 
@@ -63,11 +65,24 @@ def parse(job: str, description: str | None, defaults: Config, argv: list[str]) 
         saved = {k: v for k, v in saved_config(job, args.resume).items() if k in names}
         args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
         args.out = args.resume
+    given = typed(parser, argv, ("max_steps", "max_tokens", "fixed_length"))
+    if given & {"max_steps", "max_tokens"} and "fixed_length" not in given:
+        # A length typed on the command line is the length meant: neither a --max-minutes budget nor
+        # pretraining's --max-epochs may shorten it (the job's defaults and a saved config may be).
+        args.fixed_length = True
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(defaults)}
     try:
         return type(defaults)(**values)
     except ValueError as e:                 # a saved config that no longer passes the field checks
         parser.error(str(e))
+
+
+def typed(parser: argparse.ArgumentParser, argv: list[str], names: tuple[str, ...]) -> set[str]:
+    """Which of the fields `names` argv sets, under any spelling argparse accepts: a value already in
+    the namespace stays unless its flag is given."""
+    unset = object()
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**{name: unset for name in names}))
+    return {name for name in names if getattr(args, name) is not unset}
 
 
 def cuda_requested(argv: list[str] | None) -> bool:

@@ -1,8 +1,9 @@
 """The one training loop that pretraining, SFT and DPO share.
 
 A job (train/pretrain.py, train/sft.py, train/dpo.py) supplies data and a loss through the `Job`
-interface; everything else lives here: AdamW with decoupled weight decay on matrices only, linear
-warm-up then cosine decay, gradient accumulation, clipping, autocast, DDP / FSDP2, torch.compile,
+interface; everything else lives here: the optimizer (train/optim.py: AdamW, or Muon), the
+schedule (train/schedule.py: warm-up, cosine decay, a run length fitted to --max-minutes),
+gradient accumulation, clipping, autocast, DDP / FSDP2, torch.compile,
 periodic evaluation, samples and checkpoints, exact resume, torch.profiler, and the run directory.
 Batches are a pure function of the step, so resuming needs only the step, the weights, the
 optimizer and the RNG states.
@@ -25,11 +26,15 @@ from model.io import checkpoint as saved
 from model.tokenizer import Tokenizer
 from train import checkpoint
 from train.config import TrainConfig
+from train.optim import Optimizer, make_optimizer
 from train.runlog import RunLog
+from train.schedule import SKIPPED_STEPS, fit_step, fitted, lr_at, shortest_fit, steps_that_fit, total_steps
 from train.runtime import Runtime, wrap
 
 # Dense bf16 tensor-core peak per GPU, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+clock = time.perf_counter        # the loop's clock (tests put a fake one here)
 
 
 class Job(Protocol):
@@ -53,22 +58,6 @@ class Job(Protocol):
 
     def sample(self, model: GPT) -> str | None:
         """A short generated text for the log, or None."""
-
-
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warm-up to cfg.lr, then cosine decay to cfg.min_lr at total_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (projections, embedding), none on norm weights or biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -119,7 +108,7 @@ class Window:
     metrics: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     grad_norms: list[torch.Tensor] = field(default_factory=list)
     tokens: int = 0              # this rank's
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=lambda: clock())
     paused: float = 0.0          # seconds spent validating inside the window: not training time
 
     def summary(self, rt: Runtime) -> dict[str, float]:
@@ -127,7 +116,7 @@ class Window:
         ranks' tokens)."""
         record = {"train_loss": rt.all_mean(torch.stack(self.losses).mean()).item(),
                   "grad_norm": torch.stack(self.grad_norms).mean().item(),
-                  "tokens_per_s": rt.all_sum(self.tokens) / (time.perf_counter() - self.started - self.paused)}
+                  "tokens_per_s": rt.all_sum(self.tokens) / (clock() - self.started - self.paused)}
         record.update({k: rt.all_mean(torch.stack(v).mean()).item() for k, v in self.metrics.items()})
         return record
 
@@ -164,11 +153,7 @@ class SlowdownWatch:
         return None
 
 
-def total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:
-    return max(1, cfg.max_tokens // tokens_per_step) if cfg.max_tokens else cfg.max_steps
-
-
-def resume(run_dir: str, model: GPT, optimizer: torch.optim.Optimizer, tokenizer) -> tuple[int, int, list[str]]:
+def resume(run_dir: str, model: GPT, optimizer: Optimizer, tokenizer) -> tuple[int, int, list[str]]:
     """Load weights, optimizer and RNG states from the run's newest intact checkpoint, falling back
     to an older one when the newest is damaged; -> (step, tokens, what was skipped and why)."""
     skipped = []
@@ -189,13 +174,13 @@ def resume(run_dir: str, model: GPT, optimizer: torch.optim.Optimizer, tokenizer
                      + "; start over with a new --out")
 
 
-def train_step(cfg: TrainConfig, job: Job, trained: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer,
+def train_step(cfg: TrainConfig, job: Job, trained: torch.nn.Module, model: GPT, optimizer: Optimizer,
                rt: Runtime, step: int, lr: float, window: Window) -> int:
     """One optimizer step at learning rate lr: grad_accum micro-batches, clipping, the update;
     -> the tokens this rank trained on (job.tokens)."""
     tokens = 0
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)     # Muon's matrices: their own peak (train/optim.py)
     for micro in range(cfg.grad_accum):
         batch = job.batch(step, micro)
         skip_sync = micro < cfg.grad_accum - 1 and hasattr(trained, "no_sync")  # DDP: reduce once per step
@@ -227,7 +212,7 @@ def validate(job: Job, model: GPT, rt: Runtime, log: RunLog | None, step: int) -
     return metrics, sample
 
 
-def save(run_dir: Path, step: int, tokens: int, job: Job, model: GPT, optimizer: torch.optim.Optimizer,
+def save(run_dir: Path, step: int, tokens: int, job: Job, model: GPT, optimizer: Optimizer,
          rt: Runtime) -> None:
     """A checkpoint of the full (unsharded) weights and optimizer state, written by rank 0."""
     model_state, optim_state = get_state_dict(model, optimizer,
@@ -258,18 +243,35 @@ def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, config_record: dict
         log.write_config(config_record)
     tokens_per_step = job.tokens(job.batch(step, 0)) * cfg.grad_accum * rt.world_size   # for --max-tokens
     unsynced, trained_tokens = 0, 0      # this rank's tokens not yet in tokens_seen; all ranks' of this invocation
-    n_steps = total_steps(cfg, tokens_per_step)
+    n_steps, fixed_at = total_steps(cfg, tokens_per_step), fit_step(cfg)
+    # What --max-minutes does in this invocation: a hard stop, fit the length at step fixed_at, or
+    # nothing (a length fitted before, or one too short to shorten).
+    hard_stop, fitting = cfg.max_minutes > 0, False
+    if not cfg.fixed_length and cfg.fitted_steps:
+        n_steps, hard_stop = cfg.fitted_steps, False
+    elif hard_stop and not cfg.fixed_length:
+        fitting = step < fixed_at and n_steps > shortest_fit(cfg)
+        hard_stop = step >= fixed_at and n_steps > shortest_fit(cfg)
+        if hard_stop and rt.is_main:    # resumed past the fitting with no length fitted (a run from before it)
+            print(f"--max-minutes {cfg.max_minutes:g}: a hard stop for this run, resumed at step {step} "
+                  f"without a fitted length; it keeps its {n_steps:,} steps")
     peak, flops_per_token = peak_flops(rt.device), model.flops_per_token()
     profiler = Profiler(cfg.profile, run_dir, rt.is_main)
-    started, steps_this_run, record, sample = time.perf_counter(), 0, {}, None    # started: --max-minutes' clock
+    started, steps_this_run, record, sample = clock(), 0, {}, None    # started: --max-minutes' clock
+    eval_s, save_s = 0.0, 0.0            # the last evaluation and checkpoint this invocation timed
 
     if step == 0:       # before the bar, so that what it prints (or a mistake it finds) has lines of its own
         metrics, sample = validate(job, model, rt, log, step)
+        eval_s = clock() - started
         if log:
             log.log({"step": 0, "tokens": 0, **metrics})
             print(" ".join(f"{k}={v:.4g}" for k, v in {"step": 0, "tokens": 0, **metrics}.items()))
     window, shown, slowdown = Window(), "", SlowdownWatch(rt.device)
-    loop_started, validating = time.perf_counter(), 0.0
+    loop_started, validating, saving = clock(), 0.0, 0.0
+    # Steps are timed from the end of step timed_from (where the pauses so far were `paused`), the
+    # invocation's first steps skipped when there are steps enough before fixed_at.
+    timed_from = max(step, min(step + SKIPPED_STEPS, fixed_at - 1))
+    timing_started, paused = loop_started, 0.0
     # Our own eta replaces tqdm's, which knows neither the cap nor the validations to come.
     with tqdm(total=n_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True, desc=job.name,
               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]") as bar:
@@ -279,8 +281,20 @@ def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, config_record: dict
             step, steps_this_run = step + 1, steps_this_run + 1
             profiler.step(steps_this_run)
 
-            now = time.perf_counter()
-            cap_left = 60 * cfg.max_minutes - (now - started) if cfg.max_minutes > 0 else None
+            now = clock()
+            if fitting and step == timed_from:
+                timing_started, paused = now, validating + saving
+            if fitting and step == fixed_at:
+                step_s = (now - timing_started - (validating + saving - paused)) / (step - timed_from)
+                step_s, eval_s, save_s, elapsed = rt.all_max([step_s, eval_s, save_s, now - started])  # the slowest rank
+                ceiling = n_steps
+                n_steps = steps_that_fit(cfg, fixed_at, ceiling, 60 * cfg.max_minutes - elapsed, step_s, eval_s, save_s)
+                fitting, bar.total = False, n_steps
+                if log:
+                    config_record = {**config_record, "args": {**config_record.get("args", {}), "fitted_steps": n_steps}}
+                    log.write_config(config_record)
+                    bar.write(fitted(cfg, n_steps, ceiling, timed_from, fixed_at, step_s, eval_s, save_s, elapsed))
+            cap_left = 60 * cfg.max_minutes - (now - started) if hard_stop else None
             stop = rt.any(cap_left is not None and cap_left < 0 or 0 < cfg.stop_after <= steps_this_run)
             bar.set_postfix_str(shown + eta(step, n_steps, (now - loop_started) / steps_this_run, cap_left),
                                 refresh=False)
@@ -299,11 +313,12 @@ def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, config_record: dict
                     if peak:
                         record["mfu"] = flops_per_token * record["tokens_per_s"] / (peak * rt.world_size)
                 if validate_now:
-                    began = time.perf_counter()
+                    began = clock()
                     metrics, sample = validate(job, model, rt, log, step)
                     record.update(metrics)
-                    spent = time.perf_counter() - began
-                    window.paused, validating = window.paused + spent, validating + spent
+                    eval_s = clock() - began
+                    window.paused, validating = window.paused + eval_s, validating + eval_s
+                record["elapsed"] = clock() - started     # this invocation's --max-minutes clock, evaluations included
                 if log:
                     log.log(record)
                 if log_now:
@@ -313,11 +328,14 @@ def fit(cfg: TrainConfig, job: Job, model: GPT, rt: Runtime, config_record: dict
                         bar.write(warning)
                     window = Window()
             if save_now:
+                began = clock()
                 save(run_dir, step, tokens_seen, job, model, optimizer, rt)
+                save_s = clock() - began
+                saving += save_s
             if stop:
                 break
 
-    seconds = time.perf_counter() - loop_started - validating
+    seconds = clock() - loop_started - validating
     throughput = {"tokens": trained_tokens, "seconds": seconds, "tokens_per_s": trained_tokens / max(seconds, 1e-9)}
     if peak:
         throughput["mfu"] = flops_per_token * throughput["tokens_per_s"] / (peak * rt.world_size)

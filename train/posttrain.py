@@ -80,7 +80,8 @@ class PostJob:
         return batch["tokens"]
 
     def exact_match(self, model: GPT) -> dict[str, float]:
-        return exact_match(model, self.tokenizer, self.test_tasks, self.cfg.batch_size)
+        """Exact match on the test tasks, its progress shown by the main process only."""
+        return exact_match(model, self.tokenizer, self.test_tasks, self.cfg.batch_size, show=self.rt.is_main)
 
     def sample(self, model: GPT) -> str:
         return task_sample(model, self.tokenizer, self.test_tasks[0])

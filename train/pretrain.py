@@ -1,10 +1,21 @@
 """Pretraining: `python -m train.pretrain` trains a GPT on a token corpus, offline, with no arguments.
 
 With no flags it prepares the built-in corpus (the Python standard library's sources) if needed,
-picks the tiny preset on CPU (about 10 minutes on 2 cores) or the small preset on CUDA, and trains
-with next-token cross-entropy through the shared loop in train/loop.py. Windows are cut from the
-token stream regardless of document boundaries; with --document-mask each token attends only to
-its own document's tokens.
+picks the tiny preset on CPU (at most 1200 steps, as many as fit in 12 minutes: --max-minutes) or
+the small preset on CUDA (700 steps of 32 x 1024 tokens, about 3 passes over the built-in corpus's
+7.5M tokens at vocabulary 16384), and trains with next-token cross-entropy through the shared loop in
+train/loop.py. Windows are cut from the token stream regardless of document boundaries; with
+--document-mask each token attends only to its own document's tokens.
+
+A run goes over its training tokens at most --max-epochs (4) times: a length from the defaults is
+shortened to that (one line says so), an explicit --max-steps / --max-tokens beyond it is refused
+unless --max-epochs allows it. The built-in corpus is small for a GPU: there, pass a real corpus,
+--data PATH (a directory, file or glob of text) or --data hf:NAME[:split] (streamed whole, so one
+of a size you mean to prepare, e.g. hf:roneneldan/TinyStories), a --preset (small, or medium on a
+large GPU), and --max-steps so that steps x --batch-size x --grad-accum x block_size (1024) tokens
+stay within --max-epochs (up to about 20 per parameter is compute-optimal; the opening lines print
+the counts), e.g.
+    python -m train.pretrain --data hf:roneneldan/TinyStories --preset small --max-steps 20000
 """
 from __future__ import annotations
 
@@ -27,6 +38,7 @@ from train.config import TrainConfig, absolute_path, at_least, greater_than, opt
 from train.data.prepare import MIN_VOCAB, PreparedData, non_empty, prepare
 from train.data.sft_data import to_device
 from train.launch import Stage, run
+from train.schedule import total_steps
 from train.runtime import Runtime
 
 MODEL_OVERRIDES = "model overrides (default: the preset's values)"
@@ -49,6 +61,10 @@ class PretrainConfig(TrainConfig):
                        type=absolute_path)
     sample_prompt: str = option("def ", "prompt of the samples written at each evaluation")
     eval_tokens: int = option(65536, "validation tokens per evaluation", positive)
+    max_epochs: float = option(4.0, "the most times the run may go over the training tokens: a run length "
+                                    "from the defaults (or --max-minutes) is shortened to it, an explicit "
+                                    "--max-steps / --max-tokens beyond it is refused (raise it to allow that)",
+                               greater_than(0))
     document_mask: bool = option(False, "attend only within each document of a window (documents start at "
                                         "<|endoftext|>; each from RoPE position 0), in training and validation, "
                                         "instead of across the whole window")
@@ -71,13 +87,21 @@ class PretrainConfig(TrainConfig):
                 if f.metadata["group"] == MODEL_OVERRIDES and getattr(self, f.name) is not None}
 
 
-# What a zero-argument run does, per device.
-CPU_DEFAULTS = PretrainConfig(preset="tiny", vocab_size=4096, batch_size=16, max_steps=1200, max_minutes=12.0,
-                              lr=2e-3, min_lr=2e-4, warmup_steps=30, eval_interval=100, eval_tokens=32768,
-                              ckpt_interval=400)
-CUDA_DEFAULTS = PretrainConfig(preset="small", vocab_size=16384, batch_size=32, grad_accum=2, max_steps=5000,
-                               lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_interval=250, eval_tokens=262144,
-                               ckpt_interval=1000)
+# What a zero-argument run does, per device. On the CPU: 12 minutes, as many steps as fit (at most
+# 2,000), Muon at 0.02 on the block matrices and AdamW at 2e-2 on the embedding and norms, the recipe
+# bench/speedrun.py measures against the one before it (AdamW at 2e-3 for everything, 1,200 steps).
+# In 400-step runs on the 2-core dev machine (val loss, one thread each, two at a time): AdamW 2e-3
+# 5.223; Muon 0.02 with AdamW 2e-3 5.046, 0.04 5.137; with AdamW 6e-3 4.615, 2e-2 4.583 (to
+# min_lr 0 instead: 4.639); Muon 0.01 with AdamW 2e-2 4.601, 0.03 with AdamW 1e-2 4.659.
+CPU_DEFAULTS = PretrainConfig(preset="tiny", vocab_size=4096, batch_size=16, max_steps=2000, max_minutes=12.0,
+                              optimizer="muon", muon_lr=0.02, lr=2e-2, min_lr=2e-3, warmup_steps=30,
+                              eval_interval=100, eval_tokens=32768, ckpt_interval=400)
+# On CUDA the built-in corpus (about 7.5M training tokens at vocabulary 16384) sizes the run: 700
+# steps of 32 x 1024 tokens are 22.9M tokens, about 3 epochs (--max-epochs caps it where a smaller
+# stdlib makes that more than 4). A real corpus needs --data and a longer --max-steps.
+CUDA_DEFAULTS = PretrainConfig(preset="small", vocab_size=16384, batch_size=32, grad_accum=1, max_steps=700,
+                               lr=6e-4, min_lr=6e-5, warmup_steps=70, eval_interval=100, eval_tokens=262144,
+                               ckpt_interval=350)
 
 
 class PretrainJob:
@@ -189,7 +213,35 @@ def build(cfg: PretrainConfig, rt: Runtime) -> tuple[PretrainJob, GPT]:
                              + ("" if cfg.init else " or a smaller --block-size"))
     if rt.is_main:
         print(f"data: {data.manifest['args']['source']}  train {len(data.train):,} tokens  val {len(data.val):,} tokens")
+    size_to_data(cfg, len(data.train), cfg.batch_size * cfg.grad_accum * rt.world_size * model.cfg.block_size, rt)
     return PretrainJob(data, cfg, model.cfg.block_size, rt), model.to(rt.device)
+
+
+def size_to_data(cfg: PretrainConfig, train_tokens: int, tokens_per_step: int, rt: Runtime) -> None:
+    """Keep the run within --max-epochs passes over the training tokens: shorten a length from the
+    defaults (in cfg, the config the loop trains with and config.json records), refuse an explicit
+    one (--fixed-length) in one line; say how many epochs a run that repeats its data does."""
+    steps = total_steps(cfg, tokens_per_step)
+    most = max(1, math.floor(cfg.max_epochs * train_tokens / tokens_per_step))
+    length = f"--max-tokens {cfg.max_tokens:,}" if cfg.max_tokens else f"--max-steps {cfg.max_steps:,}"
+    if steps > most and cfg.fixed_length:
+        raise SystemExit(f"{length} ({steps * tokens_per_step:,} tokens) goes over the {train_tokens:,} training "
+                         f"tokens {steps * tokens_per_step / train_tokens:.1f} times, more than --max-epochs "
+                         f"{cfg.max_epochs:g}: pass --max-epochs {math.ceil(steps * tokens_per_step / train_tokens)} "
+                         f"to train that long, or a larger corpus (--data), or at most --max-steps {most:,}")
+    if steps > most:
+        if rt.is_main:
+            print(f"run length: the default {steps:,} steps would go over the {train_tokens:,} training tokens "
+                  f"{steps * tokens_per_step / train_tokens:.1f} times; shortened to {most:,} steps, "
+                  f"--max-epochs {cfg.max_epochs:g} (give --max-steps and --max-epochs to train longer)")
+        cfg.max_steps, cfg.max_tokens, steps = most, 0, most
+    if cfg.fitted_steps and not cfg.fixed_length:       # a resumed run whose budget fitted its length
+        steps = cfg.fitted_steps
+    epochs = steps * tokens_per_step / train_tokens
+    if epochs > 1 and rt.is_main:
+        to_fit = cfg.max_minutes > 0 and not cfg.fixed_length and not cfg.fitted_steps   # may fit fewer steps
+        print(f"epochs: {'at most ' if to_fit else ''}{epochs:.1f} passes over the training tokens "
+              f"({steps:,} steps of {tokens_per_step:,} tokens)")
 
 
 STAGE = Stage("pretrain", __doc__, CPU_DEFAULTS, CUDA_DEFAULTS, build)

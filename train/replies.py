@@ -1,7 +1,8 @@
 """The model's replies to the built-in tasks (train/data/tasks.py): batched greedy or sampled
 generation of single-turn chat replies, exact match against the answers, and the model's own wrong
 answers as DPO's rejected responses. SFT and DPO measure exact match with these during training,
-DPO samples its rejections with them, and python -m train.evaluate reports the same exact match."""
+DPO samples its rejections with them, and python -m train.evaluate reports the same exact match.
+Each of these shows its progress on stderr (train/progress.py): a generation batch can take seconds."""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +16,7 @@ from model.chat_format import ChatTokens, render_prompt, reply_text
 from model.generate import generate
 from model.tokenizer import Tokenizer
 from train.data.tasks import Task
+from train.progress import Progress, progress
 
 
 @contextlib.contextmanager
@@ -30,8 +32,9 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def replies(model: GPT, tok: Tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
-            seed: int | None = None, batch_size: int = 64) -> list[str]:
-    """The model's reply to each single-turn prompt, through generate() with the KV cache.
+            seed: int | None = None, batch_size: int = 64, bar: Progress | None = None) -> list[str]:
+    """The model's reply to each single-turn prompt, through generate() with the KV cache; bar, when
+    given, advances by one per reply.
 
     Prompts are batched by token length, so no row needs padding (generate has no attention mask).
     """
@@ -51,6 +54,8 @@ def replies(model: GPT, tok: Tokenizer, prompts: list[str], max_new_tokens: int,
                            seed=None if seed is None else seed + length * 1000 + start)
             for i, row in zip(chunk, gen[:, length:].tolist()):
                 out[i] = reply_text(row, tok).strip()
+            if bar is not None:
+                bar.update(len(chunk))
     return out
 
 
@@ -59,10 +64,14 @@ def answer_budget(tok: Tokenizer, tasks: list[Task]) -> int:
     return 2 * max(len(tok.encode(t.answer)) for t in tasks) + 4
 
 
-def exact_match(model: GPT, tok: Tokenizer, tasks: list[Task], batch_size: int = 64) -> dict[str, float]:
-    """Fraction of tasks whose greedy reply equals the answer exactly: overall and per kind."""
-    with eval_mode(model):
-        got = replies(model, tok, [t.prompt for t in tasks], answer_budget(tok, tasks), batch_size=batch_size)
+def exact_match(model: GPT, tok: Tokenizer, tasks: list[Task], batch_size: int = 64,
+                show: bool = True) -> dict[str, float]:
+    """Fraction of tasks whose greedy reply equals the answer exactly: overall and per kind. Its progress
+    is shown on stderr unless show is False (a process other than the main one); a terminal's bar is
+    cleared at the end, since training evaluates again and again."""
+    with eval_mode(model), progress(len(tasks), "exact match", " tasks", show=show, leave=False) as bar:
+        got = replies(model, tok, [t.prompt for t in tasks], answer_budget(tok, tasks), batch_size=batch_size,
+                      bar=bar)
     hits: dict[str, list[bool]] = defaultdict(list)
     for task, reply in zip(tasks, got):
         hits[task.kind].append(reply == task.answer)
@@ -72,12 +81,12 @@ def exact_match(model: GPT, tok: Tokenizer, tasks: list[Task], batch_size: int =
 
 
 def sampled_rejections(model: GPT, tok: Tokenizer, tasks: list[Task], seed: int,
-                       temperature: float = 1.0) -> list[str]:
+                       temperature: float = 1.0, bar: Progress | None = None) -> list[str]:
     """For each task, the model's own sampled reply when it is wrong (the mistakes DPO should push
-    down), else the built-in plausible wrong answer."""
+    down), else the built-in plausible wrong answer; bar, when given, advances by one per reply."""
     with eval_mode(model):
         got = replies(model, tok, [t.prompt for t in tasks], answer_budget(tok, tasks), temperature=temperature,
-                      seed=seed)
+                      seed=seed, bar=bar)
     return [reply if reply != task.answer else task.wrong for task, reply in zip(tasks, got)]
 
 

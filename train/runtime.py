@@ -53,6 +53,14 @@ class Runtime:
         dist.all_reduce(t)
         return int(t.item())
 
+    def all_max(self, values: list[float]) -> list[float]:
+        """The elementwise max of values over ranks (values itself in a single process), in one all-reduce."""
+        if not self.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
     def any(self, flag: bool) -> bool:
         """True on every rank when flag is true on any rank, so ranks stop together."""
         if not self.distributed:

@@ -24,14 +24,42 @@ def test_every_field_is_a_flag_with_help_and_the_stage_default(stage):
 
 @pytest.mark.parametrize("stage, default", [(pretrain.STAGE, "12.0"), (sft.STAGE, "0.0"), (dpo.STAGE, "0.0")],
                          ids=lambda x: getattr(x, "name", x))
-def test_max_minutes_says_its_default_what_it_counts_and_that_0_is_no_cap(stage, default):
+def test_max_minutes_says_its_default_what_it_counts_and_when_it_is_a_hard_stop(stage, default):
     """One flag for every stage (the shared loop applies it); a zero-argument pretraining run on CPU
-    is capped, SFT and DPO are not, and the help says which."""
+    has a budget, SFT and DPO do not, and the help says which and what --fixed-length changes."""
     parser = cli.build_parser(f"python -m train.{stage.name}", stage.description, stage.cpu_defaults)
     text = " ".join(parser.format_help().split())
-    assert ("stop with a checkpoint after this many minutes of training in this invocation, evaluations included "
-            "(0: no cap; --resume continues); loading and preparing data and DPO's sampling of rejected replies "
-            f"(redone by each --resume) come before training and do not count (default: {default})") in text
+    assert ("a time budget: minutes of training in this invocation, evaluations included (0: none). Unless the run "
+            "length is fixed (--fixed-length, which typing --max-steps or --max-tokens turns on), it sets the run "
+            "length: the first steps are timed and the run takes as many steps (at most --max-steps) as fit, warm-up "
+            "and decay included, recorded as --fitted-steps. With a fixed length it is a hard stop: a checkpoint, the "
+            "schedule unfinished, and --resume continues. Loading and preparing data and DPO's sampling of rejected "
+            f"replies (redone by each --resume) come before training and do not count (default: {default})") in text
+    assert "--fixed-length, --no-fixed-length" in text and "recorded by the run: --fitted-steps FITTED_STEPS" in text
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
+def test_a_length_typed_on_the_command_line_is_fixed(stage):
+    """Typing --max-steps or --max-tokens (in any spelling argparse accepts) fixes the length; the
+    defaults' length is not fixed, and --no-fixed-length typed with it wins."""
+    assert not stage.parse([]).fixed_length
+    assert not stage.parse(["--max-minutes", "3"]).fixed_length
+    for argv in (["--max-steps", "100"], ["--max-steps=100"], ["--max-tok", "5000"], ["--max-steps", "100", "--max-minutes", "3"]):
+        assert stage.parse(argv).fixed_length, argv
+    assert not stage.parse(["--max-steps", "100", "--no-fixed-length"]).fixed_length
+    assert stage.parse(["--fixed-length"]).fixed_length
+
+
+def test_resume_keeps_the_fitted_length_and_a_typed_length_fixes_it(tmp_path):
+    run_dir = tmp_path / "run"
+    write_run(run_dir, "sft", max_minutes=5.0, fitted_steps=321)
+    cfg = sft.STAGE.parse(["--resume", str(run_dir)])
+    assert (cfg.fitted_steps, cfg.fixed_length, cfg.max_minutes) == (321, False, 5.0)
+    assert sft.STAGE.parse(["--resume", str(run_dir), "--max-minutes", "9"]).fitted_steps == 321
+    retyped = sft.STAGE.parse(["--resume", str(run_dir), "--max-steps", "400"])
+    assert (retyped.max_steps, retyped.fixed_length) == (400, True)       # the loop then ignores fitted_steps
+    write_run(tmp_path / "fixed", "sft", max_steps=77, fixed_length=True)
+    assert sft.STAGE.parse(["--resume", str(tmp_path / "fixed")]).fixed_length
 
 
 @pytest.mark.parametrize("argv, message", [

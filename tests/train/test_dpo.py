@@ -1,5 +1,6 @@
-"""DPO: the loss against hand-computed values, log-probs per backend, the frozen reference, and
-end-to-end runs of `python -m train.dpo` through main(argv)."""
+"""DPO: the loss against hand-computed values, log-probs per backend, the frozen reference, the
+sampling of rejected replies (capped by the run's length, the same on --resume, with progress on
+stderr), and end-to-end runs of `python -m train.dpo` through main(argv)."""
 import copy
 import json
 import math
@@ -14,11 +15,12 @@ from train import dpo
 from train.data import tasks
 from train.config import TrainConfig
 from train.loop import fit
-from train.runtime import setup
+from train.runtime import Runtime, setup
 from train.data.sft_data import encode_pairs
 
 TINY = ["--device", "cpu", "--batch-size", "4", "--n-train", "24", "--eval-examples", "7", "--lr", "1e-3",
         "--warmup-steps", "1", "--log-interval", "1", "--eval-interval", "0", "--rejected", "rule"]
+SAMPLED = TINY[:-2] + ["--rejected", "sampled", "--samples", "1"]
 
 
 def test_loss_and_metrics_by_hand():
@@ -122,7 +124,9 @@ def test_cli_run_starts_at_ln2_and_prefers_chosen(tmp_path, capsys):
     by_kind = [result[f"val_reward_acc_{kind}"] for kind in tasks.KINDS]      # one held-out pair per kind
     assert sum(by_kind) / len(by_kind) == pytest.approx(result["val_reward_acc"])
     assert (out / "tokenizer.json").exists() and (out / "checkpoints" / "latest").exists()
-    assert "val_reward_acc" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "val_reward_acc" in captured.out and "exact match" not in captured.out
+    assert any(line.startswith("exact match") and "7/7" in line for line in captured.err.splitlines())
 
 
 def test_accuracy_by_kind():
@@ -155,3 +159,72 @@ def test_samples_flag_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         dpo.main(TINY + ["--samples", "0"])
     assert "--samples: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def fake_sampling(monkeypatch) -> list[list[str]]:
+    """dpo's sampling of rejected replies made instant (the built-in wrong answers, each a pair); -> the
+    prompts of each call, appended as they come."""
+    calls = []
+
+    def sampled_rejections(model, tok, task_list, seed, temperature=1.0, bar=None):
+        calls.append([t.prompt for t in task_list])
+        if bar is not None:
+            bar.update(len(task_list))
+        return [t.wrong for t in task_list]
+
+    monkeypatch.setattr(dpo, "sampled_rejections", sampled_rejections)
+    return calls
+
+
+@pytest.mark.parametrize("flags, world_size, sampled", [
+    (["--max-steps", "2"], 1, 8),                         # 2 steps x batch 4
+    (["--max-steps", "2", "--grad-accum", "2"], 1, 16),   # x 2 micro-batches
+    (["--max-steps", "2"], 2, 16),                        # x 2 processes
+    (["--max-steps", "100"], 1, 24),                      # more than there are: all of them
+])
+def test_sampling_takes_only_the_prompts_the_run_can_use(flags, world_size, sampled, tmp_path, monkeypatch, capsys):
+    calls = fake_sampling(monkeypatch)
+    init = make_run(tmp_path / "base")
+    cfg = dpo.STAGE.parse(["--init", str(init), "--out", str(tmp_path / "dpo"), *SAMPLED, *flags])
+    job, _ = dpo.build(cfg, Runtime(torch.device("cpu"), None, rank=0, world_size=world_size))
+    train_prompts, held_out = calls
+    assert train_prompts == [t.prompt for t in tasks.make_tasks("train", 24)][:sampled]     # the first ones
+    assert len(held_out) == 7 and len(job.train) == sampled
+    out = capsys.readouterr().out
+    assert (f"sampling replies to {sampled} of the 24 training prompts" in out) == (sampled < 24)
+
+
+def test_with_max_tokens_the_sampled_prompts_still_cover_every_step(tmp_path, monkeypatch):
+    calls = fake_sampling(monkeypatch)
+    init = make_run(tmp_path / "base")
+    cfg = dpo.STAGE.parse(["--init", str(init), "--out", str(tmp_path / "dpo"), *SAMPLED, "--n-train", "400",
+                           "--max-tokens", "4000"])
+    rt = setup("cpu", "fp32")
+    job, _ = dpo.build(cfg, rt)
+    steps = max(1, cfg.max_tokens // job.tokens(job.batch(0, 0)))            # the loop's run length
+    assert steps * cfg.batch_size <= len(calls[0]) < 400
+
+
+def test_a_resumed_run_samples_the_same_pairs_and_trains_the_same(tmp_path):
+    init = make_run(tmp_path / "base")
+    common = ["--init", str(init), *SAMPLED, "--n-train", "40", "--max-steps", "3", "--ckpt-interval", "1"]
+    dpo.main([*common, "--out", str(tmp_path / "straight")])
+    dpo.main([*common, "--out", str(tmp_path / "split"), "--stop-after", "1"])
+    dpo.main(["--resume", str(tmp_path / "split"), "--stop-after", "0"])
+
+    def losses(run):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+
+    assert len(losses(tmp_path / "straight")) == 3
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+
+
+def test_sampling_shows_its_progress_on_the_main_process_only(capsys):
+    task_list = tasks.make_tasks("train", 3)
+    dpo.task_pairs(task_list, tiny_model(), tokenizer(), "sampled", seed=0, rt=setup("cpu", "fp32"), samples=2)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("sampling training replies") and "0/6" in lines[0] and "6/6" in lines[-1]
+    other_rank = Runtime(torch.device("cpu"), None, rank=1, world_size=2)
+    dpo.task_pairs(task_list, tiny_model(), tokenizer(), "sampled", seed=0, rt=other_rank, samples=2)
+    assert capsys.readouterr().err == ""

@@ -2,7 +2,6 @@
 import json
 import os
 import stat
-import time
 
 import pytest
 import torch
@@ -10,9 +9,10 @@ import torch
 from model import GPT, ModelConfig
 from model.io import checkpoint as model_checkpoint
 from model.io.checkpoint import load_model, load_weights, resolve
-from train import checkpoint
+from train import checkpoint, loop
 from train.config import TrainConfig
-from train.loop import SlowdownWatch, eta, fit, lr_at, make_optimizer
+from train.loop import SlowdownWatch, eta, fit
+from train.schedule import lr_at
 from train.runtime import setup
 
 V, T = 64, 16
@@ -52,27 +52,12 @@ def tiny_model():
     return GPT(ModelConfig.preset("tiny", vocab_size=V, n_layer=2, n_embd=64, block_size=T))
 
 
-def train(tmp_path, name, **overrides):
+def train(tmp_path, name, job=None, **overrides):
     run_dir = tmp_path / name
     cfg = TrainConfig(**{"out": str(run_dir), "batch_size": 4, "max_steps": 20, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3,
                          "eval_interval": 10, "ckpt_interval": 5, "log_interval": 1, **overrides})
-    result = fit(cfg, CountingJob(), tiny_model(), setup("cpu", "fp32"), {"job": "synthetic"})
+    result = fit(cfg, job or CountingJob(), tiny_model(), setup("cpu", "fp32"), {"job": "synthetic"})
     return result, [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["step"] > 0]
-
-
-def test_lr_schedule_warmup_then_cosine():
-    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
-    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
-    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
-    assert lr_at(60, cfg, 110) == pytest.approx(0.55)
-    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
-
-
-def test_weight_decay_only_on_matrices():
-    model = tiny_model()
-    decay, no_decay = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu")).param_groups
-    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
-    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 2 * 2 + 1   # the norm weights
 
 
 def test_run_directory_and_learning(tmp_path):
@@ -114,18 +99,24 @@ def test_slowdown_watch_says_once_when_throughput_collapses():
 
 
 class SlowingJob(CountingJob):
-    """From step 12 on, every step also waits: what another process taking the cores looks like."""
+    """A step takes 1 s of the loop's (fake) clock, from step 13 on 10 s: what another process taking
+    the cores looks like, on any machine however busy."""
+    def __init__(self, clock):
+        super().__init__()
+        self.clock, self.calls = clock, 0
+
     def loss(self, model, batch):
-        self.calls = getattr(self, "calls", 0) + 1
-        if self.calls > 12:
-            time.sleep(0.25)
+        self.calls += 1
+        self.clock.now += 10.0 if self.calls > 12 else 1.0
         return super().loss(model, batch)
 
 
-def test_a_run_says_when_its_throughput_collapses(tmp_path, capsys):
+def test_a_run_says_when_its_throughput_collapses(tmp_path, capsys, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(loop, "clock", clock)
     cfg = TrainConfig(out=str(tmp_path / "slow"), batch_size=4, max_steps=16, eval_interval=0, ckpt_interval=100,
                       log_interval=4, warmup_steps=2)
-    fit(cfg, SlowingJob(), tiny_model(), setup("cpu", "fp32"), {"job": "synthetic"})
+    fit(cfg, SlowingJob(clock), tiny_model(), setup("cpu", "fp32"), {"job": "synthetic"})
     captured = capsys.readouterr()
     lines = [line for line in (captured.out + captured.err).splitlines() if "throughput fell" in line]
     assert len(lines) == 1 and "competing for the CPU cores" in lines[0]
@@ -193,8 +184,9 @@ def test_profiler_writes_trace_and_table(tmp_path, capsys):
     assert "Self CPU" in capsys.readouterr().out
 
 
-def test_max_minutes_stops_with_a_checkpoint_and_the_bar_says_so(tmp_path, capsys):
-    result, records = train(tmp_path, "timed", max_minutes=1e-9)
+def test_max_minutes_with_a_fixed_length_stops_with_a_checkpoint_and_the_bar_says_so(tmp_path, capsys):
+    """--max-steps and --max-minutes both given (--fixed-length): the budget is the old hard stop."""
+    result, records = train(tmp_path, "timed", max_minutes=1e-9, fixed_length=True)
     assert result["step"] == 1 and resolve(tmp_path / "timed").name == "step_000001"
     assert result["stopped_early"] == "step 1 of 20 (--max-minutes 1e-09 reached)"
     assert "eta 00:00: stops at the --max-minutes cap near step 1" in capsys.readouterr().err
@@ -218,3 +210,89 @@ def test_the_result_reports_the_invocations_average_throughput(tmp_path):
         assert pace["tokens"] == 10 * 4 * T and pace["seconds"] > 0
         assert pace["tokens_per_s"] == pytest.approx(pace["tokens"] / pace["seconds"])
         assert "tokens_per_s" not in result          # the last window's figure is no longer passed off as the run's
+
+
+class FakeClock:
+    """The loop's clock, moved only by the job: no test sleeps."""
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class TimedJob(CountingJob):
+    """On the fake clock, a micro-batch takes 1 s (the first two of an invocation 3 s: the slower
+    first steps) and an evaluation 5 s."""
+    def __init__(self, clock, step_s=1.0):
+        super().__init__()
+        self.clock, self.step_s, self.calls = clock, step_s, 0
+
+    def loss(self, model, batch):
+        self.calls += 1
+        self.clock.now += 3.0 if self.calls <= 2 else self.step_s
+        return super().loss(model, batch)
+
+    def validate(self, model):
+        self.clock.now += 5.0
+        return super().validate(model)
+
+
+def timed(tmp_path, monkeypatch, name, step_s=1.0, **overrides):
+    """A run of at most 40 steps with a 1-minute budget on a fake clock; -> (result, records, config.json, clock)."""
+    clock = FakeClock()
+    monkeypatch.setattr(loop, "clock", clock)
+    result, records = train(tmp_path, name, TimedJob(clock, step_s), **{"max_steps": 40, "max_minutes": 1.0, **overrides})
+    return result, records, json.loads((tmp_path / name / "config.json").read_text()), clock
+
+
+def test_max_minutes_fits_the_schedule_to_the_budget(tmp_path, monkeypatch, capsys):
+    """Steps 3-5 time 1 s/step (steps 1 and 2 are skipped); at step 5 (the warm-up is 3 steps, the
+    fitting waits for a few timed ones) 14 s are spent: the step-0 evaluation 5 s, steps 1-2 6 s,
+    steps 3-5 3 s. Of the 46 s left, 31 steps fit: 26 more steps and evaluations at 10, 20, 30
+    and 31 of 5 s each. The run ends at step 31 within the minute, its schedule finished."""
+    result, records, config, clock = timed(tmp_path, monkeypatch, "fitted")
+    printed = capsys.readouterr()
+    assert ("--max-minutes 1: 31 steps fit (1 s/step measured over steps 3-5, 4 evaluations of 5 s); "
+            "the schedule ends at step 31") in printed.out + printed.err
+    assert result["step"] == 31 and result["stopped_early"] == "" and clock.now == 60.0
+    assert config["args"]["fitted_steps"] == 31
+    assert resolve(tmp_path / "fitted").name == "step_000031"
+    cfg = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=3)
+    lrs = {r["step"]: r["lr"] for r in records}
+    # Before the fitting the schedule runs toward --max-steps (only steps 3 and 4 are past the warm-up),
+    # from step 5 on toward 31, reaching --min-lr there.
+    assert lrs[4] == pytest.approx(lr_at(3, cfg, 40)) and lrs[5] == pytest.approx(lr_at(4, cfg, 40))
+    assert [lrs[s] for s in range(6, 32)] == pytest.approx([lr_at(s - 1, cfg, 31) for s in range(6, 32)])
+    assert lr_at(31, cfg, 31) == pytest.approx(3e-4) and lrs[31] < 3e-4 + 0.02 * (3e-3 - 3e-4)
+
+
+def test_a_budget_too_short_keeps_the_warm_up_and_some_decay(tmp_path, monkeypatch, capsys):
+    result, _, config, _ = timed(tmp_path, monkeypatch, "short", max_minutes=1e-9)
+    printed = capsys.readouterr()
+    assert "--max-minutes 1e-09: not even 15 steps (the warm-up and 10 more) fit" in printed.out + printed.err
+    assert result["step"] == 15 and result["stopped_early"] == "" and config["args"]["fitted_steps"] == 15
+
+
+def test_a_budget_with_room_for_every_step_keeps_max_steps_as_the_ceiling(tmp_path, monkeypatch, capsys):
+    result, _, config, _ = timed(tmp_path, monkeypatch, "roomy", max_minutes=60.0)
+    printed = capsys.readouterr()
+    assert "--max-minutes 60: all 40 steps fit" in printed.out + printed.err
+    assert result["step"] == 40 and config["args"]["fitted_steps"] == 40
+
+
+def test_resume_keeps_the_fitted_length_exactly(tmp_path, monkeypatch, capsys):
+    """Stopped at step 10 and resumed (with the recorded length, as --resume reads it from config.json)
+    on a machine 5 times slower: not timed again, the same 31 steps and the same weights."""
+    straight, straight_records, _, _ = timed(tmp_path, monkeypatch, "straight")
+    stopped, _, config, _ = timed(tmp_path, monkeypatch, "split", stop_after=10)
+    assert stopped["stopped_early"] == "step 10 of 31 (--stop-after 10)" and config["args"]["fitted_steps"] == 31
+    capsys.readouterr()
+    resumed, resumed_records, _, _ = timed(tmp_path, monkeypatch, "split", step_s=5.0, resume=str(tmp_path / "split"),
+                                           fitted_steps=config["args"]["fitted_steps"])
+    printed = capsys.readouterr()
+    assert "steps fit" not in printed.out + printed.err
+    assert resumed["step"] == 31 and resumed["stopped_early"] == ""
+    assert [r["train_loss"] for r in resumed_records] == [r["train_loss"] for r in straight_records]
+    ours, theirs = load_model(tmp_path / "split")[0], load_model(tmp_path / "straight")[0]
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))

@@ -21,7 +21,7 @@ from model import GPT, ModelConfig
 from model.command import run_command
 from train.data.prepare import prepare
 from train.eval import evaluate
-from train.pretrain import STAGE, PretrainConfig, PretrainJob, main
+from train.pretrain import CPU_DEFAULTS, STAGE, PretrainConfig, PretrainJob, main
 from train.runtime import setup
 from train.runlock import RunLock
 
@@ -170,10 +170,11 @@ def test_compiled_run_trains_on_after_sampling(dataset, tmp_path):
 
 
 def test_kernel_parity_torch_vs_triton(dataset, tmp_path):
+    """With Muon (its updates amplify small gradient differences more than AdamW's)."""
     before = kernels.backends.chosen()
-    main(flags(dataset, tmp_path / "torch", 4, 2, "--kernels", "torch", "--eval-interval", "0"))
+    main(flags(dataset, tmp_path / "torch", 4, 2, "--kernels", "torch", "--eval-interval", "0", "--optimizer", "muon"))
     assert kernels.backends.chosen() == before            # a run's --kernels ends with the run
-    main(flags(dataset, tmp_path / "triton", 4, 2, "--kernels", "triton", "--eval-interval", "0"))
+    main(flags(dataset, tmp_path / "triton", 4, 2, "--kernels", "triton", "--eval-interval", "0", "--optimizer", "muon"))
     config = json.loads((tmp_path / "triton" / "config.json").read_text())
     assert set(config["kernels"].values()) == {"triton"}
     assert losses(tmp_path / "triton") == pytest.approx(losses(tmp_path / "torch"), rel=1e-4, abs=1e-5)
@@ -190,12 +191,12 @@ def torchrun(argv, world_size=2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_ranks_match_one_rank(dataset, tmp_path, sharding):
+@pytest.mark.parametrize("sharding, optimizer", [("ddp", "adamw"), ("fsdp", "adamw"), ("ddp", "muon"), ("fsdp", "muon")])
+def test_two_ranks_match_one_rank(dataset, tmp_path, sharding, optimizer):
     one = tmp_path / "one"
-    main(flags(dataset, one, 8, 4, "--eval-interval", "0"))
+    main(flags(dataset, one, 8, 4, "--eval-interval", "0", "--optimizer", optimizer))
     two = tmp_path / "two"
-    printed = torchrun(flags(dataset, two, 8, 2, "--eval-interval", "0", "--stop-after", "6",
+    printed = torchrun(flags(dataset, two, 8, 2, "--eval-interval", "0", "--stop-after", "6", "--optimizer", optimizer,
                              *(["--fsdp"] if sharding == "fsdp" else [])))
     assert printed.count("world_size=2") == 1, "only rank 0 prints"
     assert losses(two) == pytest.approx(losses(one)[:6], abs=1e-5)
@@ -358,3 +359,86 @@ def test_vocab_size_below_the_byte_tokens_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--vocab-size", "100", "--out", str(tmp_path / "run")])
     assert e.value.code == 2 and "--vocab-size: must be at least 260, got 100" in capsys.readouterr().err
+
+
+class Ticking:
+    """A fake clock for the loop: every reading is 0.1 s after the last, so a run's timings (and the
+    length a --max-minutes budget fits) are the same on every machine and every run."""
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 0.1
+        return self.now
+
+
+def test_a_time_budget_fits_the_length_and_resume_keeps_it(dataset, tmp_path, monkeypatch, capsys):
+    """--no-fixed-length keeps --max-steps 40 as the ceiling of a --max-minutes budget: the length is
+    fitted at step 5 (--warmup-steps 2: a few timed steps), recorded in config.json, and a run
+    stopped at step 10 and resumed with only --resume trains the same steps to the same losses."""
+    budget = ["--max-minutes", "0.2", "--no-fixed-length"]
+    monkeypatch.setattr("train.loop.clock", Ticking())
+    straight = main(flags(dataset, tmp_path / "straight", 40, 4, *budget))
+    fitted = json.loads((tmp_path / "straight" / "config.json").read_text())["args"]["fitted_steps"]
+    assert 15 < fitted < 40 and straight["step"] == fitted and straight["stopped_early"] == ""
+    assert re.search(rf"--max-minutes 0.2: {fitted} steps fit \([\d.]+ s/step measured over steps 3-5, \d+ evaluations",
+                     capsys.readouterr().out)
+    monkeypatch.setattr("train.loop.clock", Ticking())
+    main(flags(dataset, tmp_path / "split", 40, 4, *budget, "--stop-after", "10"))
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["args"]["fitted_steps"] == fitted
+    monkeypatch.setattr("train.loop.clock", Ticking())
+    capsys.readouterr()
+    resumed = main(["--resume", str(tmp_path / "split"), "--stop-after", "0"])
+    assert "steps fit" not in capsys.readouterr().out                  # not timed again
+    assert resumed["step"] == fitted and resumed["stopped_early"] == ""
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+
+
+def stop_before_training(monkeypatch):
+    """Make main() return the config and record the loop would get, without training."""
+    def stop(cfg, job, model, rt, record):
+        return {"cfg": cfg, "record": record, "stopped_early": "", "throughput": {"tokens_per_s": 0, "tokens": 0,
+                                                                                   "seconds": 0}}
+    monkeypatch.setattr("train.launch.fit", stop)
+
+
+def without_length(argv):
+    at = argv.index("--max-steps")
+    return argv[:at] + argv[at + 2:]
+
+
+def test_a_default_length_is_shortened_to_four_epochs(dataset, tmp_path, monkeypatch, capsys):
+    """The CPU default of at most 2,000 steps of 4 x 32 tokens goes over the 26,795 training tokens
+    9.6 times: the run takes 837 steps (4 epochs) and says so; config.json records that."""
+    train_tokens = json.loads((dataset / "manifest.json").read_text())["train"]["tokens"]
+    default = CPU_DEFAULTS.max_steps
+    most = 4 * train_tokens // 128
+    stop_before_training(monkeypatch)
+    result = main(without_length(flags(dataset, tmp_path / "run", 0)))
+    printed = capsys.readouterr().out
+    assert (result["cfg"].max_steps, result["record"]["args"]["max_steps"]) == (most, most)
+    assert (f"run length: the default {default:,} steps would go over the {train_tokens:,} training tokens "
+            f"{default * 128 / train_tokens:.1f} times; shortened to {most:,} steps, --max-epochs 4") in printed
+    assert f"epochs: at most {most * 128 / train_tokens:.1f} passes over the training tokens" in printed
+
+
+def test_an_explicit_length_beyond_four_epochs_is_refused_unless_max_epochs_allows_it(dataset, tmp_path,
+                                                                                      monkeypatch, capsys):
+    train_tokens = json.loads((dataset / "manifest.json").read_text())["train"]["tokens"]
+    steps = 5 * train_tokens // 128                                     # 5 epochs
+    stop_before_training(monkeypatch)
+    with pytest.raises(SystemExit) as refused:
+        run_command(lambda: main(flags(dataset, tmp_path / "run", steps)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert refused.value.code == 1 and len(err) == 1 and err[0] == (
+        f"error: --max-steps {steps:,} ({steps * 128:,} tokens) goes over the {train_tokens:,} training tokens "
+        f"{steps * 128 / train_tokens:.1f} times, more than --max-epochs 4: pass --max-epochs 5 to train that long, "
+        f"or a larger corpus (--data), or at most --max-steps {4 * train_tokens // 128:,}")
+    assert not (tmp_path / "run").exists()
+    result = main(flags(dataset, tmp_path / "run", steps, 4, "--max-epochs", "5"))
+    assert result["cfg"].max_steps == steps
+    assert f"epochs: {steps * 128 / train_tokens:.1f} passes over the training tokens ({steps:,} steps of 128 tokens)" \
+        in capsys.readouterr().out
+    # Within 4 epochs: no line about epochs at all; a single pass says nothing either.
+    main(flags(dataset, tmp_path / "one", train_tokens // 128))
+    assert "epochs:" not in capsys.readouterr().out

@@ -1,5 +1,5 @@
-"""train/replies.py: batched greedy replies equal one-at-a-time generation, exact match counts per kind
-and restores train mode, and sampled rejections are never the answer."""
+"""train/replies.py: batched greedy replies equal one-at-a-time generation, exact match counts per kind,
+restores train mode and shows its progress on stderr, and sampled rejections are never the answer."""
 import torch
 
 from model.chat_format import ChatTokens, render_prompt, reply_text
@@ -39,3 +39,13 @@ def test_sampled_rejections_are_never_the_answer():
     test = tasks.make_tasks("test", 14)
     rejected = replies.sampled_rejections(tiny_model(), tokenizer(), test, seed=0)
     assert all(r != t.answer for r, t in zip(rejected, test))
+
+
+def test_exact_match_shows_its_progress_on_stderr_unless_told_not_to(capsys):
+    test = tasks.make_tasks("test", 7)
+    replies.exact_match(tiny_model(), tokenizer(), test, batch_size=3)
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert out == "" and lines[0].startswith("exact match") and "0/7" in lines[0] and "7/7" in lines[-1]
+    replies.exact_match(tiny_model(), tokenizer(), test, show=False)        # another process than the main one
+    assert capsys.readouterr().err == ""

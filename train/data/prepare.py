@@ -13,7 +13,8 @@ Each document is preceded by <|endoftext|>. The split is by document: a document
 when a hash of (seed, doc_id) falls below val_fraction; a corpus of one document is cut at a line
 break instead. The directory is built under a temporary name and renamed into place at the end,
 so a dataset directory either is complete or does not exist; re-running with the same arguments
-(and unchanged source files) reuses it.
+(and unchanged source files) reuses it. Each phase (filtering, the tokenizer's training, encoding
+each split) shows its progress on stderr (train/progress.py) unless quiet.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
 from model.command import DEBUG_HELP, Parser, run_command
 from model.io.files import atomic_write_text
@@ -39,7 +39,8 @@ from train.cli import flag_type
 from train.config import at_least, non_negative
 from train.data.filters import DocumentFilter, FilterConfig, Report
 from train.data.shards import read_shard, shard_dtype, write_shard
-from train.data.sources import dataset_name, iter_documents, resolve_source, source_fingerprint
+from train.data.sources import dataset_name, document_count, iter_documents, resolve_source, source_fingerprint
+from train.progress import progress
 
 FORMAT, VERSION = "tritongpt-data", 1
 MIN_VOCAB = 256 + len(DEFAULT_SPECIAL_TOKENS)
@@ -184,9 +185,16 @@ def _build(tmp: Path, args: dict, filters: FilterConfig, verbose: bool, given: T
     train_docs = [d for d in docs if not d.val]
     sample = [] if given else _read_docs(docs_path, _tokenizer_sample(train_docs, args["tokenizer_sample_bytes"],
                                                                       args["seed"]))
-    tok = given or Tokenizer.train(sample, args["vocab_size"])
+    sample_bytes = sum(len(t.encode("utf-8")) for t in sample)
+    if given:
+        tok = given
+    else:
+        # One call learns every merge and reports nothing: the bar shows the time it has taken so far.
+        with progress(None, f"tokenizer: learning {args['vocab_size']:,} tokens from {sample_bytes:,} bytes",
+                      show=verbose, bar_format="{desc} [{elapsed}]"):
+            tok = Tokenizer.train(sample, args["vocab_size"])
     if tok.n_vocab < args["vocab_size"]:
-        print(f"data: warning: the tokenizer sample ({sum(len(t.encode('utf-8')) for t in sample):,} bytes) ran out of "
+        print(f"data: warning: the tokenizer sample ({sample_bytes:,} bytes) ran out of "
               f"token pairs: {tok.n_vocab} tokens instead of {args['vocab_size']}; a larger "
               f"--tokenizer-sample-bytes or corpus, or a smaller --vocab-size, gives the full vocabulary",
               file=sys.stderr)
@@ -202,7 +210,7 @@ def _build(tmp: Path, args: dict, filters: FilterConfig, verbose: bool, given: T
     t3 = time.perf_counter()
     manifest = {"format": FORMAT, "version": VERSION, "args": args, "filters": report.as_dict(),
                 "tokenizer": {"file": "tokenizer.json", "fingerprint": tok.fingerprint, "n_vocab": tok.n_vocab,
-                              "sample_bytes": sum(len(t.encode("utf-8")) for t in sample)},
+                              "sample_bytes": sample_bytes},
                 "dtype": np.dtype(dtype).name, **splits,
                 "tokens_per_byte": (splits["train"]["tokens"] + splits["val"]["tokens"])
                 / max(1, splits["train"]["bytes"] + splits["val"]["bytes"]),
@@ -220,8 +228,9 @@ def _filter_corpus(source: str, docs_path: Path, filters: FilterConfig, seed: in
     keep = DocumentFilter(filters, seed)
     docs, ranks = [], []
     offset = 0
-    with open(docs_path, "wb") as f:
-        for doc_id, raw in tqdm(iter_documents(source), desc="filter", unit=" docs", disable=not verbose):
+    with open(docs_path, "wb") as f, progress(document_count(source), "filter", " docs", show=verbose) as bar:
+        for doc_id, raw in iter_documents(source):
+            bar.update(1)
             text = keep(raw)
             if text is None:
                 continue
@@ -280,21 +289,20 @@ def _read_docs(docs_path: Path, docs: list[Doc]) -> list[str]:
 def _encode_docs(tok: Tokenizer, docs_path: Path, docs: list[Doc], name: str,
                  verbose: bool) -> Iterator[np.ndarray]:
     """Token arrays of the documents, each preceded by <|endoftext|>, encoded in batches on tiktoken's threads."""
-    bar = tqdm(total=sum(d.nbytes for d in docs), desc=f"encode {name}", unit="B", unit_scale=True, disable=not verbose)
-    start = 0
-    while start < len(docs):
-        end, size = start, 0
-        while end < len(docs) and size < ENCODE_BATCH_BYTES:
-            size += docs[end].nbytes
-            end += 1
-        flat: list[int] = []
-        for ids in tok.encode_batch(_read_docs(docs_path, docs[start:end])):
-            flat.append(tok.eot_id)
-            flat.extend(ids)
-        yield np.array(flat, dtype=np.uint32)
-        bar.update(size)
-        start = end
-    bar.close()
+    with progress(sum(d.nbytes for d in docs), f"encode {name}", "B", show=verbose, unit_scale=True) as bar:
+        start = 0
+        while start < len(docs):
+            end, size = start, 0
+            while end < len(docs) and size < ENCODE_BATCH_BYTES:
+                size += docs[end].nbytes
+                end += 1
+            flat: list[int] = []
+            for ids in tok.encode_batch(_read_docs(docs_path, docs[start:end])):
+                flat.append(tok.eot_id)
+                flat.extend(ids)
+            yield np.array(flat, dtype=np.uint32)
+            bar.update(size)
+            start = end
 
 
 class PreparedData:

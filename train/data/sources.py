@@ -51,6 +51,18 @@ def iter_documents(source: str) -> Iterator[tuple[str, str]]:
                 yield doc_id, read_text(path)
 
 
+def document_count(source: str) -> int | None:
+    """How many documents iter_documents(source) yields, when that is known without reading them (for
+    a progress bar's total and ETA): one per file of the stdlib or of a local source without JSONL
+    files; None for JSONL files (a document per line) and hf: data sets."""
+    if source == "stdlib":
+        return sum(1 for _ in _walk(Path(sysconfig.get_paths()["stdlib"]), (".py",)))
+    if source.startswith("hf:"):
+        return None
+    files = local_files(source)
+    return None if any(path.suffix == ".jsonl" for path in files) else len(files)
+
+
 def read_text(path: Path) -> str:
     """The text of a file: UTF-8, or for Python source the encoding its coding cookie declares;
     bytes that do not decode become U+FFFD (the binary filter measures them)."""

@@ -15,6 +15,7 @@ N held-out tasks when the tokenizer has the chat tokens (by default not for a pr
 base model has not learned the chat format); with --humaneval, HumanEval's pass@k (train/eval/humaneval.py; every
 completion with its outcome in RUN/humaneval_samples.jsonl); with --lm-eval, lm-evaluation-harness
 tasks through our model class (train/eval/harness.py; lm-eval's full results in RUN/lm_eval.json).
+Each of these shows its progress on stderr (train/progress.py); stdout holds the results alone.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from train.data.prepare import PreparedData
 from train.data.sft_data import to_device
 from train.data.sources import iter_documents, resolve_source
 from train.data.tasks import make_tasks
+from train.progress import progress
 from train.replies import eval_mode, exact_match
 
 if TYPE_CHECKING:
@@ -90,7 +92,7 @@ def token_metrics(model: GPT, ids: list[int], n_bytes: int, batch_size: int = 8,
     device = next(model.parameters()).device
     windows = [ids[i:i + T + 1] for i in range(0, len(ids) - 1, T)]
     total = 0.0
-    with eval_mode(model):
+    with eval_mode(model), progress(len(ids) - 1, "held-out loss", " tokens", unit_scale=True) as bar:
         for start in range(0, len(windows), batch_size):
             batch = windows[start:start + batch_size]
             x = torch.zeros(len(batch), T, dtype=torch.long)
@@ -102,6 +104,7 @@ def token_metrics(model: GPT, ids: list[int], n_bytes: int, batch_size: int = 8,
             batch = to_device({"x": x, "y": y, "documents": documents}, device)
             losses = model(batch["x"], targets=batch["y"], reduction="none", documents=batch["documents"])  # (B, T)
             total += losses.double().sum().item()
+            bar.update(int((y != -100).sum()))                         # the tokens predicted
     loss = total / (len(ids) - 1)
     return {"val_loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total / math.log(2) / n_bytes,
             "eval_tokens": len(ids) - 1, "eval_bytes": n_bytes}

@@ -18,7 +18,8 @@ generate_until continues the context as it is (<|endoftext|> when empty), decode
 tokens and cuts at the first stop string. Loglikelihood
 rows of different lengths share a batch: right padding never reaches a causal model's earlier
 positions. Generation goes through model.generate (KV cache) in batches of equal context length
-(generate needs no attention mask then); it stops at <|endoftext|> and <|end|>.
+(generate needs no attention mask then); it stops at <|endoftext|> and <|end|>. Each request type
+shows its progress on stderr (train/progress.py) unless lm-eval passes disable_tqdm.
 
 Offline (HF_HUB_OFFLINE, or the hub's host taking no connection within 2 seconds), tasks whose data
 sets would be downloaded (a hub data set not in the Hugging Face caches) are refused at once, in
@@ -42,6 +43,7 @@ import torch
 from model.io.checkpoint import load_model, load_tokenizer, resolve
 from model.command import pick_device, run_command
 from model.generate import generate
+from train.progress import Progress, progress
 
 try:
     import datasets
@@ -103,10 +105,15 @@ class TritonGPTLM(TemplateLM):
         ordinary = len(self.tok.token_bytes)
         return self.tok.decode([i for i in ids if i < ordinary])
 
+    def _progress(self, total: int, desc: str, disable_tqdm: bool) -> Progress:
+        """The bar of one lm-eval request type: shown unless lm-eval says not to, on its rank 0 only."""
+        return progress(total, f"lm-eval {desc}", " requests", show=not disable_tqdm and self.rank == 0)
+
     @torch.no_grad()
-    def _score(self, rows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
+    def _score(self, rows: list[tuple[list[int], int]], bar: Progress | None = None) -> list[tuple[float, bool]]:
         """For each (ids, n) the summed log-probability of the last n ids given those before them,
-        and whether each of them was the argmax; ids hold at most block_size + 1 tokens."""
+        and whether each of them was the argmax; ids hold at most block_size + 1 tokens. bar, when
+        given, advances by one per row."""
         out: list[tuple[float, bool]] = []
         scored = [r for r in rows if r[1] > 0]                      # nothing to score: log 1 = 0, greedy
         for start in range(0, len(scored), self.batch_size):
@@ -121,6 +128,10 @@ class TritonGPTLM(TemplateLM):
                 rows_lp = logprobs[r, len(ids) - 1 - n:len(ids) - 1]                  # (n, V)
                 picked = rows_lp.gather(1, target[:, None]).squeeze(1)
                 out.append((picked.double().sum().item(), bool((rows_lp.argmax(-1) == target).all())))
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.update(len(rows) - len(scored))       # the rows with nothing to score
         results = iter(out)
         return [next(results) if n > 0 else (0.0, True) for _, n in rows]
 
@@ -128,21 +139,25 @@ class TritonGPTLM(TemplateLM):
         rows = []
         for _, context, continuation in requests:
             ids = (context + continuation)[-(self.max_length + 1):]     # keep the continuation, crop the context
-            rows.append((ids, min(len(continuation), len(ids) - 1)))    # (a continuation longer than the
-        scores = self._score(rows)                                      # window: its last block_size tokens)
+            # (a continuation longer than the window: its last block_size tokens)
+            rows.append((ids, min(len(continuation), len(ids) - 1)))
+        with self._progress(len(rows), "loglikelihood", disable_tqdm) as bar:
+            scores = self._score(rows, bar)
         for (key, _, _), score in zip(requests, scores):
             self.cache_hook.add_partial("loglikelihood", key, score)
         return scores
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
-        for (text,) in (r.args for r in requests):
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1)]
-            total = sum(lp for lp, _ in self._score([(ctx + pred, len(pred)) for ctx, pred in windows]))
-            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
-            out.append(total)
+        with self._progress(len(requests), "loglikelihood_rolling", disable_tqdm) as bar:
+            for (text,) in (r.args for r in requests):
+                windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)]
+                total = sum(lp for lp, _ in self._score([(ctx + pred, len(pred)) for ctx, pred in windows]))
+                self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+                out.append(total)
+                bar.update(1)
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -159,16 +174,18 @@ class TritonGPTLM(TemplateLM):
             encoded.append((ids, settings))
             temperature = settings["temperature"] if settings["do_sample"] else 0.0
             groups[(len(ids), budget, temperature, tuple(settings["until"]))].append(i)
-        for (length, budget, temperature, until), members in groups.items():
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start:start + self.batch_size]
-                idx = torch.tensor([encoded[i][0] for i in chunk], device=self.device)        # (b, length)
-                gen = generate(self.model, idx, budget, temperature=temperature, stop_tokens=self.stop_ids)
-                for i, row in zip(chunk, gen[:, length:].tolist()):
-                    row = row[:next((j for j, t in enumerate(row) if t in self.stop_ids), len(row))]
-                    text = postprocess_generated_text(self.tok_decode(row), list(until), None)
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
-                    out[i] = text
+        with self._progress(len(requests), "generate_until", disable_tqdm) as bar:
+            for (length, budget, temperature, until), members in groups.items():
+                for start in range(0, len(members), self.batch_size):
+                    chunk = members[start:start + self.batch_size]
+                    idx = torch.tensor([encoded[i][0] for i in chunk], device=self.device)        # (b, length)
+                    gen = generate(self.model, idx, budget, temperature=temperature, stop_tokens=self.stop_ids)
+                    for i, row in zip(chunk, gen[:, length:].tolist()):
+                        row = row[:next((j for j, t in enumerate(row) if t in self.stop_ids), len(row))]
+                        text = postprocess_generated_text(self.tok_decode(row), list(until), None)
+                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                        out[i] = text
+                    bar.update(len(chunk))
         return out
 
 

@@ -11,6 +11,7 @@ train/eval/sandbox.py's separate, limited process, never in this one, several at
 
 pass@k is the unbiased estimator of the paper: with n samples of which c pass, 1 - C(n-c, k) / C(n, k)
 per problem, averaged over problems; greedy decoding (temperature 0) takes one sample per problem.
+Generation and the tests each show their progress on stderr (train/progress.py).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import gzip
 import json
 import os
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 from model import GPT
 from model.generate import generate
 from train.eval.sandbox import Outcome, run_python
+from train.progress import progress
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
@@ -68,8 +70,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 @torch.no_grad()
 def complete(model: GPT, tok, problems: list[dict], samples: int, temperature: float, top_p: float | None,
-             max_new_tokens: int, seed: int = 0, batch_size: int = 16) -> list[list[str]]:
-    """samples completions of each problem's prompt (truncated at the stop sequences)."""
+             max_new_tokens: int, seed: int = 0, batch_size: int = 16, show: bool = True) -> list[list[str]]:
+    """samples completions of each problem's prompt (truncated at the stop sequences); the progress is
+    shown on stderr unless show is False."""
     room = model.cfg.block_size - max_new_tokens
     if room < 1:
         raise ValueError(f"--humaneval-max-tokens {max_new_tokens} leaves no room for a prompt in block_size "
@@ -81,25 +84,32 @@ def complete(model: GPT, tok, problems: list[dict], samples: int, temperature: f
     for row in rows:
         by_length[len(prompts[row[0]])].append(row)
     out = [[""] * samples for _ in problems]
-    for length, members in sorted(by_length.items()):
-        for start in range(0, len(members), batch_size):
-            chunk = members[start:start + batch_size]
-            idx = torch.tensor([prompts[i] for i, _ in chunk], device=device)              # (b, length)
-            gen = generate(model, idx, max_new_tokens, temperature=temperature, top_p=top_p,
-                           stop_tokens=[tok.eot_id], seed=seed + length * 1000 + start)
-            for (i, s), ids in zip(chunk, gen[:, length:].tolist()):
-                ids = ids[:ids.index(tok.eot_id)] if tok.eot_id in ids else ids
-                out[i][s] = truncate(tok.decode(ids))
+    with progress(len(rows), "humaneval completions", " completions", show=show) as bar:
+        for length, members in sorted(by_length.items()):
+            for start in range(0, len(members), batch_size):
+                chunk = members[start:start + batch_size]
+                idx = torch.tensor([prompts[i] for i, _ in chunk], device=device)              # (b, length)
+                gen = generate(model, idx, max_new_tokens, temperature=temperature, top_p=top_p,
+                               stop_tokens=[tok.eot_id], seed=seed + length * 1000 + start)
+                for (i, s), ids in zip(chunk, gen[:, length:].tolist()):
+                    ids = ids[:ids.index(tok.eot_id)] if tok.eot_id in ids else ids
+                    out[i][s] = truncate(tok.decode(ids))
+                bar.update(len(chunk))
     return out
 
 
 def execute(problems: list[dict], completions: list[list[str]], timeout_s: float, memory_mb: int,
-            workers: int | None = None) -> list[list[Outcome]]:
-    """Each completion run against its problem's tests in the sandbox, several processes at a time."""
+            workers: int | None = None, show: bool = True) -> list[list[Outcome]]:
+    """Each completion run against its problem's tests in the sandbox, several processes at a time;
+    the progress is shown on stderr unless show is False."""
     jobs = [(i, s) for i, row in enumerate(completions) for s in range(len(row))]
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        outcomes = list(pool.map(lambda job: run_python(program(problems[job[0]], completions[job[0]][job[1]]),
-                                                        timeout_s, memory_mb), jobs))
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, \
+            progress(len(jobs), "humaneval tests", " programs", show=show) as bar:
+        futures = [pool.submit(run_python, program(problems[i], completions[i][s]), timeout_s, memory_mb)
+                   for i, s in jobs]
+        for _ in as_completed(futures):          # in the order they finish, for the count
+            bar.update(1)
+        outcomes = [f.result() for f in futures]
     out: list[list[Outcome]] = [[] for _ in problems]
     for (i, _), outcome in zip(jobs, outcomes):
         out[i].append(outcome)

@@ -23,7 +23,7 @@ from model.io.files import current_umask
 from model.tokenizer import Tokenizer
 from train import checkpoint
 from train.config import TrainConfig
-from train.loop import make_optimizer
+from train.optim import make_optimizer
 
 transformers = pytest.importorskip("transformers")
 from model.io import hf  # noqa: E402

@@ -1,5 +1,5 @@
-"""Data pipeline: sources, prepare() (manifest, shards, reuse, atomicity), the loader, the CLI, and
-a clear error for every bad input class."""
+"""Data pipeline: sources, prepare() (manifest, shards, reuse, atomicity, progress on stderr), the
+loader, the CLI, and a clear error for every bad input class."""
 import json
 import os
 import random
@@ -17,7 +17,7 @@ from train.data import prepare as data_mod
 from train.data.prepare import PreparedData, build_parser, main, prepare
 from train.data.shards import HEADER, MAGIC, read_shard, shard_dtype, write_shard
 from train.pretrain import eval_batches, sample_batch
-from train.data.sources import iter_documents, local_files, source_fingerprint, source_slug
+from train.data.sources import document_count, iter_documents, local_files, source_fingerprint, source_slug
 from corpus_fixtures import document, write_corpus
 
 VOCAB = 320
@@ -40,6 +40,24 @@ def test_local_sources(corpus):
     assert local_files(str(corpus / "doc0.txt")) == [corpus / "doc0.txt"]
     assert source_slug(str(corpus) + "/") == corpus.name and source_slug("hf:a/b:test") == "hf-a-b-test"
     assert source_fingerprint(str(corpus)) == source_fingerprint(str(corpus))
+
+
+def test_document_count_is_known_without_jsonl(corpus, tmp_path):
+    assert document_count(str(corpus)) is None                          # JSONL: a document per line
+    assert document_count(str(corpus / "sub")) == len(list(iter_documents(str(corpus / "sub")))) == 26
+    assert document_count(str(corpus / "doc0.txt")) == 1 and document_count("hf:a/b") is None
+
+
+def test_each_phase_shows_its_progress_on_stderr_unless_quiet(corpus, tmp_path, capsys):
+    prepare(str(corpus / "sub"), out=tmp_path / "ds", vocab_size=VOCAB, val_fraction=0.1)
+    captured = capsys.readouterr()
+    last = {line.split(":")[0]: line for line in captured.err.splitlines()}         # each phase's last line
+    assert "\r" not in captured.err and "filter:" not in captured.out and "encode" not in captured.out
+    assert "26/26" in last["filter"] and "docs" in last["filter"]                       # a total: an ETA
+    assert "learning 320 tokens from" in last["tokenizer"]
+    assert "100%" in last["encode train"] and "100%" in last["encode val"]
+    prepare(str(corpus / "sub"), out=tmp_path / "quiet", vocab_size=VOCAB, val_fraction=0.1, verbose=False)
+    assert capsys.readouterr() == ("", "")
 
 
 def test_stdlib_source_streams_python_files():

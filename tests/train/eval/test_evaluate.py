@@ -1,5 +1,5 @@
 """The evaluate command (train/eval/evaluate.py): language-model metrics of held-out text, eval.json,
-and quantized formats side by side."""
+quantized formats side by side, and the progress of each phase on stderr."""
 import torch
 
 from posttrain_fixtures import tiny_model, tokenizer
@@ -35,7 +35,10 @@ def test_command_line_writes_eval_json(tmp_path, capsys):
     result = evaluate.main([str(run), "--data", str(held_out), "--tasks", "7", "--device", "cpu"])
     saved = json.loads((run / "eval.json").read_text())[-1]
     assert saved == result and {"val_loss", "perplexity", "bits_per_byte", "exact_match"} <= set(saved)
-    assert "bits_per_byte" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "bits_per_byte" in captured.out and "held-out loss" not in captured.out
+    done = {line.split(":")[0]: line for line in captured.err.splitlines() if "100%" in line}
+    assert f"{result['eval_tokens']}/{result['eval_tokens']}" in done["held-out loss"] and "7/7" in done["exact match"]
     with pytest.raises(SystemExit, match="nothing to evaluate"):
         evaluate.main([str(run), "--tasks", "0"])
     with pytest.raises((ValueError, OSError)):

@@ -101,7 +101,12 @@ def test_train_evaluate_runs_lm_eval_tasks_into_the_run_directory(setup, capsys)
     assert result["lm_eval/tg_choice/acc"] == direct["results"]["tg_choice"]["acc,none"]
     assert "lm_eval/tg_gen/exact_match" in result
     assert json.loads((run / "lm_eval.json").read_text())["results"]["tg_choice"]["acc,none"] == result["lm_eval/tg_choice/acc"]
-    assert "tg_choice" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "tg_choice" in captured.out
+    # the progress of our model's requests: the 14 choices of 5 questions, 4 generations
+    done = [line for line in captured.err.splitlines() if line.startswith("lm-eval ") and "100%" in line]
+    assert any("lm-eval loglikelihood" in line and "14/14" in line for line in done), captured.err
+    assert any("lm-eval generate_until" in line and "4/4" in line for line in done), captured.err
     with pytest.raises(ValueError, match="unknown lm-eval tasks"):
         evaluate.main([str(run), "--tasks", "0", "--lm-eval", "no_such_task", "--lm-eval-include", str(tasks)])
     with pytest.raises(ValueError, match="not a directory"):

