@@ -1,7 +1,7 @@
 """Time to quality: how long a pretraining recipe takes to reach a validation loss, the old recipe
 against today's, in one run on the same data with the same seed.
 
-    python -m bench.speedrun [--out FILE] [--device cpu] [--keep DIR]
+    python -m bench.speedrun [--out FILE] [--keep DIR]
 
 Runs `python -m train.pretrain` on the built-in corpus three times:
 - old: the zero-argument run before the time-to-quality work (AdamW at 2e-3, cosine to 2e-4 over
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from model.command import Parser
+from model.command import Parser, at_most, flag_type, greater_than
 from model.io.files import atomic_write_text
 from train.data.prepare import prepare
 
@@ -48,10 +48,10 @@ EVAL = ["--eval-interval", "50", "--eval-tokens", "32768"]     # the same held-o
 FRACTION, CUT_MINUTES = 0.6, 3.0
 
 
-def pretrain(run_dir: Path, flags: list[str], device: str) -> dict:
+def pretrain(run_dir: Path, flags: list[str]) -> dict:
     """One `python -m train.pretrain` run; -> its evaluations [(elapsed, step, tokens, val_loss)],
     its final record, and the wall-clock of the whole command."""
-    cmd = [sys.executable, "-m", "train.pretrain", "--out", str(run_dir), "--device", device, *EVAL, *flags]
+    cmd = [sys.executable, "-m", "train.pretrain", "--out", str(run_dir), "--device", "cpu", *EVAL, *flags]
     print("$", " ".join(cmd[1:]), flush=True)
     began = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True,
@@ -120,32 +120,29 @@ def table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = Parser(prog="python -m bench.speedrun", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="", help="write the report as JSON to this file")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (the CPU zero-argument runs)")
     parser.add_argument("--keep", default="", help="keep the run directories under this directory")
-    parser.add_argument("--fraction", type=float, default=FRACTION,
+    parser.add_argument("--fraction", type=flag_type(float, greater_than(0), at_most(1)), default=FRACTION,
                         help="the short new run's share of the old run's wall-clock")
-    parser.add_argument("--cut-minutes", type=float, default=CUT_MINUTES,
+    parser.add_argument("--cut-minutes", type=flag_type(float, greater_than(0)), default=CUT_MINUTES,
                         help="the budget of the cut runs (a slower machine simulated)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(args.keep or tmp)
         where.mkdir(parents=True, exist_ok=True)
-        runs = {"old": pretrain(where / "old", [*OLD_RECIPE, "--max-minutes", f"{OLD_MINUTES:g}"], args.device)}
+        runs = {"old": pretrain(where / "old", [*OLD_RECIPE, "--max-minutes", f"{OLD_MINUTES:g}"])}
         old = summary(runs["old"])
         minutes = old["elapsed"] / 60
-        runs["new"] = pretrain(where / "new", ["--max-minutes", f"{minutes:.3f}"], args.device)
-        runs["new-short"] = pretrain(where / "new-short", ["--max-minutes", f"{minutes * args.fraction:.3f}"],
-                                     args.device)
-        runs["old-cut"] = pretrain(where / "old-cut", [*OLD_RECIPE, "--max-minutes", f"{args.cut_minutes:g}"],
-                                   args.device)
-        runs["new-cut"] = pretrain(where / "new-cut", ["--max-minutes", f"{args.cut_minutes:g}"], args.device)
+        runs["new"] = pretrain(where / "new", ["--max-minutes", f"{minutes:.3f}"])
+        runs["new-short"] = pretrain(where / "new-short", ["--max-minutes", f"{minutes * args.fraction:.3f}"])
+        runs["old-cut"] = pretrain(where / "old-cut", [*OLD_RECIPE, "--max-minutes", f"{args.cut_minutes:g}"])
+        runs["new-cut"] = pretrain(where / "new-cut", ["--max-minutes", f"{args.cut_minutes:g}"])
     for name, run in runs.items():
         run["summary"] = summary(run)
         if name in ("new", "new-short") and (reach := first_reach(run["evaluations"], old["val_loss"])):
             run["reaches_old_final"] = {**reach, "fraction_of_old": reach["elapsed"] / old["elapsed"]}
     report = {"what": "python -m bench.speedrun: validation loss against wall-clock, old recipe vs new, built-in corpus",
               "date": time.strftime("%Y-%m-%d"), "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-              "device": args.device, "runs": runs}
+              "device": "cpu", "runs": runs}
     print(table(report))
     if args.out:
         atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")

@@ -28,7 +28,7 @@ def test_the_report_compares_each_run_with_its_baseline(tmp_path, monkeypatch, c
               "new-cut": [(0.0, 0, 0, 8.0), (180.0, 330, 1_351_680, 5.6)]}
     calls = []
 
-    def fake(run_dir, flags, device):
+    def fake(run_dir, flags):
         calls.append((run_dir.name, flags))
         return {"flags": flags, "evaluations": curves[run_dir.name], "command_seconds": 1.0,
                 "config": {"data": "stdlib", "vocab_size": 4096, "data_dir": "data"}}
