@@ -2,6 +2,7 @@
 trips over arbitrary text (lone surrogates included), special tokens, save/load, errors."""
 import json
 import random
+import threading
 
 import pytest
 import regex
@@ -169,6 +170,14 @@ def test_encode_batch_equals_encode(tok):
     texts = TRICKY + corpus(5, seed=4)
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
     assert tok.encode_batch(corpus(5, seed=4), num_threads=2) == [tok.encode(t) for t in corpus(5, seed=4)]
+
+
+def test_batch_encoding_leaves_no_threads_behind(tok):
+    """encode_batch's threads (data preparation) end with the call: none are left to compete with
+    training for the cores (the only tokenizer work during training is a sample's short prompt)."""
+    before = {t.ident for t in threading.enumerate()}
+    tok.encode_batch(corpus(16), num_threads=4)
+    assert {t.ident for t in threading.enumerate()} == before
 
 
 def test_compresses_its_training_text(tok):
