@@ -399,7 +399,7 @@ class _IgnoredRows(torch.autograd.Function):
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                          reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
                          chunk_size: int | None = None) -> torch.Tensor:
-    if hidden.device.type == "cpu" and hidden.dim() == 2:
+    if hidden.device.type == "cpu":
         # Rows whose target is ignored (an SFT prompt, padding) cost the lm head as much as the
         # others but add nothing: on the CPU, where finding them costs no device sync, they skip the
         # head (mean and sum are over the kept rows anyway; "none" gives them 0), and _IgnoredRows

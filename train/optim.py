@@ -103,10 +103,6 @@ class Optimizers:
     def param_groups(self) -> list[dict]:
         return [group for optimizer in self.optimizers for group in optimizer.param_groups]
 
-    @property
-    def state(self) -> dict:
-        return {p: s for optimizer in self.optimizers for p, s in optimizer.state.items()}
-
     def step(self) -> None:
         for optimizer in self.optimizers:
             optimizer.step()

@@ -1,10 +1,10 @@
 """Pretraining: `python -m train.pretrain` trains a GPT on a token corpus, offline, with no arguments.
 
 With no flags it prepares the built-in corpus (the Python standard library's sources) if needed,
-picks the tiny preset on CPU (at most 1200 steps, as many as fit in 12 minutes: --max-minutes) or
-the small preset on CUDA (700 steps of 32 x 1024 tokens, about 3 passes over the built-in corpus's
-7.5M tokens at vocabulary 16384), and trains with next-token cross-entropy through the shared loop in
-train/loop.py. Windows are cut from the token stream regardless of document boundaries; with
+picks the tiny preset on CPU (Muon, train/optim.py; at most 2,000 steps, as many as fit in 12
+minutes: --max-minutes) or the small preset on CUDA (AdamW; 700 steps of 32 x 1024 tokens, about 3
+passes over the built-in corpus's 7.5M tokens at vocabulary 16384), and trains with next-token
+cross-entropy through the shared loop in train/loop.py. Windows are cut from the token stream regardless of document boundaries; with
 --document-mask each token attends only to its own document's tokens.
 
 A run goes over its training tokens at most --max-epochs (4) times: a length from the defaults is

@@ -35,6 +35,7 @@ def test_the_report_compares_each_run_with_its_baseline(tmp_path, monkeypatch, c
     prepared = []
     monkeypatch.setattr(speedrun, "pretrain", fake)
     monkeypatch.setattr(speedrun, "prepare", lambda source, **kw: prepared.append((source, kw)) or tmp_path)
+    speedrun.prepared.cache_clear()            # found once per process: found here with the fake
     report = speedrun.main(["--out", str(tmp_path / "report.json")])
     assert [name for name, _ in calls] == ["old", "new", "new-short", "old-cut", "new-cut"]
     assert calls[1][1] == ["--max-minutes", "10.000"] and calls[2][1] == ["--max-minutes", "6.000"]
