@@ -22,9 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Iterator
 
-import numpy as np
 import torch
 
 from model import GPT, ModelConfig
@@ -37,6 +35,7 @@ from model.tokenizer import Tokenizer
 from train.config import TrainConfig, absolute_path, at_least, greater_than, option, positive
 from train.data.prepare import MIN_VOCAB, PreparedData, non_empty, prepare
 from train.data.sft_data import to_device
+from train.data.windows import eval_batches, sample_batch
 from train.launch import Stage, run
 from train.schedule import total_steps
 from train.runtime import Runtime
@@ -52,7 +51,8 @@ class PretrainConfig(TrainConfig):
                                  "hf:NAME[:split], or a directory made by python -m train.data")
     data_dir: str = option("data", "where prepared datasets are kept: --data is prepared once into "
                                    "DATA_DIR/<name>-v<vocab size>-<hash of the resolved source and the arguments> "
-                                   "and found there again", non_empty)
+                                   "and found there again (recorded as an absolute path, so post-training finds "
+                                   "it from any directory)", non_empty)
     vocab_size: int = option(4096, "BPE vocabulary size when the data still has to be prepared "
                                    f"(at least {MIN_VOCAB})", at_least(MIN_VOCAB))
     init: str = option("", "continue pretraining from this run directory or checkpoint (its weights and "
@@ -152,39 +152,6 @@ class PretrainJob:
         return tok.decode(out[0].tolist())
 
 
-def sample_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int,
-                 rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) of batch_size windows at uniform random starts, y = x shifted by one; a pure function of
-    (seed, step, rank), so resuming at a step replays the same batches. (B, T) int64 CPU tensors."""
-    if len(tokens) < block_size + 1:
-        raise ValueError(f"{len(tokens):,} tokens are fewer than block_size + 1 = {block_size + 1}")
-    rng = np.random.default_rng([seed, step, rank])
-    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
-    return _split_xy(tokens[starts[:, None] + np.arange(block_size + 1)])
-
-
-def eval_batches(tokens: np.ndarray, batch_size: int, block_size: int,
-                 max_tokens: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive non-overlapping windows from the start, batch_size at a time, until about max_tokens
-    targets (at least one window) or the end of the tokens; the same batches on every call."""
-    windows = (len(tokens) - 1) // block_size
-    if windows == 0:
-        raise ValueError(f"{len(tokens):,} tokens are fewer than block_size + 1 = {block_size + 1}; "
-                         f"evaluate with a smaller block_size or a larger val split")
-    if max_tokens is not None:
-        windows = min(windows, max(1, max_tokens // block_size))
-    for first in range(0, windows, batch_size):
-        rows = np.arange(first, min(first + batch_size, windows))
-        yield _split_xy(tokens[rows[:, None] * block_size + np.arange(block_size + 1)])
-
-
-def _split_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) of (B, T + 1) windows as contiguous int64 tensors (copied in numpy, which is
-    far faster than torch's .contiguous() on CPU here)."""
-    windows = windows.astype(np.int64)
-    return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
-
-
 def load_data(source: str, vocab_size: int, rt: Runtime, data_dir: str = "data",
               tokenizer: Tokenizer | None = None) -> PreparedData:
     """The prepared dataset for source (kept under data_dir): rank 0 prepares it (or reuses it), the others wait."""
@@ -197,6 +164,7 @@ def load_data(source: str, vocab_size: int, rt: Runtime, data_dir: str = "data",
 
 
 def build(cfg: PretrainConfig, rt: Runtime) -> tuple[PretrainJob, GPT]:
+    cfg.data_dir = absolute_path(cfg.data_dir)     # config.json records it: post-training mixes this corpus in
     if cfg.init:
         if cfg.model_overrides():
             raise SystemExit(f"--init keeps the model of {cfg.init}; drop the model overrides "

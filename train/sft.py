@@ -18,6 +18,7 @@ from model.command import run_command
 from train.data import tasks
 from train.config import TrainConfig
 from train.launch import Stage, run
+from train.data.prepare import PreparedData
 from train.posttrain import PostConfig, PostJob, held_out_tasks, holdout, load_init, report
 from train.runtime import Runtime
 from train.data.sft_data import IGNORE, Example, collate, encode, load_sft, to_device
@@ -39,16 +40,18 @@ class SFTJob(PostJob):
     name = "sft"
 
     def __init__(self, train: list[Example], val: list[Example], test_tasks: list[tasks.Task], tok,
-                 cfg: TrainConfig, rt: Runtime, pack_to: int = 0):
-        super().__init__(test_tasks, tok, cfg, rt)
+                 cfg: TrainConfig, rt: Runtime, pack_to: int = 0, corpus: PreparedData | None = None,
+                 block_size: int = 0):
+        super().__init__(test_tasks, tok, cfg, rt, corpus, block_size)
         self.train, self.val, self.pack_to = train, val, pack_to
 
     def batch(self, step: int, micro: int) -> dict:
         rows = [self.train[i] for i in self.indices(len(self.train), step, micro)]
-        return self.on_device(collate(rows, self.pad_id, self.pack_to))
+        return self.with_pretraining(self.on_device(collate(rows, self.pad_id, self.pack_to)), step, micro)
 
     def loss(self, model, batch):
-        return model(batch["x"], targets=batch["y"], documents=batch.get("documents")), {}
+        return self.plus_pretraining(model, batch, model(batch["x"], targets=batch["y"],
+                                                         documents=batch.get("documents")), {})
 
     def validate(self, model: GPT) -> dict[str, float]:
         metrics = self.exact_match(model)
@@ -72,7 +75,7 @@ def masked_loss(model: GPT, examples: list[Example], pad_id: int, batch_size: in
 
 
 def build(cfg: SFTConfig, rt: Runtime) -> tuple[SFTJob, GPT]:
-    model, tok = load_init(cfg, rt)
+    model, tok, corpus = load_init(cfg, rt)
     test_tasks = held_out_tasks(cfg)
     if cfg.data == "tasks":
         conversations = [t.messages() for t in tasks.make_tasks("train", cfg.n_train, cfg.task_seed)]
@@ -87,7 +90,8 @@ def build(cfg: SFTConfig, rt: Runtime) -> tuple[SFTJob, GPT]:
     if rt.is_main:
         print(f"data: {cfg.data}  {len(train)} train conversations ({dropped} longer than block_size dropped), "
               f"{len(val)} held out, {len(test_tasks)} test tasks")
-    return SFTJob(train, val, test_tasks, tok, cfg, rt, block if cfg.packing else 0), model
+    return SFTJob(train, val, test_tasks, tok, cfg, rt, block if cfg.packing else 0, corpus,
+                  block), model
 
 
 STAGE = Stage("sft", __doc__, CPU_DEFAULTS, CUDA_DEFAULTS, build, finish=report)

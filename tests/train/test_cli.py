@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from train import cli, dpo, pretrain, sft
+from train import cli, dpo, grpo, pretrain, sft
 from train.config import TrainConfig
 
-STAGES = [pretrain.STAGE, sft.STAGE, dpo.STAGE]
+STAGES = [pretrain.STAGE, sft.STAGE, dpo.STAGE, grpo.STAGE]
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
@@ -22,11 +22,13 @@ def test_every_field_is_a_flag_with_help_and_the_stage_default(stage):
     assert stage.parse(["--device", "cpu"]) == dataclasses.replace(stage.cpu_defaults, device="cpu")
 
 
-@pytest.mark.parametrize("stage, default", [(pretrain.STAGE, "12.0"), (sft.STAGE, "0.0"), (dpo.STAGE, "0.0")],
+@pytest.mark.parametrize("stage, default", [(pretrain.STAGE, "12.0"), (sft.STAGE, "0.0"), (dpo.STAGE, "0.0"),
+                                            (grpo.STAGE, "12.0")],
                          ids=lambda x: getattr(x, "name", x))
 def test_max_minutes_says_its_default_what_it_counts_and_when_it_is_a_hard_stop(stage, default):
     """One flag for every stage (the shared loop applies it); a zero-argument pretraining run on CPU
-    has a budget, SFT and DPO do not, and the help says which and what --fixed-length changes."""
+    has a budget, and so does GRPO (whose sampling sets its pace), SFT and DPO do not, and the help
+    says which and what --fixed-length changes."""
     parser = cli.build_parser(f"python -m train.{stage.name}", stage.description, stage.cpu_defaults)
     text = " ".join(parser.format_help().split())
     assert ("a time budget: minutes of training in this invocation, evaluations included (0: none). Unless the run "
