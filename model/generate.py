@@ -4,6 +4,11 @@ With the cache, the prompt is run once (prefill) and then one token per step att
 keys through kernels.attention with Tq < Tk. Once the cache holds block_size positions, each
 step re-runs the last block_size tokens, exactly what the uncached path does, so both paths give
 the same tokens for the same seed.
+
+generate_ragged continues prompts of different lengths in one batch, without padding: one packed
+prefill of the prompts back to back (each attending only to itself, through varlen attention),
+then one decoding step for all rows at a time, each row at its own position (model/cache.py's
+SlotCache). Nine prompt lengths in a batch cost one prefill and one decoding loop, not nine.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from model.cache import KVCache
+from model.cache import KVCache, SlotCache
 from model.gpt import GPT
 
 
@@ -109,3 +114,39 @@ def _decode(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: flo
         if stops.numel() and bool(finished.all()):
             return out[:, :end + 1]
     return out
+
+
+@torch.inference_mode()
+def generate_ragged(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, stop_tokens: Iterable[int] = (),
+                    seed: int | None = None) -> list[list[int]]:
+    """The new tokens continuing each prompt (lists of token ids, of any lengths), through its first
+    stop token, at most max_new_tokens and at most block_size minus the longest prompt's length (so
+    every row stays in its cache row). The rows draw from one generator: a row's tokens depend on
+    seed and on the other prompts of the batch."""
+    if not prompts or min(map(len, prompts)) < 1:
+        raise ValueError("generate_ragged needs at least one prompt, each of at least one token")
+    check_sampling(temperature, top_k, top_p)
+    n, device = len(prompts), model.embed.weight.device
+    new = min(max_new_tokens, model.cfg.block_size - max(map(len, prompts)))
+    if new < 1:
+        return [[] for _ in prompts]
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.embed.weight.dtype
+    cache = SlotCache(model.cfg, n, device, dtype)
+    documents = cache.select_packed(slice(0, n), [len(p) for p in prompts])
+    idx = torch.tensor([[t for p in prompts for t in p]], device=device)                 # (1, total)
+    logits = model(idx, cache=cache, last_only=True, documents=documents)[:, -1]         # (n, V)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.int64, device=device)
+    out = torch.empty(n, new, dtype=torch.int64, device=device)                          # (n, new)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    for step in range(new):
+        out[:, step] = sample_next(logits, temperature, top_k, top_p, generator)        # (n,)
+        finished |= torch.isin(out[:, step], stops)
+        if step == new - 1 or bool(finished.all()):
+            break
+        cache.select(slice(0, n))
+        logits = model(out[:, step:step + 1], cache=cache, last_only=True)[:, -1]       # (n, V)
+    stop_set = set(stop_tokens)
+    rows = out[:, :step + 1].tolist()
+    return [row[:next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))] for row in rows]

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -45,7 +44,7 @@ import torch
 from model import GPT
 from model.chat_format import ChatTokens, render_prompt, reply_text
 from model.command import at_least, run_command
-from model.generate import generate
+from model.generate import generate_ragged
 from train.config import non_negative, option, positive
 from train.data import tasks
 from train.data.prepare import PreparedData
@@ -169,25 +168,12 @@ def reply_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return -losses[batch["y"] != IGNORE].float()
 
 
-@torch.no_grad()
 def sample_replies(model: GPT, prompts: list[Prompt], group: int, max_new_tokens: int, temperature: float,
                    stop: list[int], seed: int) -> list[list[int]]:
     """group sampled replies to each prompt (prompt-major: reply j of prompt i at i * group + j), each
-    cut after its first stop token. Prompts of one length are generated together (generate has no
-    padding mask), each length with its own seed."""
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        by_length[len(p.ids)].append(i)
-    device = next(model.parameters()).device
-    out: list[list[int]] = [[] for _ in range(len(prompts) * group)]
-    for length, rows in sorted(by_length.items()):
-        idx = torch.tensor([prompts[i].ids for i in rows for _ in range(group)], device=device)    # (rows * G, T)
-        new = min(max_new_tokens, model.cfg.block_size - length)
-        gen = generate(model, idx, new, temperature=temperature, stop_tokens=stop, seed=seed * 1009 + length)
-        for k, reply in enumerate(gen[:, length:].tolist()):
-            cut = next((j + 1 for j, t in enumerate(reply) if t in stop), len(reply))
-            out[rows[k // group] * group + k % group] = reply[:cut]
-    return out
+    through its first stop token, all generated in one ragged batch (generate_ragged)."""
+    return generate_ragged(model, [p.ids for p in prompts for _ in range(group)], max_new_tokens, temperature,
+                           stop_tokens=stop, seed=seed)
 
 
 def load_prompts(path: str) -> list[dict[str, str]]:

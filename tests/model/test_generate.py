@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-import kernels
+from tritongpt import kernels
 from model import GPT, ModelConfig
-from model.generate import generate, sample_next
+from model.generate import generate, generate_ragged, sample_next
 
 V = 128
 
@@ -118,3 +118,18 @@ def test_window_and_softcap_cache_equals_no_cache(options):
     model = GPT(ModelConfig.preset("tiny", vocab_size=V, block_size=64, init_std=0.2, **options)).eval()
     idx = torch.randint(0, V, (2, 6))
     assert torch.equal(generate(model, idx, 20, temperature=0), generate(model, idx, 20, temperature=0, use_cache=False))
+
+
+def test_ragged_batch_gives_each_prompt_its_own_greedy_reply(tiny):
+    """Prompts of four lengths in one ragged batch: each row's greedy tokens are those of generating
+    it alone, cut after its first stop token, and no longer than the room the longest prompt leaves."""
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, V, (n,)).tolist() for n in (3, 9, 5, 3, 12)]
+    alone = [generate(tiny, torch.tensor([p]), 10, temperature=0)[0, len(p):].tolist() for p in prompts]
+    assert generate_ragged(tiny, prompts, 10, temperature=0) == alone
+    stop = alone[1][2]
+    cut = [row[:row.index(stop) + 1] if stop in row else row for row in alone]
+    assert generate_ragged(tiny, prompts, 10, temperature=0, stop_tokens=[stop]) == cut
+    assert all(len(r) == tiny.cfg.block_size - 12 for r in generate_ragged(tiny, prompts, 10_000, temperature=0))
+    sampled = generate_ragged(tiny, prompts, 10, temperature=1.0, seed=3)
+    assert sampled == generate_ragged(tiny, prompts, 10, temperature=1.0, seed=3) != alone

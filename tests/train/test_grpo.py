@@ -92,8 +92,8 @@ def test_groups_whose_rewards_are_all_equal_give_zero_gradient(tmp_path):
     assert (batch["advantages"] == 0).all() and batch["stats"]["zero_var"].item() == 1
     grad = policy_gradient(job, model)
     assert grad.abs().max().item() == 0
-    # The same replies rewarded by their length differ within a group: a gradient.
-    job2, model2 = job_for(lambda reply: len(reply) > 3, tmp_path / "b", format_reward=0, temperature=2.0)
+    # Rewarded by a property of their text, a group's replies differ: a gradient.
+    job2, model2 = job_for(lambda reply: sum(map(ord, reply)) % 2 == 0, tmp_path / "b", format_reward=0)
     assert policy_gradient(job2, model2).abs().max().item() > 0
 
 
