@@ -72,8 +72,9 @@ def test_a_usage_error_is_the_error_and_a_hint_not_the_usage(capsys):
         assert len(lines) == 2 and lines[0].startswith("python -m x: error: ") and lines[1] == hint
 
 
-COMMANDS = ["train.pretrain", "train.sft", "train.dpo", "train.data", "train.tasks", "train.evaluate", "model.chat",
-            "model.serve", "model.web", "model.quantize", "model.hf", "bench.compiled", "bench.report", "bench.serving"]
+COMMANDS = ["train.pretrain", "train.sft", "train.dpo", "train.grpo", "train.data", "train.tasks", "train.evaluate",
+            "model.chat", "model.serve", "model.web", "model.quantize", "model.hf", "bench.compiled", "bench.report",
+            "bench.serving", "bench.sandbox"]
 
 
 @pytest.mark.parametrize("module", COMMANDS)

@@ -38,6 +38,7 @@ from model.io.quantized import format_list
 from model.quantized import projection_bytes
 from model.tokenizer import Tokenizer
 from train.eval import humaneval
+from train.eval.sandbox import require_containment
 from train.data.prepare import PreparedData
 from train.data.sft_data import to_device
 from train.data.sources import iter_documents, resolve_source
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest completion in tokens (default: 256, at most half the model's block_size)")
     parser.add_argument("--humaneval-timeout", type=flag_type(float, greater_than(0)), default=10.0,
                         help="seconds each completion's tests may run")
+    parser.add_argument("--unsafe-exec", action="store_true",
+                        help="run HumanEval's model-written code without the bubblewrap sandbox, where bwrap cannot "
+                             "run: the code can then read, change and delete your files and signal your processes")
     parser.add_argument("--lm-eval", default=None, metavar="TASKS",
                         help="comma-separated lm-evaluation-harness tasks (needs the eval extra)")
     parser.add_argument("--lm-eval-include", default=None, metavar="DIR",
@@ -179,7 +183,8 @@ def run_humaneval(model: GPT, tok: Tokenizer, args: argparse.Namespace, run_dir:
         completions = humaneval.complete(model, tok, problems, args.humaneval_samples, args.humaneval_temperature,
                                          args.humaneval_top_p if args.humaneval_temperature else None,
                                          args.humaneval_max_tokens or min(256, model.cfg.block_size // 2))
-    outcomes = humaneval.execute(problems, completions, args.humaneval_timeout, memory_mb=1024)
+    outcomes = humaneval.execute(problems, completions, args.humaneval_timeout, memory_mb=1024,
+                                 unsafe_exec=args.unsafe_exec)
     lines = [json.dumps({"task_id": p["task_id"], "completion": c, "passed": o.passed, "result": o.result})
              for p, row, results in zip(problems, completions, outcomes) for c, o in zip(row, results)]
     atomic_write_text(run_dir / f"humaneval_samples{suffix}.jsonl", "\n".join(lines) + "\n")
@@ -300,6 +305,8 @@ def show(value) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.humaneval and not args.unsafe_exec:
+        require_containment()                    # refused at once, not after generating the completions
     device = pick_device(args.device)
     ckpt = resolve(args.path)
     history = run_dir_of(ckpt) / "eval.json"

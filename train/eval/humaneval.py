@@ -7,7 +7,8 @@ downloaded). Each prompt follows <|endoftext|>, as every document does in pretra
 its last tokens when it would not leave max_new_tokens of room in block_size. A completion ends at
 <|endoftext|> or at the first line that starts a new top-level statement (the stop sequences of
 the Codex paper: class, def, #, if, print at column 0). Each completion then runs with the tests in
-train/eval/sandbox.py's separate, limited process, never in this one, several at a time.
+train/eval/sandbox.py's sandbox (bubblewrap: a read-only file system, its own processes and network),
+never in this process, several at a time.
 
 pass@k is the unbiased estimator of the paper: with n samples of which c pass, 1 - C(n-c, k) / C(n, k)
 per problem, averaged over problems; greedy decoding (temperature 0) takes one sample per problem.
@@ -27,7 +28,7 @@ import torch
 
 from model import GPT
 from model.generate import generate
-from train.eval.sandbox import Outcome, run_python
+from train.eval.sandbox import Outcome, require_containment, run_python
 from train.progress import progress
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -99,13 +100,16 @@ def complete(model: GPT, tok, problems: list[dict], samples: int, temperature: f
 
 
 def execute(problems: list[dict], completions: list[list[str]], timeout_s: float, memory_mb: int,
-            workers: int | None = None, show: bool = True) -> list[list[Outcome]]:
-    """Each completion run against its problem's tests in the sandbox, several processes at a time;
-    the progress is shown on stderr unless show is False."""
+            workers: int | None = None, show: bool = True, unsafe_exec: bool = False) -> list[list[Outcome]]:
+    """Each completion run against its problem's tests in the sandbox (uncontained with unsafe_exec),
+    several processes at a time; the progress is shown on stderr unless show is False. ValueError at
+    once where the sandbox cannot run and unsafe_exec is unset."""
+    if not unsafe_exec:
+        require_containment()
     jobs = [(i, s) for i, row in enumerate(completions) for s in range(len(row))]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, \
             progress(len(jobs), "humaneval tests", " programs", show=show) as bar:
-        futures = [pool.submit(run_python, program(problems[i], completions[i][s]), timeout_s, memory_mb)
+        futures = [pool.submit(run_python, program(problems[i], completions[i][s]), timeout_s, memory_mb, unsafe_exec)
                    for i, s in jobs]
         for _ in as_completed(futures):          # in the order they finish, for the count
             bar.update(1)

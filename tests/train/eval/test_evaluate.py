@@ -39,6 +39,7 @@ def test_command_line_writes_eval_json(tmp_path, capsys):
     assert "bits_per_byte" in captured.out and "held-out loss" not in captured.out
     done = {line.split(":")[0]: line for line in captured.err.splitlines() if "100%" in line}
     assert f"{result['eval_tokens']}/{result['eval_tokens']}" in done["held-out loss"] and "7/7" in done["exact match"]
+    (run / "config.json").unlink()       # a run that names no corpus of its own
     with pytest.raises(SystemExit, match="nothing to evaluate"):
         evaluate.main([str(run), "--tasks", "0"])
     with pytest.raises((ValueError, OSError)):
@@ -120,7 +121,7 @@ def test_a_pretrain_run_is_evaluated_on_its_own_val_split_by_default(tmp_path):
 def test_eval_json_keeps_every_evaluation_with_its_arguments(tmp_path):
     import json
     import pytest
-    from posttrain_fixtures import make_run
+    from posttrain_fixtures import corpus, make_run
     run = make_run(tmp_path / "run")
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("Some held-out prose that the model never saw.\n" * 20)
@@ -130,7 +131,9 @@ def test_eval_json_keeps_every_evaluation_with_its_arguments(tmp_path):
     second = evaluate.main([str(run), "--tasks", "3"])
     history = json.loads((run / "eval.json").read_text())
     assert history == [older, first, second]
-    assert first["args"]["max_tokens"] == 16 and second["args"]["tasks"] == 3 and second["args"]["data"] is None
+    # Without --data, the pretraining run's own corpus (its config.json names it), as recorded.
+    assert first["args"]["max_tokens"] == 16 and second["args"]["tasks"] == 3
+    assert second["args"]["data"] == str(corpus())
     assert first["time"] <= second["time"] and "val_loss" in first and "exact_match" in second
     (run / "eval.json").write_text("{")
     with pytest.raises(ValueError, match="not JSON.*move it away"):

