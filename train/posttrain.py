@@ -69,16 +69,24 @@ def load_init(cfg: PostConfig, rt: Runtime) -> tuple[GPT, Tokenizer, PreparedDat
     if tok.n_vocab > model.cfg.vocab_size:
         raise SystemExit(f"the tokenizer of {cfg.init} has {tok.n_vocab} tokens but the model only "
                          f"{model.cfg.vocab_size}; they do not belong together")
-    return model, tok, pretraining_corpus(cfg, tok)
+    return model, tok, pretraining_corpus(cfg, tok, rt.is_main)
 
 
-def pretraining_corpus(cfg: PostConfig, tok: Tokenizer) -> PreparedData | None:
+def pretraining_corpus(cfg: PostConfig, tok: Tokenizer, show: bool = True) -> PreparedData | None:
     """The prepared dataset mixed into training (None with --pretrain-mix 0): --pretrain-data, else the
     --init run's own. Its absolute path is written into cfg.pretrain_data, which config.json records,
     so that a later stage started from this run finds it as well."""
     if not cfg.pretrain_mix:
         return None
-    data = PreparedData(cfg.pretrain_data or corpus_of(cfg.init, tok))
+    path = cfg.pretrain_data or corpus_of(cfg.init, tok)
+    if path is None:
+        if show:
+            print(f"pretraining text: none mixed in: neither {cfg.init} nor a run it came from names a pretraining "
+                  f"corpus (a model imported from transformers has none); pass --pretrain-data DIR (a dataset made "
+                  f"by python -m train.data with its tokenizer) to keep its language modelling")
+        cfg.pretrain_mix = 0.0          # what config.json records
+        return None
+    data = PreparedData(path)
     if data.tokenizer.fingerprint != tok.fingerprint:
         raise ValueError(f"{data.path} was tokenized with another tokenizer than {cfg.init}'s; pass --pretrain-data "
                          f"a dataset prepared with it, or --pretrain-mix 0")
@@ -86,10 +94,10 @@ def pretraining_corpus(cfg: PostConfig, tok: Tokenizer) -> PreparedData | None:
     return data
 
 
-def corpus_of(init: str, tok: Tokenizer) -> Path:
+def corpus_of(init: str, tok: Tokenizer) -> Path | None:
     """The pretraining corpus of the run (or checkpoint) init: the --pretrain-data a post-training run
     recorded, or the dataset its pretraining run prepared (reused from its --data-dir), following
-    --init from run to run."""
+    --init from run to run; None when no run of the chain names one."""
     run, seen = _run_dir(init), []
     while run is not None and run not in seen:
         seen.append(run)
@@ -101,15 +109,19 @@ def corpus_of(init: str, tok: Tokenizer) -> Path:
             return prepare(args["data"], vocab_size=args["vocab_size"], data_dir=args["data_dir"],
                            tokenizer=tok if args.get("init") else None)
         run = _run_dir(args["init"]) if args.get("init") else None
-    raise ValueError(f"--pretrain-mix needs the pretraining corpus of {init}, and no run it came from names one "
-                     f"(a model imported from transformers has none); pass --pretrain-data DIR (a dataset made by "
-                     f"python -m train.data with its tokenizer) or --pretrain-mix 0")
+    return None
 
 
 def _run_dir(path: str) -> Path | None:
-    """The run directory (the one holding config.json) of a run or checkpoint path, if any."""
-    ckpt = resolve(path)
-    return next((d for d in (Path(path), ckpt.parent.parent) if (d / "config.json").is_file()), None)
+    """The run directory (the one holding config.json) of a run or checkpoint path; None when there is
+    none (a run deleted since, a directory imported from transformers)."""
+    if (Path(path) / "config.json").is_file():
+        return Path(path)
+    try:
+        run = resolve(path).parent.parent           # run/checkpoints/step_N
+    except ValueError:
+        return None
+    return run if (run / "config.json").is_file() else None
 
 
 def held_out_tasks(cfg: PostConfig) -> list[tasks.Task]:
@@ -149,18 +161,16 @@ class PostJob:
 
     def with_pretraining(self, batch: dict, step: int, micro: int) -> dict:
         """The batch plus "pretrain": {"x", "y"} windows of the corpus, --pretrain-mix of all its
-        positions (at least one token), in rows of at most block_size; a pure function of the step.
-        Every rank draws the global batch's windows and keeps its own rows."""
+        positions (at least one token), in rows of at most block_size; a pure function of the step and
+        the rank (each rank draws its own, as many as its own batch's positions call for)."""
         if self.corpus is None:
             return batch
         mix = self.cfg.pretrain_mix
         wanted = max(1, round(batch["tokens"] * mix / (1 - mix)))
         rows = math.ceil(wanted / self.block_size)
-        W = self.rt.world_size
-        x, y = sample_batch(self.corpus.train, rows * W, math.ceil(wanted / rows), self.cfg.seed + 1,
-                            step * self.cfg.grad_accum + micro)
-        mine = slice(self.rt.rank * rows, (self.rt.rank + 1) * rows)
-        return {**batch, "pretrain": self.on_device({"x": x[mine], "y": y[mine]})}
+        x, y = sample_batch(self.corpus.train, rows, math.ceil(wanted / rows), self.cfg.seed + 1,
+                            step * self.cfg.grad_accum + micro, rank=self.rt.rank)
+        return {**batch, "pretrain": self.on_device({"x": x, "y": y})}
 
     def plus_pretraining(self, model: torch.nn.Module, batch: dict, loss: torch.Tensor,
                          metrics: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
