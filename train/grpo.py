@@ -121,7 +121,7 @@ class GRPOJob(PostJob):
                  verifier: Verifier, cfg: GRPOConfig, rt: Runtime, corpus: PreparedData | None, block_size: int):
         super().__init__(test_tasks, tok, cfg, rt, corpus, block_size)
         self.prompts, self.policy, self.reference, self.verifier = prompts, policy, reference, verifier
-        self.end = ChatTokens.of(tok).end
+        self.end, self.stop = ChatTokens.of(tok).end, ChatTokens.of(tok).stop
         self.max_new = cfg.max_new_tokens or answer_budget(tok, [tasks.Task(p.kind, "", p.answer, "") for p in prompts])
         self.last: tuple[tuple[int, int], dict] | None = None      # the loop asks for a step's first batch twice
 
@@ -132,8 +132,7 @@ class GRPOJob(PostJob):
         prompts = [self.prompts[i] for i in self.indices(len(self.prompts), step, micro)]
         seed = cfg.seed * 1_000_003 + (step * cfg.grad_accum + micro) * self.rt.world_size + self.rt.rank
         with eval_mode(self.policy), self.rt.autocast():
-            replies = sample_replies(self.policy, prompts, G, self.max_new, cfg.temperature, ChatTokens.of(self.tokenizer).stop,
-                                     seed)
+            replies = sample_replies(self.policy, prompts, G, self.max_new, cfg.temperature, self.stop, seed)
         texts = [reply_text(r, self.tokenizer) for r in replies]
         correct = torch.tensor([self.verifier(t, prompts[i // G].answer) for i, t in enumerate(texts)])
         well_formed = torch.tensor([self.end in r for r in replies], dtype=torch.float32)

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-import kernels
+from tritongpt import kernels
 from model import GPT
 from model.io import checkpoint as saved
 from train import cli, runtime
@@ -97,6 +97,8 @@ def run(stage: Stage, argv: list[str] | None = None) -> dict:
     what it wrote into its run directory."""
     cfg = stage.parse(argv)
     rt = runtime.setup(cfg.device, cfg.dtype)
+    threads = torch.get_num_threads()
+    runtime.use_free_cores(rt)
     lock = None
     try:
         with kernels.use(cfg.kernels):      # this run's backends, restored when it ends
@@ -137,3 +139,4 @@ def run(stage: Stage, argv: list[str] | None = None) -> dict:
         if lock:
             lock.release()
         runtime.teardown()
+        torch.set_num_threads(threads)      # as it was before this run chose its own
