@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import kernels
+from tritongpt import kernels
 from model.command import DEBUG_HELP, Check, at_least, greater_than
 
 
@@ -27,9 +27,12 @@ def option(default: Any, help: str, check: Check | None = None, type: Callable |
 positive, non_negative = at_least(1), at_least(0)
 
 
-def momentum(value: float) -> None:
+def fraction(value: float) -> None:
     if not 0 <= value < 1:
         raise ValueError(f"must be in [0, 1), got {value}")
+
+
+momentum = fraction         # Muon's momentum: in [0, 1) too
 
 
 def absolute_path(text: str) -> str:
