@@ -98,10 +98,10 @@ def planned(gpu, quick: bool) -> Iterator[Planned]:
     """Every launch the launchers plan at the benchmark shapes (quick: one shape per op and pass)."""
     import torch
 
-    from kernels import triton_attention_decode as decode, triton_attention as att
-    from kernels import triton_cross_entropy as ce, triton_rms_norm as rn
-    from kernels import quantization, triton_quantized_linear as ql, triton_rotary as ro, triton_swiglu as sw
-    from kernels.launching import default_chunk_rows
+    from tritongpt.kernels import triton_attention_decode as decode, triton_attention as att
+    from tritongpt.kernels import triton_cross_entropy as ce, triton_rms_norm as rn
+    from tritongpt.kernels import quantization, triton_quantized_linear as ql, triton_rotary as ro, triton_swiglu as sw
+    from tritongpt.kernels.launching import default_chunk_rows
 
     def meta(*shape, dtype=torch.bfloat16):
         return torch.empty(shape, dtype=dtype, device="meta")
@@ -352,7 +352,7 @@ def programs_per_sm(result: dict, spec: Spec, target: Target) -> int:
 def build(target: Target, quick: bool, jobs: int, one_config: bool = False, kernels_once: bool = False) -> list[dict]:
     """One row per distinct (kernel, specialization, config), with the shapes that launch it
     (kernels_once: only the first specialization and config of each kernel)."""
-    from kernels.launching import Gpu
+    from tritongpt.kernels.launching import Gpu
 
     gpu = Gpu(sms=target.sms, smem_per_block=target.smem_per_block, capability=target.capability)
     rows: dict[Spec, dict] = {}

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import pytest
 import torch
 
-import kernels
+from tritongpt import kernels
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"

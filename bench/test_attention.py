@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.conftest import DEVICE, DTYPE, ON_GPU, QUICK, implementation, measure, timed_pass
-from kernels import checks
+from tritongpt.kernels import checks
 
 TOKENS, WIDTH = 16384, 2048
 SOFTCAP = 50.0

@@ -36,7 +36,7 @@ _RSS_SCRIPT = """
 import re, sys
 import torch
 import torch.nn.functional as F
-from kernels import reference
+from tritongpt.kernels import reference
 
 def kib(field):
     return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))

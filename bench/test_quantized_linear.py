@@ -41,9 +41,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+from tritongpt import kernels
 from bench.conftest import DEVICE, DTYPE, ON_GPU, QUICK, implementation, measure, timed_pass
-from kernels import quantization
+from tritongpt.kernels import quantization
 from model import GPT, ModelConfig
 from model.generate import generate
 from model.quantized import QuantizedLinear, quantize

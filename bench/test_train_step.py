@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-import kernels
+from tritongpt import kernels
 from bench.ceilings import mfu_peak
 from bench.conftest import DEVICE, ON_GPU, measure
 from model import GPT, ModelConfig

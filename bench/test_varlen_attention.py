@@ -35,7 +35,7 @@ import torch
 
 from bench.conftest import DEVICE, DTYPE, ON_GPU, QUICK, implementation, measure, timed_pass
 from bench.test_attention import FLOPS_PER_PASS, WIDTH, flex, runnable, sdpa_mask
-from kernels import checks
+from tritongpt.kernels import checks
 
 TOKENS, SHORTEST, LONGEST = (16384, 64, 4096) if ON_GPU else (1024, 16, 256)
 SEED = 3    # the first seed whose documents reach both ends (under 100 and over 4000 tokens): 68..4022

@@ -54,7 +54,7 @@ import time
 import pytest
 import torch
 
-import kernels
+from tritongpt import kernels
 from bench.ceilings import cpu_model
 from bench.conftest import DEVICE, DTYPE, ON_GPU, sync
 from model import GPT, ModelConfig

@@ -78,11 +78,16 @@ quantize, pack, dequantize), which both backends and model/quantized.py share.
 from __future__ import annotations
 
 import os
+import sys
+
+if __name__ == "kernels":   # the bare name is Hugging Face's package: load as tritongpt.kernels (tritongpt/__init__.py)
+    import tritongpt
+    tritongpt.claim_bare_name(sys.modules[__name__])
 
 import torch
 
-from kernels import backends, checks, quantization
-from kernels.backends import OPS, active, implementation, parse_spec, spec_type, triton_available, use
+from tritongpt.kernels import backends, checks, quantization
+from tritongpt.kernels.backends import OPS, active, implementation, parse_spec, spec_type, triton_available, use
 
 __all__ = ["OPS", "active", "attention", "causal_attention", "check_key_lengths", "check_targets", "cross_entropy",
            "implementation", "linear_cross_entropy", "parse_spec", "quantized_linear", "rms_norm", "rotary",

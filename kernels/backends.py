@@ -5,7 +5,7 @@ OPS). Each op has a ``torch`` backend, the function of the same name in kernels/
 a ``triton`` backend where kernels/triton_<op>.py exists: the function of the same name there.
 (Not kernels/<op>.py: a submodule named like the public function would replace kernels.<op>
 with the module the moment anything imported it.) The Triton modules are imported on the first
-call that needs them, so ``import kernels`` never imports triton itself.
+call that needs them, so ``import tritongpt.kernels`` never imports triton itself.
 
 A choice per op, "auto", "triton" or "torch", is resolved per call from the inputs' device:
 auto is triton for CUDA tensors when the op has a Triton version, else torch; triton on CPU
@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from kernels import launching, reference
+from tritongpt.kernels import launching, reference
 
 OPS: list[str] = []                   # filled by @op, in the order kernels/__init__.py defines them
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
@@ -96,7 +96,7 @@ def triton_available(name: str) -> bool:
 
 def _load_triton(name: str) -> Callable | None:
     if name not in _triton_impls:
-        module_name = f"kernels.triton_{name}"
+        module_name = f"tritongpt.kernels.triton_{name}"
         if importlib.util.find_spec("triton") is None or importlib.util.find_spec(module_name) is None:
             _triton_impls[name] = None
         else:

@@ -8,7 +8,7 @@ bench/compiled.py builds the same plans from meta tensors and a compile target's
 compiles them ahead of time, so what it reports is what a launch would run, without a GPU.
 
 Nothing here imports triton, so kernels/__init__.py and kernels/reference.py can use it while
-``import kernels`` stays cheap.
+``import tritongpt.kernels`` stays cheap.
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ class Autotune:
 
     @functools.cached_property
     def tuner(self) -> Any:
-        import triton   # here, not at the top: `import kernels` never imports triton
+        import triton   # here, not at the top: `import tritongpt.kernels` never imports triton
 
         configs = [triton.Config({k: v for k, v in c.items() if not k.startswith("num_")}, num_warps=c["num_warps"],
                                  num_stages=c["num_stages"], pre_hook=self.prepare) for c in self.configs]

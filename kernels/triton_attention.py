@@ -63,9 +63,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels import reference, triton_attention_decode as decode
-from kernels.launching import Autotune, Gpu, Launch, Tile, gpu_of, run
-from kernels.triton_attention_tiles import (LOG2E, UNBOUNDED, constants, fwd_blocks, load_rows, new_outputs,
+from tritongpt.kernels import reference, triton_attention_decode as decode
+from tritongpt.kernels.launching import Autotune, Gpu, Launch, Tile, gpu_of, run
+from tritongpt.kernels.triton_attention_tiles import (LOG2E, UNBOUNDED, constants, fwd_blocks, load_rows, new_outputs,
                                             store_rows, stream_rows, strides, tanh, tile_ptrs, visible)
 
 DELTA_BLOCK_M = 64

@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launching import Gpu, Launch, gpu_of, run
-from kernels.triton_attention_tiles import LOG2E, constants, fwd_blocks, load_rows, new_outputs, strides
+from tritongpt.kernels.launching import Gpu, Launch, gpu_of, run
+from tritongpt.kernels.triton_attention_tiles import LOG2E, constants, fwd_blocks, load_rows, new_outputs, strides
 
 # Query counts up to this (decode steps, speculative verification) run the split-key kernels.
 DECODE_MAX_TQ = 16

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import triton_attention
+from tritongpt.kernels import triton_attention
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launching import Gpu, Launch, as_rows, gpu_of, reduce_losses, run
+from tritongpt.kernels.launching import Gpu, Launch, as_rows, gpu_of, reduce_losses, run
 
 MAX_BLOCK_V = 8192
 

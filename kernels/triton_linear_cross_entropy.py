@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import triton_cross_entropy as ce
-from kernels.launching import compute_dtype, default_chunk_rows, reduce_losses
+from tritongpt.kernels import triton_cross_entropy as ce
+from tritongpt.kernels.launching import compute_dtype, default_chunk_rows, reduce_losses
 
 
 # ----------------------------------------------------------------------------- launchers

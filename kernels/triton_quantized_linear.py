@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import quantization
-from kernels.launching import Gpu, Launch, gpu_of, run
+from tritongpt.kernels import quantization
+from tritongpt.kernels.launching import Gpu, Launch, gpu_of, run
 
 SKINNY_ROWS = 16          # M at or below this takes the skinny path
 

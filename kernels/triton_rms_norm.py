@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launching import Gpu, Launch, as_rows, gpu_of, run
+from tritongpt.kernels.launching import Gpu, Launch, as_rows, gpu_of, run
 
 # Widest row kept in registers by one program; wider rows are processed in blocks of this size.
 MAX_BLOCK = 8192

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launching import Gpu, Launch, gpu_of, run
+from tritongpt.kernels.launching import Gpu, Launch, gpu_of, run
 
 # Elements of one half-head tile (BLOCK_H heads x BLOCK_D columns); with NUM_WARPS warps each
 # thread holds 16 of each half: 16-byte vector accesses of bf16 at D/2 >= 8.

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launching import Gpu, Launch, gpu_of, run
+from tritongpt.kernels.launching import Gpu, Launch, gpu_of, run
 
 # Elements per program; with NUM_WARPS warps each thread handles 8 (16 bytes of bf16).
 BLOCK = 1024

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.triton_attention import Mask, Packed, backward, forward
+from tritongpt.kernels.triton_attention import Mask, Packed, backward, forward
 
 
 def _new_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

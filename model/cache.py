@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-import kernels
+from tritongpt import kernels
 from model.config import ModelConfig
 from model.documents import Documents
 

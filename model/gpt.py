@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from tritongpt import kernels
 from model.cache import Cache
 from model.config import ModelConfig
 from model.documents import Documents

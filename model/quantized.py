@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-import kernels
-from kernels import quantization
+from tritongpt import kernels
+from tritongpt.kernels import quantization
 from model.gpt import GPT
 
 

@@ -34,7 +34,7 @@ def device() -> str:
 def _fresh_seed_and_no_backend_leak(request):
     """Every test starts from seed 0, and fails if it leaves the kernel backends changed: whatever
     sets them (a command, a test) restores them itself, as `with kernels.use(...)` does."""
-    from kernels import backends
+    from tritongpt.kernels import backends
 
     torch.manual_seed(0)
     before = backends.chosen()

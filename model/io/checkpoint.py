@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kernels.quantization import FORMATS
+from tritongpt.kernels.quantization import FORMATS
 from model.config import ModelConfig
 from model.io.files import atomic_write_text, give_plain_modes
 from model.gpt import GPT

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kernels.quantization import FORMATS, check_format
+from tritongpt.kernels.quantization import FORMATS, check_format
 from model.command import DEBUG_HELP, Parser, run_command
 from model.io.checkpoint import load_model, load_tokenizer, quantized_as, resolve, write_derived
 from model.io.files import atomic_write_dir, check_new_dir

@@ -32,8 +32,8 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-import kernels
-from kernels.quantization import FORMATS
+from tritongpt import kernels
+from tritongpt.kernels.quantization import FORMATS
 from model.chat_format import ChatTokens, render_prompt
 from model.io.checkpoint import load_model, load_tokenizer
 from model.command import DEBUG_HELP, Parser, at_least, at_most, flag_type, pick_device, run_command

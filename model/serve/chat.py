@@ -14,8 +14,8 @@ from typing import TextIO
 
 import torch
 
-import kernels
-from kernels.quantization import FORMATS
+from tritongpt import kernels
+from tritongpt.kernels.quantization import FORMATS
 from model import GPT
 from model.chat_format import ChatTokens, fit_history, render_prompt, reply_text
 from model.io.checkpoint import load_model, load_tokenizer

@@ -20,7 +20,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 import gradio as gr  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
-import kernels  # noqa: E402
+from tritongpt import kernels  # noqa: E402
 from model.chat_format import fit_history, render_prompt  # noqa: E402
 from model.command import Parser, run_command  # noqa: E402
 from model.serve.engine import Engine, Request  # noqa: E402

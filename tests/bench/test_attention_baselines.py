@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-import kernels
+from tritongpt import kernels
 from bench import conftest as bench_conftest
 from bench import test_attention as attention_bench
 from bench import test_varlen_attention as varlen_bench

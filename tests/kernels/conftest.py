@@ -11,7 +11,7 @@ from typing import Callable
 
 import pytest
 
-from kernels import backends
+from tritongpt.kernels import backends
 
 
 @pytest.fixture

@@ -32,8 +32,8 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels import checks, reference
+from tritongpt import kernels
+from tritongpt.kernels import checks, reference
 from numerics import DEVICE, assert_matches, cpu_randn, randn
 
 

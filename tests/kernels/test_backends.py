@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import backends, quantization, reference
+from tritongpt import kernels
+from tritongpt.kernels import backends, quantization, reference
 
 OPS = kernels.OPS
 REPO = Path(__file__).resolve().parents[2]
@@ -182,7 +182,7 @@ def test_implementation(fake_triton):
 
 def test_env_var_sets_backends():
     """TRITONGPT_KERNELS is read once, at import; TRITONGPT_CHECK_TARGETS=0 disables the range check."""
-    result = run_python("import json, kernels; print(json.dumps([kernels.active('cuda'), "
+    result = run_python("import json; from tritongpt import kernels; print(json.dumps([kernels.active('cuda'), "
                         "kernels.triton_available('swiglu'), kernels.check_targets]))",
                         TRITONGPT_KERNELS="torch,swiglu=auto", TRITONGPT_CHECK_TARGETS="0")
     assert result.returncode == 0, result.stderr
@@ -192,16 +192,16 @@ def test_env_var_sets_backends():
 
 
 def test_bad_env_var_fails_import_with_the_choices():
-    result = run_python("import kernels", TRITONGPT_KERNELS="nope")
+    result = run_python("import tritongpt.kernels", TRITONGPT_KERNELS="nope")
     assert result.returncode != 0
     assert "ValueError: unknown kernel spec entry 'nope'" in result.stderr
     assert BACKENDS_LIST in result.stderr and OPS_LIST in result.stderr
 
 
 def test_import_does_not_import_triton():
-    """`import kernels` and CPU calls under auto stay clear of triton (it is slow to import and
+    """`import tritongpt.kernels` and CPU calls under auto stay clear of triton (it is slow to import and
     absent on some platforms)."""
-    result = run_python("import sys, torch, kernels; kernels.active('cpu'); "
+    result = run_python("import sys, torch; from tritongpt import kernels; kernels.active('cpu'); "
                         "kernels.rms_norm(torch.randn(2, 4), torch.ones(4)); print('triton' in sys.modules)")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

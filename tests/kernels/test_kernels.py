@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from tritongpt import kernels
+from tritongpt.kernels import reference
 from numerics import cpu_randn as randn
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
+from tritongpt import kernels
 from numerics import DEVICE
 
 NAN = float("nan")

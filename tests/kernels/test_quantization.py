@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from kernels import quantization as Q
+from tritongpt.kernels import quantization as Q
 
 FP4_GRID = torch.tensor(Q.FP4_MAGNITUDES)
 

@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from kernels import reference
+from tritongpt.kernels import reference
 from numerics import ATOL, assert_matches, max_err
 from numerics import cpu_randn as randn   # the references are checked on the CPU
 
@@ -361,7 +361,7 @@ def test_linear_cross_entropy_never_holds_full_logits():
 def test_linear_cross_entropy_default_chunks_stay_under_the_budget():
     """At the default CPU run's shape (4096 rows, vocab 4096) the full fp32 logits (64 MiB) exceed the
     CPU budget, so the default chunking never holds them whole; every device's chunk fits its budget."""
-    from kernels import launching
+    from tritongpt.kernels import launching
     rows = launching.default_chunk_rows(4096, 4096, torch.device("cpu"), 8)
     assert 8 * rows * 4096 <= launching.LCE_CHUNK_BUDGET_BYTES["cpu"] < 4 * 4096 * 4096 and rows < 4096
     for vocab in (16384, 131072):

@@ -13,10 +13,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import kernels
-from kernels import reference
-from kernels import triton_attention as tca
-from kernels.launching import Gpu
+from tritongpt import kernels
+from tritongpt.kernels import reference
+from tritongpt.kernels import triton_attention as tca
+from tritongpt.kernels.launching import Gpu
 from numerics import CUDA, DEVICE, assert_matches, nan_filled, needs_cuda
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda)]

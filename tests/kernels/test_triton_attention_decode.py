@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference, triton_attention_decode as decode
-from kernels.launching import Gpu
+from tritongpt import kernels
+from tritongpt.kernels import reference, triton_attention_decode as decode
+from tritongpt.kernels.launching import Gpu
 from numerics import DEVICE, assert_matches, nan_filled
 
 

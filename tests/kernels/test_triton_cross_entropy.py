@@ -14,8 +14,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import kernels
-from kernels import triton_cross_entropy as tce
+from tritongpt import kernels
+from tritongpt.kernels import triton_cross_entropy as tce
 from numerics import ATOL, CUDA, DEVICE, assert_matches, exact_cross_entropy, make_targets, nan_filled, needs_cuda
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])

@@ -12,10 +12,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import kernels
-from kernels import quantization as Q
-from kernels.launching import gpu_of
-from kernels.triton_quantized_linear import SKINNY_ROWS, geometry
+from tritongpt import kernels
+from tritongpt.kernels import quantization as Q
+from tritongpt.kernels.launching import gpu_of
+from tritongpt.kernels.triton_quantized_linear import SKINNY_ROWS, geometry
 from numerics import DEVICE, assert_matches, needs_cuda, randn
 
 

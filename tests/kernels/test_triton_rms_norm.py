@@ -13,8 +13,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import kernels
-from kernels import reference, triton_rms_norm
+from tritongpt import kernels
+from tritongpt.kernels import reference, triton_rms_norm
 from numerics import DEVICE, assert_matches, needs_cuda, randn
 
 SHAPES = [(1, 1), (5, 123, 123), (2, 128, 512), (3, 7, 4096)]

@@ -16,8 +16,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import kernels
-from kernels import reference
+from tritongpt import kernels
+from tritongpt.kernels import reference
 from model import GPT, ModelConfig
 from model.gpt import rope_tables
 from numerics import DEVICE, assert_matches, cpu_randn, needs_cuda, randn

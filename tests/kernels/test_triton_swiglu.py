@@ -12,8 +12,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import kernels
-from kernels import reference
+from tritongpt import kernels
+from tritongpt.kernels import reference
 from model import GPT, ModelConfig
 from numerics import DEVICE, assert_matches, needs_cuda, randn
 # The NaN-output fixture and helpers of the RMSNorm tests (tests/conftest.py has no such fixture).

@@ -5,7 +5,7 @@ prompt into its own row and gives each prompt's last logits, as prefilling them 
 import pytest
 import torch
 
-import kernels
+from tritongpt import kernels
 from model import GPT, ModelConfig
 from model.cache import KVCache, SlotCache
 from model.documents import Documents

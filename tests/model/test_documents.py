@@ -4,7 +4,7 @@ sliding window and softcap of ModelConfig change attention as kernels.attention 
 import pytest
 import torch
 
-import kernels
+from tritongpt import kernels
 from model import GPT, ModelConfig
 from model.documents import Documents
 

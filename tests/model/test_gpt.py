@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-import kernels
+from tritongpt import kernels
 from model import GPT, ModelConfig
 from model.cache import KVCache
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
+from tritongpt import kernels
 from corpus_fixtures import write_corpus
 from model import GPT, ModelConfig
 from model.command import run_command

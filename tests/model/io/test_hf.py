@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-import kernels
+from tritongpt import kernels
 from model import GPT, ModelConfig
 from model.generate import generate
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+from tritongpt import kernels
 from model import GPT, ModelConfig
 from model.chat_format import render, render_prompt
 from model.generate import generate

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+from tritongpt import kernels
 from model.chat_format import SPECIALS
 from model.io.checkpoint import load_model, load_tokenizer
 from model.tokenizer import SPLIT_PATTERN
