@@ -30,8 +30,8 @@ def modules(package: str) -> dict[str, Path]:
 ALL = {name: path for package in LAYERS for name, path in modules(package).items()}
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module name an import in path names, at any depth (late imports count too)."""
+def written_imports(path: Path) -> set[str]:
+    """Every module name an import in path names, as written, at any depth (late imports count too)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     names = set()
     for node in ast.walk(tree):
@@ -41,6 +41,19 @@ def imported_modules(path: Path) -> set[str]:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The modules path imports, our kernels under their folder's name (tritongpt.kernels.x -> kernels.x)."""
+    return {name.removeprefix("tritongpt.") for name in written_imports(path) if name != "tritongpt"}
+
+
+def test_nothing_imports_the_bare_name_kernels():
+    """kernels/ imports as tritongpt.kernels: the bare name is Hugging Face's package (tritongpt/__init__.py)."""
+    offenders = [f"{path.relative_to(ROOT)} imports {name}"
+                 for path in sorted(ROOT.rglob("*.py")) if path.relative_to(ROOT).parts[0] not in (".git", "data", "runs")
+                 for name in sorted(written_imports(path)) if name == "kernels" or name.startswith("kernels.")]
+    assert not offenders, offenders
 
 
 def project_imports(path: Path) -> set[str]:
