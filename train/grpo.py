@@ -78,9 +78,13 @@ class GRPOConfig(PostConfig):
                                        "only subtract the group mean)")
 
 
-CPU_DEFAULTS = GRPOConfig(n_train=20000, batch_size=16, group=8, max_steps=1000, max_minutes=12.0, lr=2e-4,
-                          min_lr=2e-5, warmup_steps=10, weight_decay=0.0, eval_interval=100, eval_examples=350,
-                          ckpt_interval=200, log_interval=10)
+# On the CPU: 15 minutes, as many steps as fit. From an SFT run (exact match 0.60), 8 minutes on the
+# 2-core Xeon under load: 16 prompts a step at lr 2e-4 left sampled accuracy flat (0.59-0.64 over 120
+# steps) while the KL grew, the Adam steps of a noisy gradient; lr 1e-3 fell to exact match 0.40; 64
+# prompts at lr 3e-4 raised sampled accuracy 0.59 -> 0.69 in 44 steps.
+CPU_DEFAULTS = GRPOConfig(n_train=20000, batch_size=64, group=8, max_steps=1000, max_minutes=15.0, lr=3e-4,
+                          min_lr=3e-5, warmup_steps=10, weight_decay=0.0, eval_interval=50, eval_examples=350,
+                          ckpt_interval=100, log_interval=10)
 CUDA_DEFAULTS = GRPOConfig(n_train=20000, batch_size=32, group=16, max_steps=500, lr=5e-5, min_lr=5e-6,
                            warmup_steps=10, weight_decay=0.0, eval_interval=50, eval_examples=700,
                            ckpt_interval=100, log_interval=10)

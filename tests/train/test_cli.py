@@ -23,7 +23,7 @@ def test_every_field_is_a_flag_with_help_and_the_stage_default(stage):
 
 
 @pytest.mark.parametrize("stage, default", [(pretrain.STAGE, "12.0"), (sft.STAGE, "0.0"), (dpo.STAGE, "0.0"),
-                                            (grpo.STAGE, "12.0")],
+                                            (grpo.STAGE, "15.0")],
                          ids=lambda x: getattr(x, "name", x))
 def test_max_minutes_says_its_default_what_it_counts_and_when_it_is_a_hard_stop(stage, default):
     """One flag for every stage (the shared loop applies it); a zero-argument pretraining run on CPU
