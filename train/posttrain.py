@@ -48,7 +48,7 @@ class PostConfig(TrainConfig):
                                  "block_size tokens as they fit (each attends only to itself, from position 0: "
                                  "the losses of padding one per row, with less padding); --no-packing pads one "
                                  "example per row")
-    pretrain_mix: float = option(0.2, "fraction of each micro-batch's positions that are windows of the --init run's "
+    pretrain_mix: float = option(0.5, "fraction of each micro-batch's positions that are windows of the --init run's "
                                       "pretraining corpus; their mean next-token loss is added to the stage's loss, "
                                       "so the model keeps its language modelling (0: none)", fraction)
     pretrain_data: str = option("", "the prepared dataset to mix in (a directory made by python -m train.data or by "
