@@ -6,6 +6,7 @@ SFT lines, any of:   {"messages": [{"role": "user", "content": ...}, {"role": "a
                      {"prompt": ..., "response": ...}
                      {"instruction": ..., "input": ... (optional), "output": ...}     (Alpaca)
 DPO lines:           {"prompt": ..., "chosen": ..., "rejected": ...}
+KTO lines:           {"prompt": ..., "completion": ..., "label": true or false}   (unpaired: --loss kto)
 Every malformed line raises ValueError naming the file, the line number and the field.
 """
 from __future__ import annotations
@@ -110,6 +111,25 @@ def load_dpo(path: str | Path) -> list[dict[str, str]]:
     return pairs
 
 
+def load_kto(path: str | Path) -> list[dict]:
+    """Every {"prompt", "completion", "label"} record of a KTO JSONL file; label is true for a
+    desirable completion, false for an undesirable one."""
+    records = []
+    for where, record in read_jsonl(path):
+        if "label" not in record:
+            raise ValueError(f"{where}: missing field 'label' (true for a desirable completion, false for an "
+                             f"undesirable one)")
+        if not isinstance(record["label"], bool):
+            raise ValueError(f"{where}: field 'label' must be true or false, got {json.dumps(record['label'])}")
+        records.append({"prompt": _text(record, "prompt", where), "completion": _text(record, "completion", where),
+                        "label": record["label"]})
+    return records
+
+
+def _exchange(prompt: str, reply: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+
+
 def encode(conversations: list[list[dict]], tok, block_size: int) -> tuple[list[Example], int]:
     """Render each conversation; drop those longer than block_size + 1 tokens (the model sees at most
     block_size inputs), since a truncated one would train on a reply that never ends. -> (kept, dropped)."""
@@ -120,12 +140,17 @@ def encode(conversations: list[list[dict]], tok, block_size: int) -> tuple[list[
 
 def encode_pairs(pairs: list[dict[str, str]], tok, block_size: int) -> tuple[list[tuple[Example, Example]], int]:
     """Each DPO pair as (chosen, rejected) examples whose masks cover the response and its <|end|>."""
-    def conversation(prompt, reply):
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
-
-    encoded = [(Example(*render(conversation(p["prompt"], p["chosen"]), tok)),
-                Example(*render(conversation(p["prompt"], p["rejected"]), tok))) for p in pairs]
+    encoded = [(Example(*render(_exchange(p["prompt"], p["chosen"]), tok)),
+                Example(*render(_exchange(p["prompt"], p["rejected"]), tok))) for p in pairs]
     kept = [(c, r) for c, r in encoded if max(len(c), len(r)) <= block_size + 1]
+    return kept, len(encoded) - len(kept)
+
+
+def encode_unpaired(records: list[dict], tok, block_size: int) -> tuple[list[tuple[Example, bool]], int]:
+    """Each KTO record as (example, label), the mask covering the completion and its <|end|>;
+    those longer than block_size + 1 tokens dropped. -> (kept, dropped)."""
+    encoded = [(Example(*render(_exchange(r["prompt"], r["completion"]), tok)), r["label"]) for r in records]
+    kept = [(e, label) for e, label in encoded if len(e) <= block_size + 1]
     return kept, len(encoded) - len(kept)
 
 
