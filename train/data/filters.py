@@ -8,6 +8,11 @@ document (hash of its whitespace-collapsed text), a near duplicate (MinHash + LS
 counts documents and bytes per filter so that bytes in = bytes changed by cleaning + bytes removed
 + bytes kept, and documents in = documents removed + documents kept.
 
+The work splits in two so that it can run on every core with the result of one process: an
+Inspector cleans a document and runs every filter up to markup, then hashes and MinHashes a
+document that passes (any process, any order); DocumentFilter.admit makes the dedup decisions
+against the kept documents (train/data/dedup.py) and counts the report, in corpus order.
+
 Words are whitespace-separated runs of code points; they are hashed with a polynomial hash mod
 2**64 in numpy (prefix sums of c_j * P**j, scaled back by powers of P's inverse), so n-gram and
 shingle hashes need no Python loop over words.
@@ -19,11 +24,14 @@ import hashlib
 import re
 import unicodedata
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 
+from train.data.dedup import NUM_PERM, DedupIndex
+
 FILTERS = ("binary", "too_short", "dup_lines", "top_ngram", "alnum", "markup", "exact_dup", "near_dup")
-NUM_PERM, SHINGLE = 128, 5                         # MinHash permutations; words per shingle
+SHINGLE = 5                                        # words per MinHash shingle
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")   # Cc but \t \n, and lone surrogates
 _NON_TEXT = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ud800-\udfff]")  # the same, less \v \f \r (text has them)
 _MARKUP = re.compile(r"<!--.*?-->"                                     # comment
@@ -214,24 +222,17 @@ def top_ngram_fraction(words: np.ndarray, lengths: np.ndarray, n: int) -> float:
     return float(counts[best] * lengths[start: start + n].sum() / lengths.sum())
 
 
-class MinHashLSH:
-    """Near-duplicate finder: MinHash signatures of word 5-gram shingles, banded LSH, signature check.
+class MinHash:
+    """MinHash signatures of a document's word 5-gram shingles, NUM_PERM uint32 entries.
 
     Permutation i maps a 64-bit shingle hash x to (a_i * x + b_i) >> 32 (multiply-shift, a_i odd), a
     universal family, so the fraction of equal signature entries estimates the Jaccard similarity.
-    bands * rows <= NUM_PERM is chosen so the LSH threshold (1 / bands) ** (1 / rows) is closest to
-    the target; candidates sharing a band bucket are confirmed on the full signature.
     """
 
-    def __init__(self, threshold: float, seed: int = 0):
+    def __init__(self, seed: int = 0):
         rng = np.random.default_rng(seed)
         self.a = rng.integers(1, 2**63, NUM_PERM, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
         self.b = rng.integers(0, 2**63, NUM_PERM, dtype=np.uint64)
-        self.threshold = threshold
-        self.rows = min(range(1, NUM_PERM + 1), key=lambda r: abs((1 / (NUM_PERM // r)) ** (1 / r) - threshold))
-        self.bands = NUM_PERM // self.rows
-        self.buckets: dict[bytes, list[int]] = {}
-        self.signatures: list[np.ndarray] = []
 
     def signature(self, words: np.ndarray) -> np.ndarray:
         shingles = np.unique(ngram_hashes(words, min(SHINGLE, words.size))) if words.size else words
@@ -242,18 +243,58 @@ class MinHashLSH:
             sig = np.minimum(sig, perm.min(axis=1).astype(np.uint32))
         return sig
 
-    def add_unless_duplicate(self, words: np.ndarray) -> bool:
-        """True (and nothing stored) if a stored document is a near duplicate; else store it, False."""
-        sig = self.signature(words)
-        keys = [bytes([band]) + sig[band * self.rows: (band + 1) * self.rows].tobytes() for band in range(self.bands)]
-        candidates = {doc for key in keys for doc in self.buckets.get(key, ())}
-        for doc in sorted(candidates):
-            if np.mean(self.signatures[doc] == sig) >= self.threshold:
-                return True
-        for key in keys:
-            self.buckets.setdefault(key, []).append(len(self.signatures))
-        self.signatures.append(sig)
-        return False
+
+class Verdict(NamedTuple):
+    """One document inspected on its own (any process may do it): its sizes, the first per-document
+    filter it fails, and for a document that passes them its cleaned UTF-8 text, the hash of its
+    whitespace-collapsed text and its MinHash signature, for the dedup decisions made in corpus order."""
+    raw_bytes: int                      # UTF-8 bytes as read
+    nbytes: int                         # UTF-8 bytes after cleaning
+    reason: str | None
+    text: bytes = b""
+    digest: bytes = b""
+    signature: np.ndarray | None = None
+
+
+class Inspector:
+    """Cleans a document and runs every filter but the dedup ones: the work done in parallel."""
+
+    def __init__(self, config: FilterConfig, seed: int = 0):
+        self.cfg, self.minhash = config, MinHash(seed)
+
+    def __call__(self, raw: str) -> Verdict:
+        return self.verdict(clean(raw), raw)
+
+    def verdict(self, text: str, raw: str | None = None) -> Verdict:
+        """The verdict of the cleaned text; the binary filter measures raw, the text before cleaning
+        (default: text)."""
+        data = text.encode("utf-8")
+        raw_bytes = len(data) if raw is None else len(raw.encode("utf-8", "surrogatepass"))
+        reason, words = self._reason(text, text if raw is None else raw)
+        if reason is not None:
+            return Verdict(raw_bytes, len(data), reason)
+        digest = hashlib.blake2b(" ".join(text.split()).encode("utf-8"), digest_size=16).digest()
+        return Verdict(raw_bytes, len(data), None, data, digest, self.minhash.signature(words))
+
+    def _reason(self, text: str, raw: str) -> tuple[str | None, np.ndarray | None]:
+        """(the first per-document filter the text fails, None) or (None, the word hashes of the text)."""
+        cfg = self.cfg
+        replacement, control = binary_fractions(raw)
+        if replacement > cfg.max_replacement_frac or control > cfg.max_control_frac:
+            return "binary", None
+        if len(text.strip()) < cfg.min_chars:
+            return "too_short", None
+        if dup_line_fraction(text) > cfg.max_dup_line_frac:
+            return "dup_lines", None
+        cps = codepoints(text)
+        words, lengths = word_hashes(cps)
+        if any(top_ngram_fraction(words, lengths, n) > cfg.max_top_ngram_frac for n in (2, 3, 4)):
+            return "top_ngram", None
+        if alnum_fraction(cps) < cfg.min_alnum_frac:
+            return "alnum", None
+        if markup_fraction(text) > cfg.max_markup_frac:
+            return "markup", None
+        return None, words
 
 
 class Report:
@@ -293,54 +334,36 @@ class Report:
 
 
 class DocumentFilter:
-    """Cleans and filters a stream of documents in order, keeping the report and the dedup state."""
+    """Cleans and filters a stream of documents in order, keeping the report and the dedup index."""
 
     def __init__(self, config: FilterConfig, seed: int = 0):
-        self.cfg, self.report = config, Report()
-        self.seen: set[bytes] = set()
-        self.lsh = MinHashLSH(config.near_dup_threshold, seed)
+        self.inspect, self.report = Inspector(config, seed), Report()
+        self.index = DedupIndex(config.near_dup_threshold)
 
     def __call__(self, raw: str) -> str | None:
         """The cleaned document, or None when a filter removes it (counted in the report either way)."""
-        raw_bytes = len(raw.encode("utf-8", "surrogatepass"))
-        text = clean(raw)
-        nbytes = len(text.encode("utf-8"))
+        verdict = self.inspect(raw)
+        return verdict.text.decode("utf-8") if self.admit(verdict) else None
+
+    def admit(self, verdict: Verdict) -> bool:
+        """Decide an inspected document (exact and near duplicates of the kept ones are removed) and
+        count it in the report; True when it is kept, and then it enters the dedup index."""
         self.report.docs_in += 1
-        self.report.bytes_in += raw_bytes
-        self.report.cleaned_bytes += raw_bytes - nbytes
-        reason = self.reason(text, raw)
-        if reason is None:
-            self.report.kept[0] += 1
-            self.report.kept[1] += nbytes
-            return text
-        self.report.removed[reason][0] += 1
-        self.report.removed[reason][1] += nbytes
-        return None
+        self.report.bytes_in += verdict.raw_bytes
+        self.report.cleaned_bytes += verdict.raw_bytes - verdict.nbytes
+        reason = self.decide(verdict)
+        counts = self.report.kept if reason is None else self.report.removed[reason]
+        counts[0] += 1
+        counts[1] += verdict.nbytes
+        return reason is None
+
+    def decide(self, verdict: Verdict) -> str | None:
+        """The filter that removes the inspected document, dedup included, or None (it is then indexed)."""
+        if verdict.reason is not None:
+            return verdict.reason
+        return self.index.check(verdict.digest, verdict.signature)
 
     def reason(self, text: str, raw: str | None = None) -> str | None:
-        """The first filter the cleaned text fails, or None; a kept text enters the dedup state. The
+        """The first filter the cleaned text fails, or None; a kept text enters the dedup index. The
         binary filter measures raw, the text before cleaning (default: text)."""
-        cfg = self.cfg
-        replacement, control = binary_fractions(text if raw is None else raw)
-        if replacement > cfg.max_replacement_frac or control > cfg.max_control_frac:
-            return "binary"
-        if len(text.strip()) < cfg.min_chars:
-            return "too_short"
-        if dup_line_fraction(text) > cfg.max_dup_line_frac:
-            return "dup_lines"
-        cps = codepoints(text)
-        words, lengths = word_hashes(cps)
-        if any(top_ngram_fraction(words, lengths, n) > cfg.max_top_ngram_frac for n in (2, 3, 4)):
-            return "top_ngram"
-        if alnum_fraction(cps) < cfg.min_alnum_frac:
-            return "alnum"
-        if markup_fraction(text) > cfg.max_markup_frac:
-            return "markup"
-        digest = hashlib.blake2b(" ".join(text.split()).encode("utf-8"), digest_size=16).digest()
-        if digest in self.seen:
-            return "exact_dup"
-        if self.lsh.add_unless_duplicate(words):
-            return "near_dup"
-        self.seen.add(digest)
-        return None
-
+        return self.decide(self.inspect.verdict(text, raw))

@@ -15,12 +15,17 @@ break instead. The directory is built under a temporary name and renamed into pl
 so a dataset directory either is complete or does not exist; re-running with the same arguments
 (and unchanged source files) reuses it. Each phase (filtering, the tokenizer's training, encoding
 each split) shows its progress on stderr (train/progress.py) unless quiet.
+
+Filtering runs on `workers` processes (default: every core; train/data/workers.py) and encoding on
+as many of tiktoken's threads; duplicates and the split are decided in corpus order by this
+process, so the dataset is byte for byte the same for any number of workers, and memory holds the
+dedup index (train/data/dedup.py), 9 bytes a kept document and a few batches per worker, never the
+corpus (train/data/docs.py).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -28,18 +33,18 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from model.command import DEBUG_HELP, Parser, run_command
+from model.command import DEBUG_HELP, Parser, at_least, flag_type, run_command
 from model.io.files import atomic_write_text
 from model.tokenizer import DEFAULT_SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, check_vocab_size
-from train.cli import flag_type
-from train.config import at_least, non_negative
-from train.data.filters import DocumentFilter, FilterConfig, Report
-from train.data.shards import read_shard, shard_dtype, write_shard
-from train.data.sources import dataset_name, document_count, iter_documents, resolve_source, source_fingerprint
+from train.data.docs import filter_corpus, read_docs, tokenizer_sample
+from train.data.filters import FilterConfig
+from train.data.shards import read_shard, shard_dtype, write_documents, write_shard
+from train.data.sources import dataset_name, resolve_source, source_fingerprint
+from train.data.workers import available_cores, check_workers
 from train.progress import progress
 
 FORMAT, VERSION = "tritongpt-data", 1
@@ -58,24 +63,20 @@ def non_empty(value: str) -> None:
         raise ValueError("must name a directory, got an empty string")
 
 
-CHECKS = {"vocab_size": lambda v: check_vocab_size(v, DEFAULT_SPECIAL_TOKENS), "seed": non_negative,
-          "val_fraction": _val_fraction, "tokenizer_sample_bytes": at_least(1), "data_dir": non_empty}
-
-
-class Doc(NamedTuple):
-    """A kept document: where its cleaned UTF-8 text lies in the build's docs.tmp, and its split."""
-    offset: int
-    nbytes: int
-    val: bool
+CHECKS = {"vocab_size": lambda v: check_vocab_size(v, DEFAULT_SPECIAL_TOKENS), "seed": at_least(0),
+          "val_fraction": _val_fraction, "tokenizer_sample_bytes": at_least(1), "data_dir": non_empty,
+          "workers": check_workers}
 
 
 def prepare(source: str = "stdlib", out: str | Path | None = None, vocab_size: int = 4096, seed: int = 0,
             val_fraction: float = 0.01, tokenizer_sample_bytes: int = 8_000_000, verbose: bool = True,
-            data_dir: str | Path = "data", tokenizer: Tokenizer | None = None, **filter_thresholds) -> Path:
+            data_dir: str | Path = "data", tokenizer: Tokenizer | None = None, workers: int | None = None,
+            **filter_thresholds) -> Path:
     """Prepare (or reuse) the dataset of source in out (default: data_dir/dataset_name(...)); its path.
 
     With a tokenizer (continued pretraining) the data is encoded with it instead of a new one
-    trained on it; vocab_size is then the tokenizer's."""
+    trained on it; vocab_size is then the tokenizer's. workers (default: every core) processes
+    filter the documents and as many threads encode them; the dataset is the same for any number."""
     source = str(source)
     if (Path(source) / "manifest.json").is_file():            # already a prepared dataset directory
         made_with = PreparedData(source).tokenizer.fingerprint
@@ -86,7 +87,9 @@ def prepare(source: str = "stdlib", out: str | Path | None = None, vocab_size: i
         return Path(source)
     filters = FilterConfig.from_kwargs(**filter_thresholds)
     check_vocab_size(vocab_size, DEFAULT_SPECIAL_TOKENS)
-    for name, value in dict(seed=seed, val_fraction=val_fraction, tokenizer_sample_bytes=tokenizer_sample_bytes).items():
+    workers = available_cores() if workers is None else workers
+    for name, value in dict(seed=seed, val_fraction=val_fraction, tokenizer_sample_bytes=tokenizer_sample_bytes,
+                            workers=workers).items():
         try:
             CHECKS[name](value)
         except ValueError as e:
@@ -115,7 +118,7 @@ def prepare(source: str = "stdlib", out: str | Path | None = None, vocab_size: i
     try:
         if verbose:
             print(f"data: preparing {args['source']} into {out}")
-        _build(tmp, args, filters, verbose, tokenizer)
+        _build(tmp, args, filters, verbose, workers, tokenizer)
         try:
             os.rename(tmp, out)
         except OSError:
@@ -175,16 +178,17 @@ def _remove_abandoned_builds(out: Path) -> None:
             pass
 
 
-def _build(tmp: Path, args: dict, filters: FilterConfig, verbose: bool, given: Tokenizer | None = None) -> None:
+def _build(tmp: Path, args: dict, filters: FilterConfig, verbose: bool, workers: int,
+           given: Tokenizer | None = None) -> None:
     """Filter the corpus into tmp/docs.tmp, train the tokenizer (unless given), write the shards, then
     the manifest."""
     t0 = time.perf_counter()
     docs_path = tmp / "docs.tmp"
-    docs, report = _filter_corpus(args["source"], docs_path, filters, args["seed"], args["val_fraction"], verbose)
+    docs, keep = filter_corpus(args["source"], docs_path, filters, args["seed"], args["val_fraction"], verbose,
+                                workers)
     t1 = time.perf_counter()
-    train_docs = [d for d in docs if not d.val]
-    sample = [] if given else _read_docs(docs_path, _tokenizer_sample(train_docs, args["tokenizer_sample_bytes"],
-                                                                      args["seed"]))
+    with open(docs_path, "rb") as f:
+        sample = [] if given else read_docs(f, tokenizer_sample(docs, args["tokenizer_sample_bytes"], args["seed"]))
     sample_bytes = sum(len(t.encode("utf-8")) for t in sample)
     if given:
         tok = given
@@ -203,17 +207,20 @@ def _build(tmp: Path, args: dict, filters: FilterConfig, verbose: bool, given: T
     dtype = shard_dtype(tok.n_vocab)
     splits = {}
     for name, is_val in (("train", False), ("val", True)):
-        part = [d for d in docs if d.val == is_val]
-        tokens = write_shard(tmp / f"{name}.bin", _encode_docs(tok, docs_path, part, name, verbose), dtype)
-        splits[name] = {"docs": len(part), "bytes": sum(d.nbytes for d in part), "tokens": tokens}
+        sizes = docs.split(is_val)[1]
+        chunks = _encode_docs(tok, docs_path, docs.spans(is_val), int(sizes.sum()), name, verbose, workers)
+        tokens = write_shard(tmp / f"{name}.bin", chunks, dtype)
+        splits[name] = {"docs": len(sizes), "bytes": int(sizes.sum()), "tokens": tokens}
     os.unlink(docs_path)
     t3 = time.perf_counter()
-    manifest = {"format": FORMAT, "version": VERSION, "args": args, "filters": report.as_dict(),
+    manifest = {"format": FORMAT, "version": VERSION, "args": args, "filters": keep.report.as_dict(),
+                "dedup_index_bytes": keep.index.nbytes(),
                 "tokenizer": {"file": "tokenizer.json", "fingerprint": tok.fingerprint, "n_vocab": tok.n_vocab,
                               "sample_bytes": sample_bytes},
                 "dtype": np.dtype(dtype).name, **splits,
                 "tokens_per_byte": (splits["train"]["tokens"] + splits["val"]["tokens"])
                 / max(1, splits["train"]["bytes"] + splits["val"]["bytes"]),
+                "workers": workers,
                 "seconds": {"filter": round(t1 - t0, 2), "tokenizer": round(t2 - t1, 2), "encode": round(t3 - t2, 2)}}
     atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
     if verbose:
@@ -222,87 +229,60 @@ def _build(tmp: Path, args: dict, filters: FilterConfig, verbose: bool, given: T
               f"in {t3 - t0:.1f}s total")
 
 
-def _filter_corpus(source: str, docs_path: Path, filters: FilterConfig, seed: int, val_fraction: float,
-                   verbose: bool) -> tuple[list[Doc], Report]:
-    """Stream, clean and filter the documents into docs_path; the kept ones and the filter report."""
-    keep = DocumentFilter(filters, seed)
-    docs, ranks = [], []
-    offset = 0
-    with open(docs_path, "wb") as f, progress(document_count(source), "filter", " docs", show=verbose) as bar:
-        for doc_id, raw in iter_documents(source):
-            bar.update(1)
-            text = keep(raw)
-            if text is None:
-                continue
-            data = text.encode("utf-8")
-            f.write(data)
-            rank = int.from_bytes(hashlib.blake2b(f"{seed}\0{doc_id}".encode("utf-8", "surrogatepass"),
-                                                  digest_size=8).digest(), "little") / 2**64
-            docs.append(Doc(offset, len(data), rank < val_fraction))
-            ranks.append(rank)
-            offset += len(data)
-    if verbose:
-        print(keep.report.table())
-    if not docs:
-        raise ValueError(keep.report.why_empty(source))
-    if len(docs) == 1:
-        return _split_single(docs_path, docs[0], val_fraction), keep.report
-    if not any(d.val for d in docs):                             # val gets at least the lowest-ranked doc
-        i = int(np.argmin(ranks))
-        docs[i] = docs[i]._replace(val=True)
-    if all(d.val for d in docs):
-        i = int(np.argmax(ranks))
-        docs[i] = docs[i]._replace(val=False)
-    return docs, keep.report
-
-
-def _split_single(docs_path: Path, doc: Doc, val_fraction: float) -> list[Doc]:
-    """One document: its last lines (about val_fraction of it) become the val document."""
-    data = docs_path.read_bytes()[doc.offset: doc.offset + doc.nbytes]
-    cut = data.rfind(b"\n", 0, int(len(data) * (1 - val_fraction))) + 1
-    if cut <= 0:
-        raise ValueError("the corpus is a single document without line breaks; it cannot be split into "
-                         "train and val: add documents")
-    return [Doc(doc.offset, cut, False), Doc(doc.offset + cut, doc.nbytes - cut, True)]
-
-
-def _tokenizer_sample(train_docs: list[Doc], budget: int, seed: int) -> list[Doc]:
-    """Training documents in a seeded random order until their bytes reach the budget."""
-    chosen, total = [], 0
-    for i in np.random.default_rng(seed).permutation(len(train_docs)):
-        if total >= budget:
-            break
-        chosen.append(train_docs[i])
-        total += train_docs[i].nbytes
-    return sorted(chosen)
-
-
-def _read_docs(docs_path: Path, docs: list[Doc]) -> list[str]:
-    with open(docs_path, "rb") as f:
-        texts = []
-        for offset, nbytes, _ in docs:
-            f.seek(offset)
-            texts.append(f.read(nbytes).decode("utf-8"))
-        return texts
-
-
-def _encode_docs(tok: Tokenizer, docs_path: Path, docs: list[Doc], name: str,
-                 verbose: bool) -> Iterator[np.ndarray]:
-    """Token arrays of the documents, each preceded by <|endoftext|>, encoded in batches on tiktoken's threads."""
-    with progress(sum(d.nbytes for d in docs), f"encode {name}", "B", show=verbose, unit_scale=True) as bar:
-        start = 0
-        while start < len(docs):
-            end, size = start, 0
-            while end < len(docs) and size < ENCODE_BATCH_BYTES:
-                size += docs[end].nbytes
-                end += 1
+def _encode_docs(tok: Tokenizer, docs_path: Path, spans: Iterator[tuple[int, int]], nbytes: int, name: str,
+                 verbose: bool, workers: int) -> Iterator[np.ndarray]:
+    """Token arrays of the documents, each preceded by <|endoftext|>, encoded in batches of about
+    ENCODE_BATCH_BYTES on `workers` of tiktoken's threads."""
+    with open(docs_path, "rb") as f, progress(nbytes, f"encode {name}", "B", show=verbose, unit_scale=True) as bar:
+        while batch := list(_take_bytes(spans, ENCODE_BATCH_BYTES)):
             flat: list[int] = []
-            for ids in tok.encode_batch(_read_docs(docs_path, docs[start:end])):
+            for ids in tok.encode_batch(read_docs(f, batch), num_threads=workers):
                 flat.append(tok.eot_id)
                 flat.extend(ids)
             yield np.array(flat, dtype=np.uint32)
-            bar.update(size)
-            start = end
+            bar.update(sum(n for _, n in batch))
+
+
+def _take_bytes(spans: Iterator[tuple[int, int]], budget: int) -> Iterator[tuple[int, int]]:
+    """The next spans from the iterator until their sizes reach the budget."""
+    total = 0
+    for span in spans:
+        yield span
+        total += span[1]
+        if total >= budget:
+            return
+
+
+def write_dataset(out: str | Path, tokenizer: Tokenizer, train: Iterable[Sequence[int] | np.ndarray],
+                  val: Iterable[Sequence[int] | np.ndarray], source: str) -> Path:
+    """A dataset directory that training reads (--data OUT) from documents tokenized elsewhere, e.g. by
+    the last step of a datatrove pipeline that filtered and deduplicated a corpus on many machines:
+    each document one sequence of ids from tokenizer.encode, train and val already split. source
+    names where they came from (the manifest and the training log show it). Built under a temporary
+    name and renamed into place, like prepare's."""
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out} already exists; choose another directory or delete it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        tokenizer.save(tmp / "tokenizer.json")
+        splits = {}
+        for name, documents in (("train", train), ("val", val)):
+            docs, tokens = write_documents(tmp / f"{name}.bin", documents, tokenizer.n_vocab, tokenizer.eot_id)
+            if not docs:
+                raise ValueError(f"the {name} split has no documents; give it at least one")
+            splits[name] = {"docs": docs, "tokens": tokens}
+        manifest = {"format": FORMAT, "version": VERSION, "args": {"source": source, "vocab_size": tokenizer.n_vocab},
+                    "tokenizer": {"file": "tokenizer.json", "fingerprint": tokenizer.fingerprint,
+                                  "n_vocab": tokenizer.n_vocab},
+                    "dtype": np.dtype(shard_dtype(tokenizer.n_vocab)).name, **splits}
+        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 class PreparedData:
@@ -351,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "at least 1 (too few learn fewer tokens, with a warning)")):
         parser.add_argument("--" + flag, type=flag_type(parse, CHECKS[flag.replace("-", "_")]), default=default,
                             help=f"{help_text} (default: {default})")
+    parser.add_argument("--workers", type=flag_type(int, check_workers), default=None,
+                        help="processes that clean, filter and hash the documents, and threads that encode them; "
+                             "the dataset is the same for any number (default: every core this process may use, "
+                             f"{available_cores()} here)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or report")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     group = parser.add_argument_group("filter thresholds")
@@ -366,7 +350,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = vars(build_parser().parse_args(argv))
     args.pop("debug")
     top = {k: args.pop(k) for k in ("source", "out", "data_dir", "vocab_size", "seed", "val_fraction",
-                                    "tokenizer_sample_bytes")}
+                                    "tokenizer_sample_bytes", "workers")}
     path = prepare(**top, verbose=not args.pop("quiet"), **args)
     print(path)
     return path

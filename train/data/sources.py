@@ -42,8 +42,8 @@ def iter_documents(source: str) -> Iterator[tuple[str, str]]:
     elif source.startswith("hf:"):
         yield from _iter_hf(source)
     else:
-        files, root = local_files(source), _local_root(source)
-        for path in files:
+        root = _local_root(source)
+        for path in iter_local_files(source):
             doc_id = Path(os.path.relpath(path, root)).as_posix()
             if path.suffix == ".jsonl":
                 yield from _iter_jsonl(path, doc_id)
@@ -59,8 +59,12 @@ def document_count(source: str) -> int | None:
         return sum(1 for _ in _walk(Path(sysconfig.get_paths()["stdlib"]), (".py",)))
     if source.startswith("hf:"):
         return None
-    files = local_files(source)
-    return None if any(path.suffix == ".jsonl" for path in files) else len(files)
+    count = 0
+    for path in iter_local_files(source):
+        if path.suffix == ".jsonl":
+            return None
+        count += 1
+    return count
 
 
 def read_text(path: Path) -> str:
@@ -78,21 +82,32 @@ def read_text(path: Path) -> str:
 
 def local_files(source: str) -> list[Path]:
     """The files a local source names: a file, a directory's text files (recursively) or a glob's matches."""
+    return list(iter_local_files(source))
+
+
+def iter_local_files(source: str) -> Iterator[Path]:
+    """local_files(source), a directory's files found as it is walked (no list of a large corpus's
+    files is held)."""
     path = Path(source).expanduser()
     if path.is_file():
-        return [path]
+        yield path
+        return
     if path.is_dir():
-        files = list(_walk(path, TEXT_SUFFIXES))
-        if not files:
+        found = False
+        for file in _walk(path, TEXT_SUFFIXES):
+            found = True
+            yield file
+        if not found:
             raise ValueError(f"corpus directory {source} holds no text files (none with the suffixes "
                              f"{' '.join(TEXT_SUFFIXES)}; hidden, __pycache__ and site-packages folders skipped); "
                              f"name a directory of text files, one file of any name, or a glob such as "
                              f"'{source}/*.log'")
-        return files
+        return
     if glob.has_magic(source):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if os.path.isfile(p))
         if files:
-            return files
+            yield from files
+            return
     where = f" (looked for {path.absolute()})" if not path.is_absolute() else ""
     raise FileNotFoundError(f"corpus source {source!r}: no such file or directory, and no file matches it as a glob"
                             f"{where}; use stdlib, a file, a directory, a glob or hf:NAME[:split]")
@@ -210,8 +225,8 @@ def source_fingerprint(source: str) -> str:
     if source.startswith("hf:"):
         return "hf:{}:{}".format(*_parse_hf(source))
     h = hashlib.sha256()
-    files, root = local_files(source), _local_root(source)
-    for path in files:
+    root = _local_root(source)
+    for path in iter_local_files(source):
         st = path.stat()
         name = Path(os.path.relpath(path, root)).as_posix()
         h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))

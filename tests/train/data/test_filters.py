@@ -7,8 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from train.data.filters import (FILTERS, DocumentFilter, FilterConfig, MinHashLSH, alnum_fraction, binary_fractions, clean,
-                           codepoints, dup_line_fraction, markup_fraction, top_ngram_fraction, word_hashes)
+from train.data.dedup import DedupIndex
+from train.data.filters import (FILTERS, DocumentFilter, FilterConfig, Inspector, MinHash, alnum_fraction,
+                                binary_fractions, clean, codepoints, dup_line_fraction, markup_fraction,
+                                top_ngram_fraction, word_hashes)
 
 FEW = settings(max_examples=20, deadline=None)
 WORDS = ("model token layer kernel python gradient batch vector matrix softmax attention value query key "
@@ -103,14 +105,14 @@ def test_minhash_finds_near_copy_and_keeps_distinct_texts():
 
 
 def test_minhash_estimates_jaccard():
-    lsh = MinHashLSH(0.8)
+    minhash, index = MinHash(), DedupIndex(0.8)
     a = word_hashes(codepoints(" ".join(f"w{i}" for i in range(400))))[0]
     b = word_hashes(codepoints(" ".join(f"w{i}" for i in range(200, 600))))[0]
     shingles = lambda n: {tuple(range(i, i + 5)) for i in range(n, n + 396)}     # noqa: E731
     true = len(shingles(0) & shingles(200)) / len(shingles(0) | shingles(200))
-    estimate = np.mean(lsh.signature(a) == lsh.signature(b))
+    estimate = np.mean(minhash.signature(a) == minhash.signature(b))
     assert abs(estimate - true) < 0.12
-    assert lsh.bands * lsh.rows <= 128 and abs((1 / lsh.bands) ** (1 / lsh.rows) - 0.8) < 0.05
+    assert index.bands * index.rows <= 128 and abs((1 / index.bands) ** (1 / index.rows) - 0.8) < 0.05
 
 
 @FEW
@@ -138,6 +140,20 @@ def test_report_adds_up():
     table = r.table()
     assert all(name in table for name in ("input", "cleaning", *FILTERS, "kept"))
     assert r.as_dict()["removed"]["exact_dup"] == {"docs": 1, "bytes": len(prose(11).encode())}
+
+
+def test_inspection_in_any_order_then_admission_in_order_is_the_stream():
+    """What the workers do (Inspector, any process, any order) and what prepare does (admit, in
+    corpus order) keep and count exactly what one DocumentFilter over the stream does."""
+    base = prose(15, 600)
+    docs = [prose(14), base, base, base.replace("model", "MODEL", 1), "tiny", "\x00" * 200 + prose(16)]
+    stream = DocumentFilter(FilterConfig())
+    kept = [stream(raw) for raw in docs]
+    inspect, split = Inspector(FilterConfig()), DocumentFilter(FilterConfig())
+    verdicts = [inspect(raw) for raw in reversed(docs)][::-1]
+    assert [v.text.decode() if split.admit(v) else None for v in verdicts] == kept
+    assert split.report.as_dict() == stream.report.as_dict()
+    assert [split.report.removed[k][0] for k in ("exact_dup", "near_dup", "too_short", "binary")] == [1, 1, 1, 1]
 
 
 def test_filter_config_errors():

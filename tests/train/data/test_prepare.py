@@ -1,11 +1,14 @@
 """Data pipeline: sources, prepare() (manifest, shards, reuse, atomicity, progress on stderr), the
 loader, the CLI, and a clear error for every bad input class."""
 import json
+import multiprocessing
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +16,10 @@ import pytest
 import torch
 
 from model.command import run_command
+from train.data import docs as docs_mod
 from train.data import prepare as data_mod
-from train.data.prepare import PreparedData, build_parser, main, prepare
+from train.data import workers as workers_mod
+from train.data.prepare import PreparedData, build_parser, main, prepare, write_dataset
 from train.data.shards import HEADER, MAGIC, read_shard, shard_dtype, write_shard
 from train.pretrain import eval_batches, sample_batch
 from train.data.sources import document_count, iter_documents, local_files, source_fingerprint, source_slug
@@ -249,7 +254,7 @@ def test_cli(corpus, tmp_path, capsys):
     assert set(flags) == {"--source", "--out", "--data-dir", "--vocab-size", "--seed", "--val-fraction",
                           "--tokenizer-sample-bytes", "--min-chars", "--max-dup-line-frac", "--max-top-ngram-frac",
                           "--min-alnum-frac", "--max-markup-frac", "--near-dup-threshold", "--max-replacement-frac",
-                          "--max-control-frac", "--quiet", "--debug"}
+                          "--max-control-frac", "--workers", "--quiet", "--debug"}
 
 
 def write_binaries(root):
@@ -329,6 +334,8 @@ def test_a_data_dir_that_is_a_file_is_refused(tmp_path, corpus):
     (["--min-chars", "-1"], "argument --min-chars: min_chars must be >= 0, got -1"),
     (["--max-replacement-frac", "2"], "argument --max-replacement-frac: max_replacement_frac must be a fraction"),
     (["--data-dir", ""], "argument --data-dir: must name a directory"),
+    (["--workers", "0"], "argument --workers: must be at least 1 (worker processes; default: every core"),
+    (["--workers", "-2"], "argument --workers: must be at least 1 (worker processes; default: every core"),
 ])
 def test_cli_range_checks_are_usage_errors(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -361,3 +368,88 @@ def test_cli_bad_sources_end_in_one_line(make, message, tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert e.value.code == 1 and len(err.strip().splitlines()) == 1 and re.match(message, err)
     assert snapshot(tmp_path) == before and not (tmp_path / "data").exists()
+
+
+def corpus_of_many_batches(root, monkeypatch):
+    """A corpus with an exact and a near duplicate, read in batches of about two documents, so that
+    several batches are in flight on the workers and the duplicates lie in other batches than their
+    originals."""
+    monkeypatch.setattr(workers_mod, "BATCH_BYTES", 2_000)
+    src = write_corpus(root, n_files=30)
+    original = (src / "doc3.py").read_text()
+    (src / "sub" / "near.txt").write_text("changed" + original[original.index(" "):])
+    return src
+
+
+def test_any_number_of_workers_gives_the_same_dataset_byte_for_byte(tmp_path, monkeypatch):
+    src = corpus_of_many_batches(tmp_path / "corpus", monkeypatch)
+    pools = []
+    monkeypatch.setattr(workers_mod, "ProcessPoolExecutor",
+                        lambda *a, **k: pools.append(k) or ProcessPoolExecutor(*a, **k))
+    outs = [prepare(str(src), out=tmp_path / f"w{n}", vocab_size=VOCAB, val_fraction=0.2, verbose=False, workers=n)
+            for n in (1, 3)]
+    assert len(pools) == 1                                      # 3 workers ran in a pool, 1 in this process
+    manifests = [PreparedData(out).manifest for out in outs]
+    removed = manifests[0]["filters"]["removed"]
+    assert removed["exact_dup"]["docs"] == 1 and removed["near_dup"]["docs"] == 1
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    assert [m.pop("workers") for m in manifests] == [1, 3]
+    for m in manifests:
+        del m["seconds"]
+    assert manifests[0] == manifests[1]
+
+
+def test_a_failure_mid_run_on_workers_leaves_no_dataset_and_no_worker(tmp_path, monkeypatch):
+    src = corpus_of_many_batches(tmp_path / "corpus", monkeypatch)
+    rng = random.Random(7)
+    rows = [json.dumps({"text": document(rng)}) for _ in range(20)]
+    (src / "sub" / "zz.jsonl").write_text("\n".join(rows) + '\n{"txt": 1}\n')           # read last
+    with pytest.raises(ValueError, match="zz.jsonl:21: expected a JSON object"):
+        prepare(str(src), data_dir=tmp_path / "data", vocab_size=VOCAB, verbose=False, workers=2)
+    assert not (tmp_path / "data").exists() and multiprocessing.active_children() == []
+    (src / "sub" / "zz.jsonl").unlink()
+    real = docs_mod.inspect_corpus
+
+    def killing_a_worker(*args):                   # a worker dies (the OOM killer, say) while batches are in flight
+        for i, item in enumerate(real(*args)):
+            if i == 0:
+                os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+            yield item
+
+    monkeypatch.setattr(docs_mod, "inspect_corpus", killing_a_worker)
+    with pytest.raises(ChildProcessError, match="a data preparation worker process died") as e:
+        prepare(str(src), data_dir=tmp_path / "data", vocab_size=VOCAB, verbose=False, workers=2)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "data").exists() and multiprocessing.active_children() == []
+
+
+def test_workers_are_checked(corpus, tmp_path):
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"workers must be at least 1 .*got {bad}"):
+            prepare(str(corpus), out=tmp_path / "o", vocab_size=VOCAB, verbose=False, workers=bad)
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_dataset_makes_what_training_reads_from_documents_tokenized_elsewhere(prepared, tmp_path):
+    tok = PreparedData(prepared).tokenizer
+    texts = ["def f(x):\n    return x\n", "class A:\n    pass\n", "print('held out')\n"]
+    out = write_dataset(tmp_path / "ext", tok, (tok.encode(t) for t in texts[:2]), [tok.encode(texts[2])],
+                        source="datatrove:minhash-output")
+    data = PreparedData(prepare(str(out)))                                   # a dataset directory as the source
+    assert data.manifest["args"]["source"] == "datatrove:minhash-output" and data.manifest["train"]["docs"] == 2
+    assert tok.decode(data.train.tolist()) == "<|endoftext|>" + "<|endoftext|>".join(texts[:2])
+    assert tok.decode(data.val.tolist()) == "<|endoftext|>" + texts[2]
+    with pytest.raises(ValueError, match="already exists"):
+        write_dataset(out, tok, [], [], source="x")
+    with pytest.raises(ValueError, match="the val split has no documents"):
+        write_dataset(tmp_path / "empty", tok, [tok.encode("x")], [], source="x")
+    assert sorted(os.listdir(tmp_path)) == ["ext"]
+
+
+def test_the_data_command_loads_no_torch():
+    """Its memory is the filters', the workers' and the dedup index's; torch would add about 250 MB."""
+    code = "import sys, train.data.prepare; print(sorted(m for m in ('torch', 'triton') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[3])
+    assert done.stdout.strip() == "[]"
