@@ -351,7 +351,7 @@ def test_data_dir_keeps_one_dataset_per_source_found_by_any_spelling(tmp_path, m
     capsys.readouterr()
     with pytest.raises(Built, match=f"prepared/{dataset.name}"):
         main(flags("./corpus/", tmp_path / "two", 1, 4, *common))
-    assert f"data: reusing prepared/{dataset.name}" in capsys.readouterr().out
+    assert f"data: reusing {tmp_path / 'prepared' / dataset.name}" in capsys.readouterr().out   # --data-dir made absolute
     assert tree(dataset) == kept and os.listdir(tmp_path / "prepared") == [dataset.name]
 
 
