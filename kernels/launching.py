@@ -37,6 +37,13 @@ class Gpu:
         mma.sync holds them in registers as Ampere and Ada do."""
         return 90 <= self.capability < 120
 
+    @property
+    def datacenter_blackwell(self) -> bool:
+        """sm_100 and sm_103 (B200, B300). There triton pairs fp32 arithmetic (f32x2) and ptxas, given
+        no .maxnreg, picks its own occupancy target (128 registers for 8 warps, 64-72 for some 4-warp
+        kernels) and spills what does not fit it; plans leave out the tiles that overflow it."""
+        return 100 <= self.capability < 120
+
 
 # The interpreter has no shared-memory limit; its plans use fixed small tiles anyway.
 INTERPRETER_GPU = Gpu(sms=INTERPRETER_SMS, smem_per_block=2**30)
@@ -88,15 +95,17 @@ class Launch:
 @dataclasses.dataclass(frozen=True)
 class Tile:
     """One candidate config of a tiled kernel, by name: a block_m x block_n tile, warps, pipeline
-    stages, whether it streams its tiles through TMA descriptors (tma) and whether it is kept to
+    stages, whether it streams its tiles through TMA descriptors (tma), whether it is kept to
     Gpu.hopper_class targets (hopper; tma implies it), e.g. because it spills with the
-    register-held MMA operands of sm_80, sm_86, sm_89 and sm_120."""
+    register-held MMA operands of sm_80, sm_86, sm_89 and sm_120, and whether it is left out on
+    Gpu.datacenter_blackwell targets (spills_sm100) because it spills there."""
     block_m: int
     block_n: int
     warps: int
     stages: int
     tma: bool = False
     hopper: bool = False
+    spills_sm100: bool = False
 
     def config(self) -> dict:
         """The kernel's meta-parameters: constexprs BLOCK_M, BLOCK_N, USE_TMA, num_warps, num_stages."""

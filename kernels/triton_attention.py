@@ -68,7 +68,7 @@ from tritongpt.kernels.launching import Autotune, Gpu, Launch, Tile, gpu_of, run
 from tritongpt.kernels.triton_attention_tiles import (LOG2E, UNBOUNDED, constants, fwd_blocks, load_rows, new_outputs,
                                             store_rows, stream_rows, strides, tanh, tile_ptrs, visible)
 
-DELTA_BLOCK_M = 64
+DELTA_BLOCK_M = 64      # rows per delta program; half at head dims over 64 on datacenter Blackwell (_delta_rows)
 
 
 # ----------------------------------------------------------------------------- kernels: forward
@@ -378,26 +378,31 @@ def _descriptor(t: torch.Tensor, block_d: int) -> TensorDescriptor | None:
 #   and under a softcap (the tanh's registers) the 4-stage (64, 32) forward tile at 128 (sm_86)
 #   and the (16, 128) forward tile at 64 (sm_80);
 # - sm_120, whose ptxas caps these kernels at 128 or 255 registers: the 4-stage (64, 32) forward
-#   and the (16, 64) and 3-stage (32, 64) dK/dV tiles at head dim 64.
+#   and the (16, 64) and 3-stage (32, 64) dK/dV tiles at head dim 64;
+# - sm_100 (spills_sm100: left out there; see Gpu.datacenter_blackwell), where ptxas holds 8 warps
+#   to 128 registers: the pointer-loaded (128, 64) 8-warp forward (with a window or softcap) and
+#   (32, 128), (64, 64) dK/dV tiles at head dim 64, and the (128, 32) dQ tiles (4-20 B each), and
+#   the 4-warp (128, 64) forward under a softcap (255 registers, 24 B).
 # (Triton 3.9's warp specialization does not take these loops on sm_90a: the 4-warp forward
 # fails to compile with it, the 8-warp one compiles unchanged.)
-_HOPPER, _TMA = dict(hopper=True), dict(tma=True, hopper=True)
-_DQ = [Tile(16, 64, 4, 2), Tile(64, 32, 4, 2), Tile(64, 32, 4, 3), Tile(128, 32, 8, 2), Tile(128, 32, 8, 3),
+_HOPPER, _TMA, _NOT_SM100 = dict(hopper=True), dict(tma=True, hopper=True), dict(spills_sm100=True)
+_DQ = [Tile(16, 64, 4, 2), Tile(64, 32, 4, 2), Tile(64, 32, 4, 3), Tile(128, 32, 8, 2, **_NOT_SM100),
+       Tile(128, 32, 8, 3, **_NOT_SM100),
        Tile(64, 32, 4, 2, **_TMA), Tile(128, 64, 8, 2, **_TMA)]
 TILES: dict[str, dict[int, list[Tile]]] = {
     "fwd": {64: [Tile(16, 64, 4, 3), Tile(16, 128, 4, 2, **_HOPPER), Tile(64, 32, 4, 2),
                  Tile(64, 64, 4, 3, **_HOPPER), Tile(64, 32, 4, 4, **_HOPPER), Tile(128, 32, 4, 4, **_HOPPER),
-                 Tile(128, 64, 8, 3), Tile(128, 64, 4, 3, **_HOPPER),
+                 Tile(128, 64, 8, 3, **_NOT_SM100), Tile(128, 64, 4, 3, **_HOPPER, **_NOT_SM100),
                  Tile(128, 128, 8, 2, **_HOPPER), Tile(64, 64, 4, 3, **_TMA), Tile(128, 64, 8, 3, **_TMA),
                  Tile(128, 128, 8, 2, **_TMA)],
             256: [Tile(16, 64, 4, 3), Tile(64, 32, 4, 2), Tile(64, 32, 4, 4, **_HOPPER), Tile(64, 64, 4, 3, **_HOPPER),
                   Tile(128, 64, 8, 3, **_HOPPER), Tile(64, 64, 4, 3, **_TMA), Tile(128, 64, 8, 3, **_TMA),
                   Tile(128, 128, 8, 2, **_TMA)]},
     "dkdv": {64: [Tile(16, 64, 4, 2, **_HOPPER), Tile(32, 64, 4, 2), Tile(32, 64, 4, 3, **_HOPPER),
-                  Tile(32, 128, 8, 2),
+                  Tile(32, 128, 8, 2, **_NOT_SM100),
                   Tile(64, 128, 8, 3, **_HOPPER),
-                  Tile(64, 64, 8, 2, **_HOPPER), Tile(64, 128, 8, 2, **_HOPPER), Tile(32, 64, 4, 3, **_TMA),
-                  Tile(64, 128, 8, 2, **_TMA)],
+                  Tile(64, 64, 8, 2, **_HOPPER, **_NOT_SM100), Tile(64, 128, 8, 2, **_HOPPER),
+                  Tile(32, 64, 4, 3, **_TMA), Tile(64, 128, 8, 2, **_TMA)],
              256: [Tile(16, 64, 4, 2, **_HOPPER), Tile(32, 64, 8, 2), Tile(16, 128, 8, 2, **_HOPPER),
                    Tile(32, 64, 4, 3, **_TMA),
                    Tile(32, 128, 8, 3, **_TMA)]},
@@ -421,7 +426,7 @@ def candidates(name: str, q: torch.Tensor, block_d: int, q_bucket: int, tma: boo
     """The tiles kernel `name` may run with: those for this head dim whose shared-memory estimate
     fits the GPU, whose query tile is not far larger than the query count (few queries get
     16-row tiles), and which use TMA and Hopper-only tiles only on Gpu.hopper_class targets, TMA
-    when the tensors allow it (tma);
+    when the tensors allow it (tma), and no spills_sm100 tile on Gpu.datacenter_blackwell ones;
     never empty. In the interpreter: INTERPRETER_TILES[name] alone (with TMA only if tma)."""
     if gpu.capability == 0:
         tile = INTERPRETER_TILES[name]
@@ -429,7 +434,8 @@ def candidates(name: str, q: torch.Tensor, block_d: int, q_bucket: int, tma: boo
     table = TILES[name]
     tiles = table[next((d for d in table if block_d <= d), list(table)[-1])]
     row_bytes = q.element_size() * block_d
-    usable = [t for t in tiles if not t.hopper or (gpu.hopper_class and (tma or not t.tma))]
+    usable = [t for t in tiles if (not t.hopper or (gpu.hopper_class and (tma or not t.tma)))
+              and not (t.spills_sm100 and gpu.datacenter_blackwell)]
     kept = [t for t in usable
             if row_bytes * SMEM_ROWS[name](t) <= gpu.smem_per_block and t.block_m <= max(16, q_bucket)]
     return kept or [min(usable, key=SMEM_ROWS[name])]
@@ -558,6 +564,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, o: 
     run(plan_forward(q, k, v, scale, o, lse, gpu_of(q.device), mask, packed))
 
 
+def _delta_rows(block_d: int, gpu: Gpu) -> int:
+    """Rows per delta program: DELTA_BLOCK_M, halved at BLOCK_D > 64 on datacenter Blackwell, where
+    ptxas holds the 64-row tile's 4 warps to 72 registers and spills 36 B (bf16, head dim 128)."""
+    return DELTA_BLOCK_M // 2 if gpu.datacenter_blackwell and block_d > 64 else DELTA_BLOCK_M
+
+
 def plan_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
                   delta: torch.Tensor, gpu: Gpu, mask: Mask = CAUSAL, packed: Packed | None = None) -> list[Launch]:
@@ -574,9 +586,10 @@ def plan_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     delta_args = dict(O=o, DO=do, DELTA=delta, CU_Q=common["CU_Q"], **_layout("o", o, packed),
                       **_layout("d", do, packed), stride_lb=common["stride_lb"], stride_lh=common["stride_lh"],
                       n_heads=Hq, Tq=Tq)
+    delta_rows = _delta_rows(consts["BLOCK_D"], gpu)
     return [
-        Launch.fixed(_attention_delta_kernel, (triton.cdiv(Tq, DELTA_BLOCK_M) * B * Hq,), delta_args, 4,
-                     HEAD_DIM=consts["HEAD_DIM"], BLOCK_D=consts["BLOCK_D"], BLOCK_M=DELTA_BLOCK_M),
+        Launch.fixed(_attention_delta_kernel, (triton.cdiv(Tq, delta_rows) * B * Hq,), delta_args, 4,
+                     HEAD_DIM=consts["HEAD_DIM"], BLOCK_D=consts["BLOCK_D"], BLOCK_M=delta_rows),
         AUTOTUNE["dkdv"].launch(lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]) * B * Hkv,), dkdv_args, consts, gpu),
         AUTOTUNE["dq"].launch(_query_grid(Tq, B * Hq), dq_args, consts, gpu),
     ]
