@@ -163,6 +163,22 @@ def test_candidates_follow_the_target():
     assert {t.block_m for t in tca.candidates("fwd", q, 128, 16, True, h100)} == {16}
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_datacenter_blackwell_leaves_out_the_tiles_that_spill_there(head_dim):
+    """sm_100 (B200) gets no spills_sm100 tile and a 32-row delta program at head dim 128, where
+    ptxas spilled them (kernels/launching.py's Gpu.datacenter_blackwell); Hopper keeps every tile."""
+    q = torch.empty(1, 16, 4096, head_dim, dtype=torch.float32, device="meta")
+    b200, h100 = Gpu(148, 227 * 1024, 100), Gpu(132, 227 * 1024, 90)
+    for name in ("fwd", "dkdv", "dq"):
+        blackwell = tca.candidates(name, q, head_dim, 4096, True, b200)
+        assert blackwell and not any(t.spills_sm100 for t in blackwell)
+        assert set(blackwell) <= set(tca.candidates(name, q, head_dim, 4096, True, h100))
+    assert any(t.spills_sm100 for name in ("fwd", "dkdv", "dq")
+               for t in tca.candidates(name, q, head_dim, 4096, True, h100))
+    assert tca._delta_rows(head_dim, b200) == (32 if head_dim > 64 else tca.DELTA_BLOCK_M)
+    assert tca._delta_rows(head_dim, h100) == tca.DELTA_BLOCK_M
+
+
 def test_plan_lists_the_candidates_by_name():
     """A GPU plan's configs are the candidates of its launch, its arguments passed by name."""
     q, k = (torch.empty(1, 16, 4096, 128, dtype=torch.bfloat16, device="meta") for _ in range(2))
