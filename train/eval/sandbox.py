@@ -172,11 +172,21 @@ def _seccomp_filter() -> bytes:
 
 def _bwrap_command(bwrap: str, seccomp_fd: int) -> list[str]:
     """bwrap's command line for `python -I -` contained as the module docstring says."""
+    interpreter = [arg for path in _hidden_by_tmp() for arg in ("--ro-bind", path, path)]
     return [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--uid", "65534", "--gid", "65534",
             "--cap-drop", "ALL", "--die-with-parent", "--new-session", "--ro-bind", "/", "/",
             "--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc", "--remount-ro", "/proc",
-            "--size", str(TMP_BYTES), "--tmpfs", "/tmp", "--chdir", "/tmp", "--seccomp", str(seccomp_fd),
-            "--", sys.executable, "-I", "-"]
+            "--size", str(TMP_BYTES), "--tmpfs", "/tmp", *interpreter, "--chdir", "/tmp",
+            "--seccomp", str(seccomp_fd), "--", sys.executable, "-I", "-"]
+
+
+def _hidden_by_tmp() -> list[str]:
+    """The interpreter's own directories that the private /tmp would hide (a virtualenv made under
+    /tmp, as CI's may be), to bind back read-only."""
+    dirs = {sys.prefix, sys.exec_prefix, sys.base_prefix, os.path.dirname(sys.executable),
+            os.path.dirname(os.path.realpath(sys.executable))}
+    under_tmp = sorted(d for d in dirs if d.startswith("/tmp/"))
+    return [d for d in under_tmp if not any(d.startswith(other + "/") for other in under_tmp)]   # outermost only
 
 
 def _execute(source: str, timeout_s: float, bwrap: str | None) -> tuple[int | None, list[str]]:
