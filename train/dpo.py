@@ -77,10 +77,15 @@ class DPOConfig(PostConfig):
                              "wrong one is a pair (held-out pairs always take one sample)", positive)
 
 
+# DPO mixes more pretraining text than the other stages (0.7 of the positions): from the default SFT run on
+# the CPU, 0.5 ended at exact match 0.843 with the pretraining val loss 3.68 -> 3.78 (1.35x the pretrained
+# perplexity), 0.7 at 0.851 with 3.68 -> 3.63 (1.16x).
 CPU_DEFAULTS = DPOConfig(n_train=8000, batch_size=16, max_steps=4000, lr=3e-4, min_lr=3e-5, warmup_steps=10,
-                         weight_decay=0.0, eval_interval=400, eval_examples=350, ckpt_interval=1000, log_interval=10)
+                         weight_decay=0.0, eval_interval=400, eval_examples=350, ckpt_interval=1000, log_interval=10,
+                         pretrain_mix=0.7)
 CUDA_DEFAULTS = DPOConfig(n_train=8000, batch_size=32, max_steps=1500, lr=3e-5, min_lr=3e-6, warmup_steps=30,
-                          weight_decay=0.0, eval_interval=500, eval_examples=700, ckpt_interval=1500, log_interval=10)
+                          weight_decay=0.0, eval_interval=500, eval_examples=700, ckpt_interval=1500, log_interval=10,
+                          pretrain_mix=0.7)
 Pair = tuple[Example, Example]
 Item = Pair | tuple[Example, bool]          # a preference pair, or an unpaired (example, desirable) for kto
 
