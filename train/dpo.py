@@ -245,7 +245,7 @@ class DPOJob(PostJob):
                                               "chosen_nll": nll.detach()}
 
     def validate(self, model: GPT) -> dict[str, float]:
-        metrics = self.exact_match(model)
+        metrics = self.held_out_metrics(model)
         if self.val:
             if self.val_batches is None:
                 size = self.cfg.batch_size

@@ -126,7 +126,7 @@ class GRPOJob(PostJob):
         super().__init__(test_tasks, tok, cfg, rt, corpus, block_size)
         self.prompts, self.policy, self.reference, self.verifier = prompts, policy, reference, verifier
         self.end, self.stop = ChatTokens.of(tok).end, ChatTokens.of(tok).stop
-        self.max_new = cfg.max_new_tokens or answer_budget(tok, [tasks.Task(p.kind, "", p.answer, "") for p in prompts])
+        self.max_new = cfg.max_new_tokens or answer_budget(tok, prompts)      # reads each one's .answer
         self.last: tuple[tuple[int, int], dict] | None = None      # the loop asks for a step's first batch twice
 
     def batch(self, step: int, micro: int) -> dict:
@@ -147,8 +147,9 @@ class GRPOJob(PostJob):
         batch["advantages"] = group_advantages(rewards, cfg.scale_rewards).flatten().to(self.rt.device)
         with torch.no_grad(), self.rt.autocast():
             batch["ref_logp"] = reply_logps(self.reference, batch)
-        batch["stats"] = {"reward": rewards.mean(), "reward_std": rewards.std(dim=1).mean(),
-                          "zero_var": (rewards.std(dim=1) == 0).float().mean(), "correct": correct.mean(),
+        spread = rewards.std(dim=1)                                                                  # (P,)
+        batch["stats"] = {"reward": rewards.mean(), "reward_std": spread.mean(),
+                          "zero_var": (spread == 0).float().mean(), "correct": correct.mean(),
                           "reply_len": torch.tensor(sum(map(len, replies)) / len(replies), dtype=torch.float32)}
         batch = self.with_pretraining(batch, step, micro)
         self.last = ((step, micro), batch)
@@ -162,7 +163,7 @@ class GRPOJob(PostJob):
         return self.plus_pretraining(model, batch, loss, {**metrics, **batch["stats"]})
 
     def validate(self, model: GPT) -> dict[str, float]:
-        return self.exact_match(model)
+        return self.held_out_metrics(model)
 
 
 def reply_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:

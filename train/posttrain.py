@@ -181,7 +181,7 @@ class PostJob:
         text = model(batch["pretrain"]["x"], targets=batch["pretrain"]["y"])
         return loss + text, {**metrics, "pretrain_loss": text.detach()}
 
-    def exact_match(self, model: GPT) -> dict[str, float]:
+    def held_out_metrics(self, model: GPT) -> dict[str, float]:
         """Exact match on the test tasks, its progress shown by the main process only; and the loss on
         the pretraining corpus's validation split (pretrain_val_loss) when one is mixed in."""
         metrics = exact_match(model, self.tokenizer, self.test_tasks, self.cfg.batch_size, show=self.rt.is_main)

@@ -58,7 +58,7 @@ class SFTJob(PostJob):
                                                          documents=batch.get("documents")), {})
 
     def validate(self, model: GPT) -> dict[str, float]:
-        metrics = self.exact_match(model)
+        metrics = self.held_out_metrics(model)
         if self.val:
             metrics["val_loss"] = masked_loss(model, self.val, self.pad_id, self.cfg.batch_size, self.rt.device,
                                               self.pack_to)
